@@ -1,0 +1,90 @@
+"""The seeds' simpler UNet: conv blocks with BatchNorm, strided-conv down, transposed-conv up, time added per block.
+
+It reproduces the small models of the seed reports (a common DDPM tutorial architecture); prefer
+:class:`diffusion.models.UNet` for quality.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from diffusion.models.blocks import check_positive_int, timestep_embedding
+
+ACTIVATIONS = {"relu": nn.ReLU, "leaky_relu": nn.LeakyReLU}
+
+
+class SimpleBlock(nn.Module):
+    """conv -> act -> BN, + time embedding, conv -> act -> BN, then a strided conv (down) or transposed conv (up)."""
+
+    def __init__(self, in_ch: int, out_ch: int, time_emb_dim: int, up: bool, activation: type[nn.Module]):
+        super().__init__()
+        self.time_mlp = nn.Linear(time_emb_dim, out_ch)
+        self.conv1 = nn.Conv2d(2 * in_ch if up else in_ch, out_ch, 3, padding=1)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.bnorm1 = nn.BatchNorm2d(out_ch)
+        self.bnorm2 = nn.BatchNorm2d(out_ch)
+        self.act = activation()
+        self.transform = nn.ConvTranspose2d(out_ch, out_ch, 4, 2, 1) if up else nn.Conv2d(out_ch, out_ch, 4, 2, 1)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        h = self.bnorm1(self.act(self.conv1(x)))
+        h = h + self.act(self.time_mlp(temb))[:, :, None, None]
+        h = self.bnorm2(self.act(self.conv2(h)))
+        return self.transform(h)
+
+
+class SimpleUNet(nn.Module):
+    """Channels ``base_channels * channel_mult[i]``; ``len(channel_mult) - 1`` halvings of the image."""
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        image_size: int = 32,
+        base_channels: int = 64,
+        channel_mult: Sequence[int] = (1, 2, 4, 8, 16),
+        time_emb_dim: int = 32,
+        activation: str = "relu",
+        out_channels: int | None = None,
+    ):
+        super().__init__()
+        check_positive_int("in_channels", in_channels)
+        check_positive_int("image_size", image_size)
+        check_positive_int("base_channels", base_channels)
+        check_positive_int("time_emb_dim", time_emb_dim)
+        channel_mult = tuple(channel_mult)
+        if len(channel_mult) < 2 or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in channel_mult):
+            raise ValueError(f"model channel_mult={list(channel_mult)} is invalid: it needs at least two positive integers")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"model activation={activation!r} is invalid: allowed values are {', '.join(ACTIVATIONS)}")
+        self.divisor = 2 ** (len(channel_mult) - 1)
+        if image_size % self.divisor:
+            raise ValueError(
+                f"model image_size={image_size} cannot be halved {len(channel_mult) - 1} times for "
+                f"channel_mult={list(channel_mult)}: use a multiple of {self.divisor} or fewer levels"
+            )
+        self.in_channels, self.out_channels, self.image_size = in_channels, out_channels or in_channels, image_size
+        act = ACTIVATIONS[activation]
+        chans = [base_channels * m for m in channel_mult]
+        self.time_dim = time_emb_dim
+        self.time_mlp = nn.Sequential(nn.Linear(time_emb_dim, time_emb_dim), act())
+        self.conv0 = nn.Conv2d(in_channels, chans[0], 3, padding=1)
+        self.downs = nn.ModuleList(SimpleBlock(chans[i], chans[i + 1], time_emb_dim, False, act) for i in range(len(chans) - 1))
+        up = chans[::-1]
+        self.ups = nn.ModuleList(SimpleBlock(up[i], up[i + 1], time_emb_dim, True, act) for i in range(len(up) - 1))
+        self.output = nn.Conv2d(chans[0], self.out_channels, 1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] % self.divisor or x.shape[-2] % self.divisor:
+            raise ValueError(f"input size {tuple(x.shape[-2:])} is not divisible by {self.divisor} as this UNet needs")
+        temb = self.time_mlp(timestep_embedding(t, self.time_dim))
+        h = self.conv0(x)
+        skips = []
+        for block in self.downs:
+            h = block(h, temb)
+            skips.append(h)
+        for block in self.ups:
+            h = block(torch.cat([h, skips.pop()], dim=1), temb)
+        return self.output(h)

@@ -1,0 +1,146 @@
+"""The DDPM UNet (Ho et al. 2020; Nichol & Dhariwal 2021 layout) predicting epsilon."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from diffusion.models.blocks import (
+    AttentionBlock,
+    Downsample,
+    ResBlock,
+    TimeEmbedding,
+    Upsample,
+    check_positive_int,
+    group_norm,
+)
+
+
+class EmbedSequential(nn.ModuleList):
+    """A sequence of layers that all take ``(x, temb)``."""
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        for layer in self:
+            x = layer(x, temb)
+        return x
+
+
+class UNet(nn.Module):
+    """Residual UNet with a sinusoidal time embedding injected into every residual block.
+
+    Args:
+        in_channels: image channels (1 for digits/MNIST, 3 for RGB); ``out_channels`` defaults to it.
+        image_size: side of the square input; it must be divisible by ``2 ** (len(channel_mult) - 1)``.
+        base_channels: width of the first level; level ``i`` has ``base_channels * channel_mult[i]``.
+        channel_mult: one multiplier per resolution level; each level after the first halves the resolution.
+        num_res_blocks: residual blocks per level on the way down (one more on the way up).
+        attention_resolutions: resolutions (in pixels, e.g. ``[16, 8]``) whose blocks get self-attention;
+            the middle block always has it.
+        dropout: dropout inside residual blocks.
+        time_emb_dim: width of the time embedding MLP (default ``4 * base_channels``).
+        num_heads: attention heads.
+        gradient_checkpointing: recompute block activations in the backward pass to save memory.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        image_size: int = 32,
+        base_channels: int = 64,
+        channel_mult: Sequence[int] = (1, 2, 2),
+        num_res_blocks: int = 2,
+        attention_resolutions: Sequence[int] = (16,),
+        dropout: float = 0.0,
+        time_emb_dim: int | None = None,
+        num_heads: int = 1,
+        out_channels: int | None = None,
+        gradient_checkpointing: bool = False,
+    ):
+        super().__init__()
+        check_positive_int("in_channels", in_channels)
+        check_positive_int("image_size", image_size)
+        check_positive_int("base_channels", base_channels)
+        check_positive_int("num_res_blocks", num_res_blocks)
+        check_positive_int("num_heads", num_heads)
+        channel_mult = tuple(channel_mult)
+        if not channel_mult or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in channel_mult):
+            raise ValueError(f"model channel_mult={list(channel_mult)} is invalid: it must be a non-empty list of positive integers")
+        if not (isinstance(dropout, (int, float)) and 0 <= dropout < 1):
+            raise ValueError(f"model dropout={dropout!r} is invalid: it must lie in [0, 1)")
+        divisor = 2 ** (len(channel_mult) - 1)
+        if image_size % divisor:
+            raise ValueError(
+                f"model image_size={image_size} cannot be halved {len(channel_mult) - 1} times for "
+                f"channel_mult={list(channel_mult)}: use a multiple of {divisor} or fewer levels"
+            )
+        resolutions = [image_size // 2**i for i in range(len(channel_mult))]
+        attention_resolutions = tuple(attention_resolutions or ())
+        unknown = [r for r in attention_resolutions if r not in resolutions]
+        if unknown:
+            raise ValueError(
+                f"model attention_resolutions={list(attention_resolutions)} is invalid: {unknown} not among "
+                f"the network's resolutions {resolutions}"
+            )
+        time_emb_dim = 4 * base_channels if time_emb_dim is None else check_positive_int("time_emb_dim", time_emb_dim)
+        self.in_channels = in_channels
+        self.out_channels = out_channels or in_channels
+        self.image_size = image_size
+        self.divisor = divisor
+        self.gradient_checkpointing = bool(gradient_checkpointing)
+
+        self.time_embed = TimeEmbedding(base_channels, time_emb_dim)
+        self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
+
+        def attn(ch: int, res: int) -> list[nn.Module]:
+            return [AttentionBlock(ch, num_heads)] if res in attention_resolutions else []
+
+        self.down = nn.ModuleList()
+        skip_channels, ch = [base_channels], base_channels
+        for level, mult in enumerate(channel_mult):
+            res = resolutions[level]
+            for _ in range(num_res_blocks):
+                self.down.append(EmbedSequential([ResBlock(ch, base_channels * mult, time_emb_dim, dropout)] + attn(base_channels * mult, res)))
+                ch = base_channels * mult
+                skip_channels.append(ch)
+            if level != len(channel_mult) - 1:
+                self.down.append(EmbedSequential([Downsample(ch)]))
+                skip_channels.append(ch)
+
+        self.middle = EmbedSequential(
+            [ResBlock(ch, ch, time_emb_dim, dropout), AttentionBlock(ch, num_heads), ResBlock(ch, ch, time_emb_dim, dropout)]
+        )
+
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            res = resolutions[level]
+            for i in range(num_res_blocks + 1):
+                layers = [ResBlock(ch + skip_channels.pop(), base_channels * mult, time_emb_dim, dropout)]
+                ch = base_channels * mult
+                layers += attn(ch, res)
+                if level and i == num_res_blocks:
+                    layers.append(Upsample(ch))
+                self.up.append(EmbedSequential(layers))
+
+        self.out = nn.Sequential(group_norm(ch), nn.SiLU(), nn.Conv2d(ch, self.out_channels, 3, padding=1))
+
+    def _run(self, block: EmbedSequential, h: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, h, temb, use_reentrant=False)
+        return block(h, temb)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] % self.divisor or x.shape[-2] % self.divisor:
+            raise ValueError(f"input size {tuple(x.shape[-2:])} is not divisible by {self.divisor} as this UNet needs")
+        temb = self.time_embed(t)
+        h = self.conv_in(x)
+        skips = [h]
+        for block in self.down:
+            h = self._run(block, h, temb)
+            skips.append(h)
+        h = self._run(self.middle, h, temb)
+        for block in self.up:
+            h = self._run(block, torch.cat([h, skips.pop()], dim=1), temb)
+        return self.out(h)

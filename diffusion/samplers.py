@@ -1,0 +1,247 @@
+"""Reverse-process samplers behind one small interface, in the spirit of diffusers' schedulers.
+
+    sampler = DDIMSampler(process, num_steps=50, eta=0.0)
+    sampler.set_timesteps(100)                      # optional: change the grid
+    for t in sampler.timesteps:                     # descending, 0-based model timesteps
+        eps = model(x, torch.full((B,), t))
+        x = sampler.step(eps, t, x, generator).prev_sample
+    # or all at once, optionally keeping the trajectory for figures:
+    out = sampler.sample(model, (16, 1, 32, 32), generator=g, return_trajectory=True)
+
+The previous timestep of every step is read from the timestep grid itself (``prev_timesteps``), never
+recomputed as ``t - T // num_steps`` -- that arithmetic is wrong under ``linspace``/``trailing`` spacings.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from diffusion.process import VARIANCE_TYPES, GaussianDiffusion, Model, _check_choice
+
+SPACINGS = ("leading", "trailing", "linspace", "quadratic")
+
+__all__ = ["Sampler", "DDPMSampler", "DDIMSampler", "StepOutput", "SampleOutput", "make_timesteps", "SPACINGS"]
+
+
+def _check_num_steps(num_steps, T: int) -> int:
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= T:
+        raise ValueError(f"sampler num_steps={num_steps!r} is invalid: it must be an integer in [1, T={T}]")
+    return num_steps
+
+
+def make_timesteps(T: int, num_steps: int, spacing: str = "leading") -> list[int]:
+    """A strictly decreasing grid of ``num_steps`` 0-based timesteps in [0, T-1].
+
+    - ``leading``  (DDIM paper's uniform skip, diffusers' default): ``[0, k, 2k, ...]`` reversed, k = T // num_steps;
+    - ``trailing`` (Lin et al. 2023): ``round(T - i T / num_steps) - 1``, always starts at T-1;
+    - ``linspace``: ``round(linspace(0, T-1, num_steps))`` reversed, both ends included;
+    - ``quadratic`` (DDIM paper, CIFAR10): ``int(linspace(0, sqrt(0.8 T), num_steps)^2)`` reversed, with repeated
+      small values bumped up by one (the paper's code repeats t = 0).
+    """
+    _check_choice("sampler spacing", spacing, SPACINGS)
+    _check_num_steps(num_steps, T)
+    n = num_steps
+    if spacing == "leading":
+        grid = [i * (T // n) for i in range(n)]
+    elif spacing == "trailing":
+        grid = [round(T * (n - i) / n) - 1 for i in range(n)][::-1]
+    elif spacing == "linspace":
+        grid = [T - 1] if n == 1 else [round(i * (T - 1) / (n - 1)) for i in range(n)]
+    else:
+        top = math.sqrt(0.8 * T)
+        grid = [int((i * top / (n - 1)) ** 2) if n > 1 else int(top**2) for i in range(n)]
+        for i in range(1, n):  # the squares crowd near 0 (0, 0, 1, 3, ...): keep the grid strictly increasing
+            grid[i] = max(grid[i], grid[i - 1] + 1)
+        if grid[-1] > T - 1:
+            grid = []  # more steps than the quadratic grid can hold
+    if len(set(grid)) != n:
+        raise ValueError(
+            f"sampler spacing={spacing!r} with num_steps={n} repeats timesteps for T={T}: "
+            "use fewer steps or spacing=linspace"
+        )
+    return sorted(grid, reverse=True)
+
+
+class StepOutput(NamedTuple):
+    prev_sample: torch.Tensor
+    pred_x0: torch.Tensor
+
+
+class SampleOutput(NamedTuple):
+    samples: torch.Tensor
+    #: (num_steps + 1, B, C, H, W) on the CPU: x_T, then every x after a step; None unless asked for.
+    trajectory: torch.Tensor | None = None
+    #: (num_steps, B, C, H, W) on the CPU: the predicted x_0 at every step; None unless asked for.
+    pred_x0: torch.Tensor | None = None
+
+
+def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    if generator is None:
+        return torch.randn_like(x)
+    return torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
+
+
+class Sampler:
+    """Common loop; subclasses define :meth:`set_timesteps` and :meth:`step_mean_variance`."""
+
+    def __init__(self, process: GaussianDiffusion, num_steps: int | None = None, clip_denoised: bool = False):
+        self.process = process
+        self.clip_denoised = bool(clip_denoised)
+        self.timesteps: list[int] = []
+        self.prev_timesteps: dict[int, int] = {}
+        self.set_timesteps(self.T if num_steps is None else num_steps)
+
+    @property
+    def T(self) -> int:
+        return self.process.num_timesteps
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+    def _set_grid(self, grid: list[int]) -> None:
+        self.timesteps = list(grid)
+        # -1 stands for "x_0": alpha_bar_{-1} = 1 (diffusers' set_alpha_to_one).
+        self.prev_timesteps = {t: (grid[i + 1] if i + 1 < len(grid) else -1) for i, t in enumerate(grid)}
+        abar = self.process.alphas_cumprod.detach().double().cpu().tolist()
+        self._abar = {t: abar[t] for t in grid}
+        self._abar_prev = {t: (abar[p] if p >= 0 else 1.0) for t, p in self.prev_timesteps.items()}
+
+    def set_timesteps(self, num_steps: int) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def step_mean_variance(
+        self, model_output: torch.Tensor, t: int, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | float, torch.Tensor]:
+        """Mean and variance of x_{prev(t)} given x_t and the model's noise prediction, and the predicted x_0."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def step(
+        self, model_output: torch.Tensor, t: int, x: torch.Tensor, generator: torch.Generator | None = None
+    ) -> StepOutput:
+        """One reverse step from timestep ``t`` (an element of :attr:`timesteps`) to ``prev_timesteps[t]``."""
+        t = int(t)
+        if t not in self.prev_timesteps:
+            raise ValueError(f"timestep {t} is not on this sampler's grid; call set_timesteps first")
+        mean, var, pred_x0 = self.step_mean_variance(model_output, t, x)
+        if self.prev_timesteps[t] < 0:  # the last step returns the mean (Algorithm 2: z = 0 when t = 1)
+            return StepOutput(mean, pred_x0)
+        std = var.sqrt() if isinstance(var, torch.Tensor) else math.sqrt(var)
+        return StepOutput(mean + std * _randn_like(x, generator), pred_x0)
+
+    @torch.inference_mode()
+    def sample(
+        self,
+        model: Model,
+        shape: tuple[int, ...] | None = None,
+        *,
+        noise: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+        return_trajectory: bool = False,
+        progress: bool = False,
+    ) -> SampleOutput:
+        """Run the whole reverse chain from x_T ~ N(0, I) (or ``noise``) and return x_0."""
+        device = torch.device(device) if device is not None else self.process.betas.device
+        if noise is None:
+            if shape is None:
+                raise ValueError("sample() needs a shape or an initial noise tensor")
+            x = _randn_like(torch.empty(shape, device=device), generator)
+        else:
+            x = noise.to(device)
+        trajectory, preds = ([x.cpu()], []) if return_trajectory else (None, None)
+        t_batch = torch.empty(x.shape[0], dtype=torch.long, device=device)
+        steps = self.timesteps
+        if progress:
+            from tqdm.auto import tqdm
+
+            steps = tqdm(steps, desc=f"{type(self).__name__} sampling", leave=False)
+        for t in steps:
+            out = model(x, t_batch.fill_(t))
+            x, pred_x0 = self.step(out, t, x, generator)
+            if return_trajectory:
+                trajectory.append(x.cpu())
+                preds.append(pred_x0.cpu())
+        if return_trajectory:
+            return SampleOutput(x, torch.stack(trajectory), torch.stack(preds))
+        return SampleOutput(x)
+
+
+class DDPMSampler(Sampler):
+    """Ancestral sampling, Ho et al. (2020) Algorithm 2, over all T steps.
+
+    ``variance`` is ``fixed_small`` (beta~_t) or ``fixed_large`` (beta_t); ``None`` uses the process's setting.
+    For fewer steps use :class:`DDIMSampler`: with ``eta=1`` it is this sampler on a sub-grid.
+    """
+
+    def __init__(
+        self,
+        process: GaussianDiffusion,
+        num_steps: int | None = None,
+        variance: str | None = None,
+        clip_denoised: bool = False,
+    ):
+        self.variance = None if variance is None else _check_choice("sampler variance", variance, VARIANCE_TYPES)
+        super().__init__(process, num_steps=num_steps, clip_denoised=clip_denoised)
+
+    def set_timesteps(self, num_steps: int) -> None:
+        _check_num_steps(num_steps, self.T)
+        if num_steps != self.T:
+            raise ValueError(
+                f"sampler num_steps={num_steps} is invalid for DDPM: ancestral sampling runs all T={self.T} steps; "
+                "for fewer steps use sampler=ddim (eta=1 is DDPM on a sub-grid)"
+            )
+        self._set_grid(list(range(self.T - 1, -1, -1)))
+
+    def step_mean_variance(self, model_output, t, x):
+        t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+        # x_{t-1} = 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - alpha_bar_t) eps) + sigma_t z     (Algorithm 2, line 4)
+        out = self.process.p_mean_variance_from_eps(
+            model_output, x, t_batch, clip_denoised=self.clip_denoised, variance=self.variance
+        )
+        return out.mean, out.variance, out.pred_x0
+
+
+class DDIMSampler(Sampler):
+    """Song et al. (2021) generalised reverse process on a sub-grid of ``num_steps`` timesteps.
+
+    ``eta = 0`` is the deterministic DDIM; ``eta = 1`` with ``num_steps = T`` is DDPM with beta~ (eq. 16).
+    """
+
+    def __init__(
+        self,
+        process: GaussianDiffusion,
+        num_steps: int | None = 50,
+        eta: float = 0.0,
+        spacing: str = "leading",
+        clip_denoised: bool = False,
+    ):
+        if not isinstance(eta, (int, float)) or isinstance(eta, bool) or eta < 0:
+            raise ValueError(f"sampler eta={eta!r} is invalid: it must be a number >= 0 (0 = deterministic DDIM)")
+        self.eta = float(eta)
+        self.spacing = _check_choice("sampler spacing", spacing, SPACINGS)
+        super().__init__(process, num_steps=num_steps, clip_denoised=clip_denoised)
+
+    def set_timesteps(self, num_steps: int) -> None:
+        self._set_grid(make_timesteps(self.T, num_steps, self.spacing))
+
+    def sigma2(self, t: int) -> float:
+        """sigma_t(eta)^2 = eta^2 (1 - a_prev) / (1 - a_t) (1 - a_t / a_prev)     (Song et al. eq. 16)."""
+        a_t, a_prev = self._abar[t], self._abar_prev[t]
+        return self.eta**2 * (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+
+    def step_mean_variance(self, model_output, t, x):
+        a_t, a_prev = self._abar[t], self._abar_prev[t]
+        eps = model_output
+        # "predicted x_0" = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)                              (eq. 12, first term)
+        pred_x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
+        if self.clip_denoised:
+            pred_x0 = pred_x0.clamp(-1.0, 1.0)
+            eps = (x - math.sqrt(a_t) * pred_x0) / math.sqrt(1 - a_t)
+        sigma2 = self.sigma2(t)
+        # x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma z                 (eq. 12)
+        mean = math.sqrt(a_prev) * pred_x0 + math.sqrt(max(1 - a_prev - sigma2, 0.0)) * eps
+        return mean, sigma2, pred_x0
