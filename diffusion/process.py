@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffusion.checks import check_choice
 from diffusion.schedules import NoiseSchedule, ScheduleTable
 
 VARIANCE_TYPES = ("fixed_small", "fixed_large")
@@ -25,12 +26,6 @@ Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 def extract(a: torch.Tensor, t: torch.Tensor, x_shape: torch.Size) -> torch.Tensor:
     """Gather ``a[t]`` per batch element and shape it to broadcast against ``x_shape``: (B, 1, 1, ...)."""
     return a.gather(0, t).reshape(t.shape[0], *((1,) * (len(x_shape) - 1)))
-
-
-def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is invalid: allowed values are {', '.join(allowed)}")
-    return value
 
 
 class PMeanVariance(NamedTuple):
@@ -56,8 +51,8 @@ class GaussianDiffusion(nn.Module):
     ):
         super().__init__()
         table = schedule.table() if isinstance(schedule, NoiseSchedule) else schedule
-        self.variance = _check_choice("variance", variance, VARIANCE_TYPES)
-        self.loss_type = _check_choice("loss_type", loss_type, LOSS_TYPES)
+        self.variance = check_choice("variance", variance, VARIANCE_TYPES)
+        self.loss_type = check_choice("loss_type", loss_type, LOSS_TYPES)
         for name, value in table.as_dict().items():
             self.register_buffer(name, value.clone())
         # fixed_large uses beta_t, with beta~_1 at t = 0 so that log-variances stay finite (improved-diffusion).
@@ -118,7 +113,7 @@ class GaussianDiffusion(nn.Module):
         Its mean equals Ho et al. eq. 11, 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - alpha_bar_t) eps), when the
         predicted x_0 is not clipped.
         """
-        variance = self.variance if variance is None else _check_choice("variance", variance, VARIANCE_TYPES)
+        variance = self.variance if variance is None else check_choice("variance", variance, VARIANCE_TYPES)
         pred_x0 = self.predict_x0_from_eps(xt, t, eps)
         if clip_denoised:
             pred_x0 = pred_x0.clamp(-1.0, 1.0)

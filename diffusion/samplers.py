@@ -19,7 +19,8 @@ from typing import NamedTuple
 
 import torch
 
-from diffusion.process import VARIANCE_TYPES, GaussianDiffusion, Model, _check_choice
+from diffusion.checks import check_choice
+from diffusion.process import VARIANCE_TYPES, GaussianDiffusion, Model
 
 SPACINGS = ("leading", "trailing", "linspace", "quadratic")
 
@@ -41,7 +42,7 @@ def make_timesteps(T: int, num_steps: int, spacing: str = "leading") -> list[int
     - ``quadratic`` (DDIM paper, CIFAR10): ``int(linspace(0, sqrt(0.8 T), num_steps)^2)`` reversed, with repeated
       small values bumped up by one (the paper's code repeats t = 0).
     """
-    _check_choice("sampler spacing", spacing, SPACINGS)
+    check_choice("sampler spacing", spacing, SPACINGS)
     _check_num_steps(num_steps, T)
     n = num_steps
     if spacing == "leading":
@@ -184,7 +185,7 @@ class DDPMSampler(Sampler):
         variance: str | None = None,
         clip_denoised: bool = False,
     ):
-        self.variance = None if variance is None else _check_choice("sampler variance", variance, VARIANCE_TYPES)
+        self.variance = None if variance is None else check_choice("sampler variance", variance, VARIANCE_TYPES)
         super().__init__(process, num_steps=num_steps, clip_denoised=clip_denoised)
 
     def set_timesteps(self, num_steps: int) -> None:
@@ -222,7 +223,7 @@ class DDIMSampler(Sampler):
         if not isinstance(eta, (int, float)) or isinstance(eta, bool) or eta < 0:
             raise ValueError(f"sampler eta={eta!r} is invalid: it must be a number >= 0 (0 = deterministic DDIM)")
         self.eta = float(eta)
-        self.spacing = _check_choice("sampler spacing", spacing, SPACINGS)
+        self.spacing = check_choice("sampler spacing", spacing, SPACINGS)
         super().__init__(process, num_steps=num_steps, clip_denoised=clip_denoised)
 
     def set_timesteps(self, num_steps: int) -> None:

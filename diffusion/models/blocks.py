@@ -10,12 +10,6 @@ from einops import rearrange
 from torch import nn
 
 
-def check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"model {name}={value!r} is invalid: it must be a positive integer")
-    return value
-
-
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Transformer sinusoidal embedding of (possibly fractional) timesteps, (B,) -> (B, dim)."""
     half = dim // 2

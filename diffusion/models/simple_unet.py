@@ -11,7 +11,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from diffusion.models.blocks import check_positive_int, timestep_embedding
+from diffusion.checks import check_positive_int
+from diffusion.models.blocks import timestep_embedding
 
 ACTIVATIONS = {"relu": nn.ReLU, "leaky_relu": nn.LeakyReLU}
 

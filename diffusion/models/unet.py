@@ -8,13 +8,13 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from diffusion.checks import check_positive_int
 from diffusion.models.blocks import (
     AttentionBlock,
     Downsample,
     ResBlock,
     TimeEmbedding,
     Upsample,
-    check_positive_int,
     group_norm,
 )
 

@@ -1,0 +1,15 @@
+"""One-line validation errors that name the setting, the bad value and what is allowed."""
+
+from __future__ import annotations
+
+
+def check_positive_int(name: str, value, group: str = "model") -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{group} {name}={value!r} is invalid: it must be a positive integer")
+    return value
+
+
+def check_choice(name: str, value, allowed) -> str:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is invalid: allowed values are {', '.join(allowed)}")
+    return value

@@ -1,0 +1,186 @@
+"""The LightningModule: an epsilon-prediction network plus the diffusion process, trained with L_simple.
+
+It is built from plain config dicts (``model``, ``schedule``, ``sampler``, ``optimizer``) that it saves as
+hyper-parameters, so ``DiffusionModule.load_from_checkpoint(path)`` rebuilds it without the Hydra config.
+Schedule tensors are buffers of ``self.process``: they live in the checkpoint and move with the module.
+With the EMA callback, a checkpoint's ``state_dict`` holds the EMA weights and ``current_model_state`` the raw ones.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from torchmetrics import MeanMetric
+from torchvision.utils import make_grid, save_image
+
+from diffusion.process import GaussianDiffusion
+from diffusion.samplers import Sampler
+
+NUM_QUARTILES = 4
+
+
+def to_model_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float [-1, 1], done on the device in the training step."""
+    if images.dtype == torch.uint8:
+        return images.float().div_(127.5).sub_(1.0)
+    return images
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """float [-1, 1] -> uint8 [0, 255]."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+class DiffusionModule(L.LightningModule):
+    """DDPM training (Ho et al. Algorithm 1) and sampling with the configured sampler.
+
+    Args:
+        model: config of the network (``_target_`` + arguments), e.g. ``diffusion.models.UNet``.
+        schedule: config of the noise schedule, e.g. ``diffusion.schedules.LinearSchedule``.
+        sampler: config of the sampler used for sample grids (``_partial_``: it receives the process).
+        optimizer: config of the optimizer (``_partial_``: it receives the parameters).
+        variance: reverse-process variance, ``fixed_small`` or ``fixed_large``.
+        loss_type: ``mse`` (L_simple), ``l1`` or ``huber``.
+        lr_warmup_steps: linear learning-rate warm-up from 0 over this many optimizer steps.
+        num_samples: images in each sample grid.
+        sample_every_n_epochs: generate a grid every N validation epochs (0: only at the end of training).
+        seed: base seed of the noise and timestep draws, which depend only on (seed, rank, step): a resumed run
+            draws exactly what an uninterrupted one would have.
+    """
+
+    def __init__(
+        self,
+        model: dict,
+        schedule: dict,
+        sampler: dict,
+        optimizer: dict,
+        variance: str = "fixed_small",
+        loss_type: str = "mse",
+        lr_warmup_steps: int = 0,
+        num_samples: int = 64,
+        sample_every_n_epochs: int = 5,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = instantiate(model)
+        self.process = GaussianDiffusion(instantiate(schedule), variance=variance, loss_type=loss_type)
+        self.sampler = self.build_sampler(sampler)
+        self.quartile_loss = torch.nn.ModuleList(MeanMetric() for _ in range(NUM_QUARTILES))
+        self._generator: torch.Generator | None = None
+
+    # ----------------------------------------------------------------------------------------------- helpers
+    def build_sampler(self, config: dict, **overrides: Any) -> Sampler:
+        """Instantiate a sampler config (a ``_partial_`` taking the process) with optional overrides."""
+        return instantiate({**config, **overrides, "_partial_": False}, process=self.process)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.model(x, t)
+
+    def _seeded_generator(self, *keys: int) -> torch.Generator:
+        if self._generator is None or self._generator.device != self.device:
+            self._generator = torch.Generator(device=self.device)
+        seed = self.hparams.seed
+        for k in keys:  # a simple, collision-resistant mix of the keys into a 63-bit seed
+            seed = (seed * 1_000_003 + int(k) + 1) % (2**63 - 1)
+        return self._generator.manual_seed(seed)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        m = self.model
+        return (m.in_channels, m.image_size, m.image_size)
+
+    # ----------------------------------------------------------------------------------------------- training
+    def _losses(self, batch: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        x0 = to_model_range(batch)
+        t = self.process.sample_timesteps(x0.shape[0], x0.device, generator)
+        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+        return self.process.training_losses(self.model, x0, t, noise), t
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        g = self._seeded_generator(1, self.global_rank, self.global_step)
+        losses, t = self._losses(batch, g)
+        loss = losses.mean()
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=losses.shape[0])
+        # improved-diffusion's view of which noise levels are learning: the loss per quarter of [0, T)
+        # (a mask-weighted mean: no data-dependent indexing, so no host synchronisation in the step)
+        quartile = (t * NUM_QUARTILES) // self.process.num_timesteps
+        for q, metric in enumerate(self.quartile_loss):
+            metric.update(losses.detach(), (quartile == q).to(losses.dtype))
+            self.log(f"train/loss_q{q}", metric, on_step=False, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        # The same noise for the same batch every epoch: val/loss curves compare like with like.
+        losses, _ = self._losses(batch, self._seeded_generator(2, self.global_rank, batch_idx))
+        self.log("val/loss", losses.mean(), prog_bar=True, sync_dist=True, batch_size=losses.shape[0])
+        if batch_idx == 0 and self._grid_due():
+            # Validation runs with the EMA weights swapped in (EMA callback), so the grid shows them.
+            self.log_sample_grid(f"epoch_{self.current_epoch:04d}")
+
+    def _grid_due(self) -> bool:
+        every = self.hparams.sample_every_n_epochs
+        trainer = self.trainer
+        return (
+            every > 0
+            and not trainer.sanity_checking
+            and trainer.is_global_zero
+            and (self.current_epoch + 1) % every == 0
+        )
+
+    # ----------------------------------------------------------------------------------------------- sampling
+    @torch.inference_mode()
+    def sample(
+        self,
+        n: int,
+        sampler: Sampler | None = None,
+        generator: torch.Generator | None = None,
+        return_trajectory: bool = False,
+        progress: bool = False,
+    ):
+        """Draw ``n`` images in [-1, 1] with ``sampler`` (default: the configured one)."""
+        was_training = self.training
+        self.eval()
+        try:
+            return (sampler or self.sampler).sample(
+                self.model,
+                (n, *self.image_shape),
+                generator=generator,
+                device=self.device,
+                return_trajectory=return_trajectory,
+                progress=progress,
+            )
+        finally:
+            self.train(was_training)
+
+    def log_sample_grid(self, name: str) -> Path | None:
+        """Sample a grid with a fixed seed, save it as PNG under ``<root>/samples/`` and send it to the loggers."""
+        n = self.hparams.num_samples
+        g = torch.Generator(device=self.device).manual_seed(self.hparams.seed)
+        images = self.sample(n, generator=g).samples
+        grid = make_grid((images.float().clamp(-1, 1) + 1) / 2, nrow=max(1, int(n**0.5)), padding=1)
+        path = None
+        if self._trainer is not None:
+            path = Path(self.trainer.default_root_dir) / "samples" / f"{name}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_image(grid, path)
+            for logger in self.trainer.loggers:
+                log_image = getattr(logger, "log_image", None)
+                if callable(log_image):  # W&B
+                    log_image(key="samples", images=[grid], step=self.global_step, caption=[name])
+                elif hasattr(getattr(logger, "experiment", None), "add_image"):  # TensorBoard
+                    logger.experiment.add_image("samples", grid, self.global_step)
+        return path
+
+    # ----------------------------------------------------------------------------------------------- optimiser
+    def configure_optimizers(self):
+        optimizer = instantiate({**self.hparams.optimizer, "_partial_": False}, params=self.parameters())
+        warmup = self.hparams.lr_warmup_steps
+        if warmup <= 0:
+            return optimizer
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

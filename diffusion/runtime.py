@@ -1,0 +1,145 @@
+"""What a Hydra + Lightning run needs around the library: loggers, callbacks, DDP relaunch, safe outputs, errors."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, read_write
+
+log = logging.getLogger("diffusion")
+
+
+class UsageError(Exception):
+    """A bad setting or input found before any work starts; the CLI prints it as one line and exits 2."""
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """Unwrap Hydra's InstantiationException chain down to the error the user's value caused."""
+    while exc.__cause__ is not None and type(exc).__name__ == "InstantiationException":
+        exc = exc.__cause__
+    return exc
+
+
+def is_rank_zero() -> bool:
+    """True in the launching process (Lightning gives re-launched DDP ranks LOCAL_RANK/NODE_RANK > 0)."""
+    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+
+
+# ----------------------------------------------------------------------------------------------- Hydra + DDP
+def hydra_job():
+    """The HydraConfig of this job, or None outside ``@hydra.main``."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get() if HydraConfig.initialized() else None
+
+
+# What Lightning's DDP launcher writes into the launching process's environment; see prepare_ddp_relaunch.
+_DDP_ENV_KEYS = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+_ENV_AT_START = {k: os.environ.get(k) for k in _DDP_ENV_KEYS}
+
+
+def prepare_ddp_relaunch() -> None:
+    """Make Lightning's re-launched DDP ranks join *this* job, also inside a multirun sweep.
+
+    Lightning starts ranks 1..N-1 as ``python -m diffusion.train <sys.argv[1:]> hydra.run.dir=<hydra.run.dir>``.
+    Inside ``-m`` that command line is the whole sweep, so every rank would start a sweep of its own (Lightning
+    #11300, #18175). Here the command line becomes this job's own overrides, without ``-m``, and ``hydra.run.dir``
+    becomes this job's output directory, so the ranks compose the same config and write to the same place.
+    The launcher also leaves LOCAL_RANK, MASTER_PORT, ... in the sweep process's environment, after which the next
+    job would take its ranks as started externally, and the previous job's process group, whose other ranks have
+    exited: each job starts from the environment the sweep started with and without a process group.
+    """
+    from hydra.types import RunMode
+
+    hc = hydra_job()
+    if hc is None:
+        return
+    with read_write(hc):
+        hc.run.dir = hc.runtime.output_dir
+    if hc.mode == RunMode.MULTIRUN:
+        sys.argv = [sys.argv[0], *hc.overrides.task]
+        for key, value in _ENV_AT_START.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def job_names() -> tuple[str | None, str | None]:
+    """(W&B group, run name): a sweep's directory groups its jobs; a job is named by its overrides."""
+    from hydra.types import RunMode
+
+    hc = hydra_job()
+    if hc is None:
+        return None, None
+    if hc.mode == RunMode.MULTIRUN:
+        return Path(hc.sweep.dir).name, hc.job.override_dirname or f"job{hc.job.num}"
+    return None, Path(hc.runtime.output_dir).name
+
+
+# ----------------------------------------------------------------------------------------------- W&B
+def _wandb_logged_in() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return "api.wandb.ai" in netrc.read_text()
+    except OSError:
+        return False
+
+
+def configure_wandb_mode(cfg: DictConfig) -> None:
+    """Without a W&B login, log offline (WANDB_MODE=offline) and say so once, with the command to sync later."""
+    uses_wandb = any("WandbLogger" in str(c.get("_target_", "")) for c in (cfg.get("logger") or {}).values())
+    if not uses_wandb or os.environ.get("WANDB_MODE") or _wandb_logged_in():
+        return
+    os.environ["WANDB_MODE"] = "offline"
+    if is_rank_zero():
+        log.info(
+            "W&B: no login found, logging offline to %s/wandb (upload later with `wandb sync`; "
+            "`wandb login` to log online, or logger=csv)",
+            cfg.paths.output_dir,
+        )
+
+
+# ----------------------------------------------------------------------------------------------- building
+def instantiate_group(group: DictConfig | None, what: str) -> list:
+    """Instantiate every entry of a dict-of-configs group (callbacks, logger); ``null`` entries are skipped."""
+    objects = []
+    for name, conf in (group or {}).items():
+        if conf is None:
+            continue
+        if "_target_" not in conf:
+            raise UsageError(f"{what}.{name} has no _target_: every {what} entry must name a class")
+        try:
+            objects.append(instantiate(conf))
+        except Exception as exc:  # noqa: BLE001 - reported as one line naming the entry
+            raise UsageError(f"{what}.{name}: {root_cause(exc)}") from exc
+    return objects
+
+
+def check_resume_and_outputs(cfg: DictConfig) -> None:
+    """Refuse a missing checkpoint, and refuse to write over checkpoints a previous run left in the output dir."""
+    ckpt = cfg.get("ckpt_path")
+    if ckpt is not None:
+        path = Path(ckpt)
+        if not path.is_file():
+            raise UsageError(f"ckpt_path={ckpt} does not exist or is not a file")
+    ckpt_dir = Path(cfg.paths.output_dir) / "checkpoints"
+    if is_rank_zero() and ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
+        raise UsageError(
+            f"output directory {cfg.paths.output_dir} already holds checkpoints: choose another hydra.run.dir "
+            "(or none, for a fresh timestamped one); to continue that run pass ckpt_path=<its last.ckpt>"
+        )
+
+
+def resolved_config(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)

@@ -1,0 +1,122 @@
+"""Train a diffusion model: ``python -m diffusion.train [overrides]`` (Hydra; ``-m`` for sweeps).
+
+The composition root only: read the config, build the data, module, callbacks, loggers and trainer, fit, and
+draw the final sample grid with the EMA weights. Everything it builds is a class named by ``_target_`` in conf/.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor
+from omegaconf import DictConfig, OmegaConf
+
+from diffusion.module import DiffusionModule
+from diffusion.runtime import (
+    UsageError,
+    check_resume_and_outputs,
+    configure_wandb_mode,
+    instantiate_group,
+    job_names,
+    prepare_ddp_relaunch,
+    resolved_config,
+    root_cause,
+)
+
+log = logging.getLogger("diffusion.train")
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def _build(what: str, fn):
+    """Run a constructor; a bad value becomes a one-line UsageError naming the config group."""
+    try:
+        return fn()
+    except UsageError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        cause = root_cause(exc)
+        if isinstance(cause, (ValueError, TypeError, KeyError)):
+            raise UsageError(f"{what}: {cause}") from exc
+        raise
+
+
+def build_module(cfg: DictConfig, channels: int, image_size: int) -> DiffusionModule:
+    """The LightningModule from plain dicts; the network's in_channels and image_size follow the data."""
+    model = {**OmegaConf.to_container(cfg.model, resolve=True), "in_channels": channels, "image_size": image_size}
+    return DiffusionModule(
+        model=model,
+        schedule=OmegaConf.to_container(cfg.schedule, resolve=True),
+        sampler=OmegaConf.to_container(cfg.sampler, resolve=True),
+        optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
+        seed=cfg.seed,
+        **OmegaConf.to_container(cfg.module, resolve=True),
+    )
+
+
+def build_loggers(cfg: DictConfig) -> list:
+    configure_wandb_mode(cfg)
+    group, name = job_names()
+    loggers = cfg.get("logger") or {}
+    for conf in loggers.values():
+        if conf is not None and "WandbLogger" in str(conf.get("_target_", "")):
+            if conf.get("group") is None and group is not None:
+                conf.group = group
+            if conf.get("name") is None:
+                conf.name = name
+    return instantiate_group(loggers, "logger")
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit the configured model; returns the final logged metrics."""
+    check_resume_and_outputs(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = _build("data", lambda: instantiate(cfg.data))
+    module = _build("model/schedule/sampler", lambda: build_module(cfg, datamodule.channels, datamodule.image_size))
+    callbacks = instantiate_group(cfg.get("callbacks"), "callbacks")
+    loggers = build_loggers(cfg)
+    if not loggers:  # Lightning refuses a LearningRateMonitor without a logger; there is nothing to monitor into
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    prepare_ddp_relaunch()
+    trainer: L.Trainer = _build("trainer", lambda: instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False))
+    for logger in trainer.loggers:
+        logger.log_hyperparams(resolved_config(cfg))
+    n_params = sum(p.numel() for p in module.model.parameters())
+    log.info("model %s: %.2fM parameters; output dir %s", cfg.model._target_, n_params / 1e6, cfg.paths.output_dir)
+
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+    if trainer.is_global_zero and cfg.get("final_samples", True):
+        # the EMA callback copied the averaged weights into the model when training ended
+        path = module.log_sample_grid("final")
+        log.info("samples (EMA weights) written to %s", path)
+    best = getattr(trainer.checkpoint_callback, "best_model_path", None)
+    if trainer.is_global_zero and best:
+        log.info("best checkpoint %s; last %s", best, Path(best).parent / "last.ckpt")
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        metrics = train(cfg)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        import wandb
+
+        if wandb.run is not None:  # each job of a sweep closes its own W&B run
+            wandb.finish()
+    return metrics.get(cfg.get("optimized_metric") or "val/loss")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Small and quick: 2 batches of 1 epoch, a narrow UNet, 3-step DDIM grids of 4 images.
+FAST = [
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=2",
+    "trainer.limit_val_batches=1",
+    "trainer.log_every_n_steps=1",
+    "model.base_channels=8",
+    "module.num_samples=4",
+    "sampler.num_steps=3",
+]
+
+
+def clean_env(tmp_path: Path) -> dict:
+    """The environment of a fresh user: no W&B login, no W&B mode preset."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env["HOME"] = str(tmp_path)  # no ~/.netrc with W&B credentials
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def run_train(*overrides: str, tmp_path: Path, timeout: int = 600, module: str = "diffusion.train"):
+    """Run ``python -m diffusion.train <overrides>`` from the repository root, as a user would."""
+    cmd = [sys.executable, "-m", module, *overrides]
+    proc = subprocess.run(cmd, cwd=REPO, env=clean_env(tmp_path), capture_output=True, text=True, timeout=timeout)
+    proc.output = proc.stdout + proc.stderr
+    return proc
+
+
+@pytest.fixture
+def train_cli(tmp_path):
+    def call(*overrides, timeout=600):
+        return run_train(*overrides, tmp_path=tmp_path, timeout=timeout)
+
+    return call

@@ -1,0 +1,66 @@
+"""Every config option composes with Hydra's compose API and builds the objects it names."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from diffusion.samplers import DDIMSampler, DDPMSampler
+from diffusion.schedules import NoiseSchedule
+from diffusion.train import CONFIG_DIR, build_module
+
+GROUPS = ["schedule", "sampler", "model", "data", "optimizer", "logger", "trainer"]
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
+
+
+def compose_cfg(*overrides: str):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides), return_hydra_config=False)
+
+
+def test_default_config_composes():
+    cfg = compose_cfg()
+    assert cfg.schedule._target_.endswith("LinearSchedule") and cfg.data._target_.endswith("DigitsDataModule")
+    assert cfg.logger.wandb._target_.endswith("WandbLogger")
+
+
+@pytest.mark.parametrize("schedule", options("schedule"))
+def test_every_schedule_builds(schedule):
+    cfg = compose_cfg(f"schedule={schedule}", "schedule.T=50")
+    sched = instantiate(cfg.schedule)
+    assert isinstance(sched, NoiseSchedule) and sched.table().T == 50
+
+
+@pytest.mark.parametrize("model", options("model"))
+@pytest.mark.parametrize("sampler", options("sampler"))
+def test_every_model_and_sampler_builds_a_module_that_samples(model, sampler):
+    steps = ["sampler.num_steps=5"] if sampler == "ddim" else []
+    cfg = compose_cfg(f"model={model}", f"sampler={sampler}", "model.base_channels=8", "schedule.T=20", *steps)
+    module = build_module(cfg, channels=1, image_size=16)
+    assert isinstance(module.sampler, DDIMSampler if sampler == "ddim" else DDPMSampler)
+    out = module.sample(2, generator=torch.Generator().manual_seed(0)).samples
+    assert out.shape == (2, 1, 16, 16)
+
+
+def test_model_follows_the_data_channels_and_size():
+    cfg = compose_cfg("model.base_channels=8", "model.attention_resolutions=[8]")  # resolutions in pixels
+    module = build_module(cfg, channels=3, image_size=32)
+    assert module.model.in_channels == 3 and module.model.image_size == 32
+    assert module(torch.zeros(1, 3, 32, 32), torch.zeros(1, dtype=torch.long)).shape == (1, 3, 32, 32)
+
+
+@pytest.mark.parametrize("group", ["logger", "optimizer", "trainer"])
+def test_every_other_option_composes(group):
+    for option in options(group):
+        cfg = compose_cfg(f"{group}={option}")
+        assert group in cfg
+
+
+def test_debug_preset_composes():
+    cfg = compose_cfg("debug=fast")
+    assert cfg.trainer.limit_train_batches == 2 and cfg.logger is None

@@ -1,0 +1,197 @@
+"""The training CLI as a user runs it: Hydra overrides, errors, sweeps, DDP, W&B offline, checkpoints and resume."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from diffusion.models import UNet
+from diffusion.module import DiffusionModule
+from tests.conftest import FAST, run_train
+from tests.wandb_records import config, history
+
+PROBE = "+callbacks.probe._target_=tests.helpers.RankProbe"
+DDP = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """One short run with the default logger (W&B, offline here) and a sample grid every epoch."""
+    tmp = tmp_path_factory.mktemp("run")
+    out = tmp / "out"
+    proc = run_train(
+        *FAST, "trainer.max_epochs=2", "module.sample_every_n_epochs=1", f"hydra.run.dir={out}", tmp_path=tmp
+    )
+    assert proc.returncode == 0, proc.output[-3000:]
+    return out, proc
+
+
+def test_fast_dev_run_exits_zero(train_cli, tmp_path):
+    proc = train_cli("trainer.fast_dev_run=true", "module.num_samples=4", "sampler.num_steps=3", "logger=none", f"hydra.run.dir={tmp_path / 'o'}")
+    assert proc.returncode == 0, proc.output[-3000:]
+    assert (tmp_path / "o" / "samples" / "final.png").stat().st_size > 0
+
+
+def test_readme_override_example_reaches_the_unet(train_cli, tmp_path):
+    # base_channels=384 on the digits default's 1-2-4 levels would be ~576M parameters: two levels keep it small
+    proc = train_cli(
+        "schedule=cosine", "model.base_channels=384", "model.channel_mult=[1,1]", "model.num_res_blocks=1",
+        "model.attention_resolutions=[8]", "trainer.fast_dev_run=true", "data.batch_size=2",
+        "module.num_samples=1", "sampler.num_steps=2", "logger=none", f"hydra.run.dir={tmp_path / 'o'}",
+    )
+    assert proc.returncode == 0, proc.output[-3000:]
+    expected = sum(p.numel() for p in UNet(in_channels=1, image_size=16, base_channels=384, channel_mult=(1, 1), num_res_blocks=1, attention_resolutions=(8,)).parameters())
+    logged = float(re.search(r"UNet: ([\d.]+)M parameters", proc.output).group(1))
+    assert logged == pytest.approx(expected / 1e6, abs=0.01)
+    config = yaml.safe_load((tmp_path / "o" / ".hydra" / "config.yaml").read_text())
+    assert config["schedule"]["_target_"].endswith("CosineSchedule")
+
+
+@pytest.mark.parametrize(
+    "override, text",
+    [("schedule=nope", "nope"), ("schedule.T=0", "T=0"), ("model.base_channels=-1", "base_channels=-1"), ("data.batch_size=0", "batch_size=0")],
+)
+def test_bad_override_fails_fast_with_one_line(train_cli, tmp_path, override, text):
+    proc = train_cli(override, "logger=none", f"hydra.run.dir={tmp_path / 'o'}")
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.output
+    lines = [line for line in proc.output.splitlines() if text in line]
+    assert lines, proc.output[-2000:]
+    if override != "schedule=nope":  # ours: exactly one 'error:' line; Hydra's own lists the available options
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and text in errors[0]
+    assert not (tmp_path / "o" / "checkpoints").exists(), "nothing may be trained before the error"
+    assert "Epoch" not in proc.output
+
+
+def test_multirun_writes_one_directory_per_combination(train_cli, tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = train_cli("-m", "schedule.T=20,40", "schedule.beta_end=0.05,0.1", *FAST, "logger=none", f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 0, proc.output[-3000:]
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert len(jobs) == 4
+    combos = set()
+    for job in jobs:
+        cfg = yaml.safe_load((job / ".hydra" / "config.yaml").read_text())
+        combos.add((cfg["schedule"]["T"], cfg["schedule"]["beta_end"]))
+        assert (job / "checkpoints" / "last.ckpt").is_file() and (job / "samples" / "final.png").is_file()
+    assert combos == {(20, 0.05), (20, 0.1), (40, 0.05), (40, 0.1)}
+
+
+def _probes(run_dir: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(run_dir.glob("probe_rank*.json"))]
+
+
+def test_ddp_two_cpu_ranks(train_cli, tmp_path):
+    out = tmp_path / "o"
+    proc = train_cli(*DDP, *FAST, "logger=none", PROBE, f"hydra.run.dir={out}", f"paths.log_dir={tmp_path / 'logs'}")
+    assert proc.returncode == 0, proc.output[-3000:]
+    probes = _probes(out)
+    assert [p["global_rank"] for p in probes] == [0, 1] and all(p["world_size"] == 2 for p in probes)
+    assert probes[0]["ema_hash"] == probes[1]["ema_hash"], "EMA weights differ between ranks"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best-epoch000.ckpt", "last.ckpt"]
+    assert not (tmp_path / "logs").exists(), "a rank wrote a run directory of its own"
+
+
+def test_sweep_with_ddp_runs_each_job_once_on_two_ranks(train_cli, tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = train_cli(
+        "-m", "schedule.T=100,200", *DDP, *FAST, "logger=none", PROBE,
+        f"hydra.sweep.dir={sweep}", f"paths.log_dir={tmp_path / 'logs'}",
+    )
+    assert proc.returncode == 0, proc.output[-3000:]
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [j.name for j in jobs] == ["0", "1"], "exactly 2 runs: DDP ranks must not start sweeps of their own"
+    for job, T in zip(jobs, [100, 200]):
+        probes = _probes(job)
+        assert [p["global_rank"] for p in probes] == [0, 1]
+        assert all(p["world_size"] == 2 and p["T"] == T for p in probes)
+        assert probes[0]["ema_hash"] == probes[1]["ema_hash"]
+        assert (job / "checkpoints" / "last.ckpt").is_file()
+    assert not (tmp_path / "logs").exists()
+    assert proc.output.count("Launching") <= 2
+
+
+def test_wandb_offline_run_holds_loss_history_and_images(finished_run):
+    out, proc = finished_run
+    assert proc.output.count("W&B: no login found, logging offline") == 1
+    run_dirs = list((out / "wandb").glob("offline-run-*"))
+    assert len(run_dirs) == 1
+    rows = history(next(run_dirs[0].glob("run-*.wandb")))
+    assert len(rows["train/loss_step"]) == 4 and all(v > 0 for v in rows["train/loss_step"])
+    assert len(rows["val/loss"]) == 2
+    assert {f"train/loss_q{q}" for q in range(4)} <= set(rows)
+    assert "lr-AdamW" in rows
+    images = [run_dirs[0] / "files" / f for files in rows["samples/filenames"] for f in files]
+    assert len(images) == 3 and all(p.is_file() and p.stat().st_size > 0 for p in images)  # 2 epochs + final
+    logged = config(next(run_dirs[0].glob("run-*.wandb")))
+    assert logged["schedule"]["T"] == 1000 and logged["model"]["base_channels"] == 8
+
+
+def test_checkpoint_samples_without_its_config(finished_run):
+    out, _ = finished_run
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert "current_model_state" in ckpt, "the EMA callback stores the raw weights beside the EMA state_dict"
+    assert any(not torch.equal(ckpt["state_dict"][k], v) for k, v in ckpt["current_model_state"].items() if k.startswith("model."))
+    module = DiffusionModule.load_from_checkpoint(out / "checkpoints" / "last.ckpt", map_location="cpu")
+    assert module.process.betas.shape == (1000,)
+    g = torch.Generator().manual_seed(0)
+    images = module.sample(2, sampler=module.build_sampler(module.hparams.sampler, num_steps=3), generator=g).samples
+    assert images.shape == (2, 1, 16, 16) and torch.isfinite(images).all()
+
+
+def test_existing_checkpoints_are_never_overwritten(finished_run, train_cli):
+    out, _ = finished_run
+    last = out / "checkpoints" / "last.ckpt"
+    before = last.read_bytes()
+    proc = train_cli(*FAST, "logger=none", f"hydra.run.dir={out}")
+    assert proc.returncode == 2 and "already holds checkpoints" in proc.stderr
+    assert last.read_bytes() == before
+
+
+def test_missing_resume_checkpoint_is_reported(train_cli, tmp_path):
+    proc = train_cli(*FAST, "logger=none", f"ckpt_path={tmp_path / 'nope.ckpt'}", f"hydra.run.dir={tmp_path / 'o'}")
+    assert proc.returncode == 2 and "nope.ckpt" in proc.stderr and "Traceback" not in proc.output
+
+
+def _csv_losses(run_dir: Path) -> dict[int, float]:
+    import csv
+
+    rows = list(csv.DictReader((run_dir / "csv" / "metrics.csv").open()))
+    return {int(r["step"]): float(r["train/loss_step"]) for r in rows if r.get("train/loss_step")}
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(train_cli, tmp_path):
+    common = [*FAST, "trainer.limit_train_batches=3", "logger=csv", "module.sample_every_n_epochs=0", "final_samples=false"]
+    a, b1, b2 = tmp_path / "a", tmp_path / "b1", tmp_path / "b2"
+    assert train_cli(*common, "trainer.max_epochs=2", f"hydra.run.dir={a}").returncode == 0
+    assert train_cli(*common, "trainer.max_epochs=1", f"hydra.run.dir={b1}").returncode == 0
+    proc = train_cli(*common, "trainer.max_epochs=2", f"ckpt_path={b1 / 'checkpoints' / 'last.ckpt'}", f"hydra.run.dir={b2}")
+    assert proc.returncode == 0, proc.output[-3000:]
+    ca = torch.load(a / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    cb = torch.load(b2 / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ca["global_step"] == cb["global_step"] == 6 and ca["epoch"] == cb["epoch"]
+    for key in ["state_dict", "current_model_state"]:  # EMA weights, raw weights
+        for name, value in ca[key].items():
+            torch.testing.assert_close(cb[key][name], value, rtol=1e-5, atol=1e-6, msg=f"{key}.{name}")
+    for sa, sb in zip(ca["optimizer_states"][0]["state"].values(), cb["optimizer_states"][0]["state"].values()):
+        torch.testing.assert_close(sb["exp_avg"], sa["exp_avg"], rtol=1e-5, atol=1e-7)
+    losses_a, losses_b = _csv_losses(a), _csv_losses(b2)
+    resumed_steps = [s for s in losses_a if s >= 3]
+    assert resumed_steps and all(losses_b[s] == pytest.approx(losses_a[s], rel=1e-5) for s in resumed_steps)
+
+
+@pytest.mark.slow
+def test_default_digits_run_learns(train_cli, tmp_path):
+    """The README's main job, as is (CSV logger to read the curve): validation loss must fall clearly."""
+    out = tmp_path / "o"
+    proc = train_cli("logger=csv", f"hydra.run.dir={out}", timeout=1500)
+    assert proc.returncode == 0, proc.output[-3000:]
+    import csv
+
+    val = [float(r["val/loss"]) for r in csv.DictReader((out / "csv" / "metrics.csv").open()) if r.get("val/loss")]
+    assert len(val) >= 10 and val[-1] < 0.7 * val[0], val
+    assert (out / "samples" / "final.png").is_file() and (out / "checkpoints" / "last.ckpt").is_file()
