@@ -35,15 +35,21 @@ CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
 def _build(what: str, fn):
-    """Run a constructor; a bad value becomes a one-line UsageError naming the config group."""
+    """Run a constructor; a bad value becomes a one-line UsageError.
+
+    The package's ValueErrors already name the setting ("schedule T=0 is invalid: ..."); other errors a bad value
+    can cause (a TypeError for a list given as a number, say) are prefixed with the config groups involved.
+    """
     try:
         return fn()
     except UsageError:
         raise
     except Exception as exc:  # noqa: BLE001
         cause = root_cause(exc)
-        if isinstance(cause, (ValueError, TypeError, KeyError)):
-            raise UsageError(f"{what}: {cause}") from exc
+        if isinstance(cause, ValueError):
+            raise UsageError(str(cause)) from exc
+        if isinstance(cause, (TypeError, KeyError)):
+            raise UsageError(f"{what}: {type(cause).__name__}: {cause}") from exc
         raise
 
 
