@@ -16,6 +16,7 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from diffusion.module import DiffusionModule
 from diffusion.runtime import (
@@ -44,6 +45,8 @@ def _build(what: str, fn):
         return fn()
     except UsageError:
         raise
+    except MissingMandatoryValue as exc:
+        raise UsageError(f"{exc.full_key} is required: pass {exc.full_key}=<value>") from exc
     except Exception as exc:  # noqa: BLE001
         cause = root_cause(exc)
         if isinstance(cause, ValueError):

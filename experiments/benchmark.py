@@ -57,6 +57,21 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def benchmark_loader(datamodule, batches: int) -> float:
+    """Images/s the training DataLoader delivers (from the cache for image folders), after one warm-up batch."""
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    loader = iter(datamodule.train_dataloader())
+    next(loader)
+    start, n = time.perf_counter(), 0
+    for _ in range(batches):
+        try:
+            n += next(loader).shape[0]
+        except StopIteration:
+            break
+    return n / (time.perf_counter() - start)
+
+
 def benchmark_module(module: DiffusionModule, batch: int, device: torch.device, warmup: int, iters: int, repeats: int) -> dict:
     module = module.to(device)
     model, process = module.model, module.process
@@ -117,11 +132,13 @@ def main(argv: list[str] | None = None) -> dict:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "torch": torch.__version__,
         "ours": benchmark_module(module, batch, device, args.warmup, args.iters, args.repeats),
+        "data_loader_images_per_s": benchmark_loader(datamodule, batches=10),
     }
     r = result["ours"]
     print(f"device: {result['device']}   batch {batch}   image {cfg.data.image_size}px")
     print(f"{'':8}{'params':>10}{'train img/s':>14}{'sample img/s/step':>20}{'peak MB':>10}")
     print(f"{'ours':8}{r['params'] / 1e6:>9.2f}M{r['train_images_per_s']:>14.1f}{r['sample_images_per_s_per_step']:>20.1f}{r['peak_memory_mb']:>10.0f}")
+    print(f"data loader ({cfg.data._target_.rsplit('.', 1)[-1]}): {result['data_loader_images_per_s']:.0f} images/s")
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "benchmark.json").write_text(json.dumps(result, indent=2))

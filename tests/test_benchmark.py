@@ -17,3 +17,4 @@ def test_benchmark_writes_json(tmp_path):
     for key in ["params", "train_images_per_s", "train_step_ms", "sample_images_per_s_per_step", "sample_step_ms", "peak_memory_mb"]:
         assert ours[key] > 0, key
     assert result["config"]["batch"] == 4 and "train img/s" in proc.stdout
+    assert result["data_loader_images_per_s"] > 0 and "data loader" in proc.stdout

@@ -2,5 +2,7 @@
 
 from diffusion.data.datamodule import ImageDataModule
 from diffusion.data.digits import DigitsDataModule
+from diffusion.data.folder import ImageFolderDataModule
+from diffusion.data.torchvision_data import TorchvisionDataModule
 
-__all__ = ["ImageDataModule", "DigitsDataModule"]
+__all__ = ["ImageDataModule", "DigitsDataModule", "ImageFolderDataModule", "TorchvisionDataModule"]

@@ -1,25 +1,30 @@
-"""The shared LightningDataModule: a uint8 image tensor, a seeded train/val split, per-epoch shuffling."""
+"""The shared LightningDataModule: uint8 images, a seeded train/val split, per-epoch shuffling, start-up report."""
 
 from __future__ import annotations
 
+import logging
+
 import lightning as L
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from diffusion.checks import check_positive_int
 
+log = logging.getLogger("diffusion.data")
+
 
 class UInt8Images(Dataset):
-    """Images as one uint8 tensor (N, C, H, W); optional random horizontal flip."""
+    """Rows ``indices`` of a uint8 (N, C, H, W) array (in memory or memory-mapped); optional horizontal flip."""
 
-    def __init__(self, images: torch.Tensor, hflip: bool = False):
-        self.images, self.hflip = images, hflip
+    def __init__(self, images: np.ndarray, indices: np.ndarray, hflip: bool = False):
+        self.images, self.indices, self.hflip = images, indices, hflip
 
     def __len__(self) -> int:
-        return self.images.shape[0]
+        return len(self.indices)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        x = self.images[i]
+        x = torch.from_numpy(np.array(self.images[self.indices[i]]))
         if self.hflip and torch.rand(()) < 0.5:
             x = x.flip(-1)
         return x
@@ -41,7 +46,15 @@ class EpochSeededSampler(RandomSampler):
 
 
 class ImageDataModule(L.LightningDataModule):
-    """Base class: subclasses implement :meth:`load_images` returning uint8 (N, C, H, W) at ``image_size``."""
+    """Base class: subclasses implement :meth:`load_images`, a uint8 (N, C, H, W) array at ``image_size``.
+
+    Batches are uint8 tensors; the LightningModule scales them to [-1, 1] on its device.
+    """
+
+    #: image channels the network will see (the model's ``in_channels`` follows it)
+    channels: int = 3
+    #: shown in logs and cache names
+    name: str = "images"
 
     def __init__(
         self,
@@ -51,33 +64,41 @@ class ImageDataModule(L.LightningDataModule):
         num_workers: int = 0,
         hflip: bool = False,
         seed: int = 0,
+        limit: int | None = None,
     ):
         super().__init__()
         self.image_size = check_positive_int("image_size", image_size, "data")
         self.batch_size = check_positive_int("batch_size", batch_size, "data")
+        if limit is not None:
+            check_positive_int("limit", limit, "data")
         if not 0 <= val_fraction < 1:
             raise ValueError(f"data val_fraction={val_fraction!r} is invalid: it must lie in [0, 1)")
-        self.val_fraction, self.num_workers, self.hflip, self.seed = val_fraction, num_workers, hflip, seed
+        self.val_fraction, self.num_workers, self.hflip, self.seed, self.limit = val_fraction, num_workers, hflip, seed, limit
         self.train_set: UInt8Images | None = None
         self.val_set: UInt8Images | None = None
+        self.num_skipped = 0
 
-    channels: int = 3
-
-    def load_images(self) -> torch.Tensor:  # pragma: no cover - abstract
+    def load_images(self) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
         images = self.load_images()
-        n_val = int(round(len(images) * self.val_fraction))
-        perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.seed))
-        self.train_set = UInt8Images(images[perm[n_val:]], hflip=self.hflip)
-        self.val_set = UInt8Images(images[perm[:n_val]])
+        n = len(images)
+        n_val = int(round(n * self.val_fraction))
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed)).numpy()
+        self.train_set = UInt8Images(images, np.sort(perm[n_val:]), hflip=self.hflip)
+        self.val_set = UInt8Images(images, np.sort(perm[:n_val]))
         if len(self.train_set) < self.batch_size:
-            raise ValueError(
-                f"data batch_size={self.batch_size} is invalid: only {len(self.train_set)} training images"
-            )
+            raise ValueError(f"data batch_size={self.batch_size} is invalid: only {len(self.train_set)} training images")
+        c, h, w = images.shape[1:]
+        skipped = f", {self.num_skipped} unreadable files skipped" if self.num_skipped else ""
+        log.info("data %s: %d train / %d val images of %dx%dx%d%s", self.name, len(self.train_set), len(self.val_set), c, h, w, skipped)
+        trainer = self.trainer  # None outside a Trainer
+        if trainer is not None and trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_hyperparams({"data/train_images": len(self.train_set), "data/val_images": len(self.val_set), "data/skipped_files": self.num_skipped})
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(

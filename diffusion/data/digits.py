@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from diffusion.data.datamodule import ImageDataModule
 
 
+def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Antialiased bilinear resize of uint8 or [0, 1] float (N, C, H, W) images to ``size`` x ``size`` uint8."""
+    x = images.float() / 255.0 if images.dtype == torch.uint8 else images
+    if x.shape[-1] != size or x.shape[-2] != size:
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
 class DigitsDataModule(ImageDataModule):
     """sklearn ``load_digits`` (0..16 grey levels) resized bilinearly to ``image_size`` as uint8, 1 channel."""
 
     channels = 1
+    name = "digits"
 
-    def load_images(self) -> torch.Tensor:
+    def load_images(self) -> np.ndarray:
         from sklearn.datasets import load_digits
 
-        images = torch.tensor(load_digits().images, dtype=torch.float32)[:, None] / 16.0
-        images = F.interpolate(images, size=self.image_size, mode="bilinear", align_corners=False, antialias=True)
-        return (images.clamp(0, 1) * 255).round().to(torch.uint8)
+        images = resize_uint8(torch.tensor(load_digits().images, dtype=torch.float32)[:, None] / 16.0, self.image_size)
+        return images[: self.limit].numpy()

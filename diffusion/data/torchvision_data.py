@@ -1,0 +1,75 @@
+"""MNIST and FashionMNIST through torchvision's own loaders (IDX files under ``<root>/<MNIST|FashionMNIST>/raw``).
+
+    python -m diffusion.train data=mnist data.root=~/data                   # files already there
+    python -m diffusion.train data=mnist data.root=~/data data.download=true # where you have internet
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from diffusion.data.datamodule import ImageDataModule
+from diffusion.data.digits import resize_uint8
+
+DATASETS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
+RAW_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+class TorchvisionDataModule(ImageDataModule):
+    """The training split of a torchvision grey-scale dataset, optionally only some ``classes``, resized."""
+
+    channels = 1
+
+    def __init__(
+        self,
+        dataset: str = "mnist",
+        root: str = "data",
+        download: bool = False,
+        classes: list[int] | None = None,
+        image_size: int = 28,
+        limit: int | None = None,
+        batch_size: int = 128,
+        val_fraction: float = 0.05,
+        num_workers: int = 0,
+        hflip: bool = False,
+        seed: int = 0,
+    ):
+        super().__init__(image_size, batch_size, val_fraction, num_workers, hflip, seed, limit)
+        if dataset not in DATASETS:
+            raise ValueError(f"data dataset={dataset!r} is invalid: allowed values are {', '.join(DATASETS)}")
+        self.dataset, self.name, self.download = dataset, dataset, download
+        self.root = Path(os.path.expanduser(str(root))).resolve()
+        self.classes = None if classes is None else [int(c) for c in classes]
+        if self.classes is not None and (not self.classes or any(not 0 <= c <= 9 for c in self.classes)):
+            raise ValueError(f"data classes={classes!r} is invalid: it must list labels in 0..9")
+        raw = self.root / DATASETS[dataset] / "raw"
+        missing = [f for f in RAW_FILES if not (raw / f).is_file()]
+        if missing and not download:
+            raise ValueError(
+                f"data root={self.root} has no {DATASETS[dataset]} files ({raw / missing[0]} is missing): "
+                "pass data.download=true where you have internet, or point data.root at the folder holding them"
+            )
+
+    def _torchvision(self, download: bool):
+        import torchvision
+
+        return getattr(torchvision.datasets, DATASETS[self.dataset])(str(self.root), train=True, download=download)
+
+    def prepare_data(self) -> None:
+        if self.download:
+            self._torchvision(download=True)  # rank 0 only
+
+    def load_images(self) -> np.ndarray:
+        ds = self._torchvision(download=False)
+        images, labels = ds.data, torch.as_tensor(ds.targets)
+        if self.classes is not None:
+            keep = torch.isin(labels, torch.tensor(self.classes))
+            images = images[keep]
+            if len(images) == 0:
+                raise ValueError(f"data classes={self.classes} match no image of {DATASETS[self.dataset]}")
+        images = images[: self.limit, None]
+        return resize_uint8(images, self.image_size).numpy()
