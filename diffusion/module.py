@@ -72,6 +72,31 @@ class DiffusionModule(L.LightningModule):
         self.sampler = self.build_sampler(sampler)
         self.quartile_loss = torch.nn.ModuleList(MeanMetric() for _ in range(NUM_QUARTILES))
         self._generator: torch.Generator | None = None
+        self.has_ema = False  # set by from_checkpoint: whether the checkpoint held EMA weights
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, ema: bool = True, map_location: str | torch.device = "cpu") -> "DiffusionModule":
+        """Rebuild a trained module from a checkpoint alone (no Hydra config), with its EMA or its raw weights.
+
+        Raises ValueError naming the path when it is not a checkpoint written by this framework.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"ckpt={path} does not exist or is not a file")
+        try:
+            ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same one-line answer
+            raise ValueError(f"ckpt={path} is not a readable checkpoint ({type(exc).__name__})") from exc
+        hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+        if not hparams or not {"model", "schedule", "sampler"} <= set(hparams) or "state_dict" not in ckpt:
+            raise ValueError(f"ckpt={path} is not a checkpoint of this framework (no model/schedule hyper-parameters)")
+        module = cls(**hparams)
+        # With the EMA callback, state_dict holds the EMA weights and current_model_state the raw ones.
+        raw = ckpt.get("current_model_state")
+        module.load_state_dict(raw if (not ema and raw is not None) else ckpt["state_dict"])
+        module.has_ema = raw is not None
+        module.eval()
+        return module
 
     # ----------------------------------------------------------------------------------------------- helpers
     def build_sampler(self, config: dict, **overrides: Any) -> Sampler:

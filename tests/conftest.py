@@ -41,3 +41,15 @@ def train_cli(tmp_path):
         return run_train(*overrides, tmp_path=tmp_path, timeout=timeout)
 
     return call
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory):
+    """One short run with the default logger (W&B, offline here) and a sample grid every epoch: (run dir, process)."""
+    tmp = tmp_path_factory.mktemp("run")
+    out = tmp / "out"
+    proc = run_train(
+        *FAST, "trainer.max_epochs=2", "module.sample_every_n_epochs=1", f"hydra.run.dir={out}", tmp_path=tmp
+    )
+    assert proc.returncode == 0, proc.output[-3000:]
+    return out, proc

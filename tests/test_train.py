@@ -17,18 +17,6 @@ PROBE = "+callbacks.probe._target_=tests.helpers.RankProbe"
 DDP = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp"]
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    """One short run with the default logger (W&B, offline here) and a sample grid every epoch."""
-    tmp = tmp_path_factory.mktemp("run")
-    out = tmp / "out"
-    proc = run_train(
-        *FAST, "trainer.max_epochs=2", "module.sample_every_n_epochs=1", f"hydra.run.dir={out}", tmp_path=tmp
-    )
-    assert proc.returncode == 0, proc.output[-3000:]
-    return out, proc
-
-
 def test_fast_dev_run_exits_zero(train_cli, tmp_path):
     proc = train_cli("trainer.fast_dev_run=true", "module.num_samples=4", "sampler.num_steps=3", "logger=none", f"hydra.run.dir={tmp_path / 'o'}")
     assert proc.returncode == 0, proc.output[-3000:]

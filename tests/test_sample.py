@@ -1,0 +1,83 @@
+"""The sample CLI and checkpoint loading without the training config."""
+
+import numpy as np
+import pytest
+import torch
+
+from diffusion.module import DiffusionModule
+from tests.conftest import run_train
+
+
+def sample_cli(tmp_path, *overrides):
+    return run_train(*overrides, tmp_path=tmp_path, module="diffusion.sample")
+
+
+@pytest.fixture(scope="module")
+def ckpt(finished_run):
+    return finished_run[0] / "checkpoints" / "last.ckpt"
+
+
+def test_sample_cli_writes_grid_and_npz_reproducibly(ckpt, tmp_path):
+    common = [f"ckpt={ckpt}", "n=6", "batch_size=4", "sampler.num_steps=4"]
+    a = sample_cli(tmp_path, *common, "seed=3", f"hydra.run.dir={tmp_path / 'a'}")
+    assert a.returncode == 0, a.output[-3000:]
+    b = sample_cli(tmp_path, *common, "seed=3", f"hydra.run.dir={tmp_path / 'b'}")
+    c = sample_cli(tmp_path, *common, "seed=4", f"hydra.run.dir={tmp_path / 'c'}")
+    sa, sb, sc = (np.load(tmp_path / d / "samples.npz")["samples"] for d in "abc")
+    assert sa.shape == (6, 16, 16, 1) and sa.dtype == np.uint8
+    assert np.array_equal(sa, sb), "the same seed must give the same images"
+    assert not np.array_equal(sa, sc)
+    assert (tmp_path / "a" / "grid.png").stat().st_size > 0
+    assert "EMA weights" in a.output
+
+
+def test_raw_weights_and_ddpm_sampler(ckpt, tmp_path):
+    ema = sample_cli(tmp_path, f"ckpt={ckpt}", "n=2", "sampler.num_steps=4", f"hydra.run.dir={tmp_path / 'ema'}")
+    raw = sample_cli(tmp_path, f"ckpt={ckpt}", "n=2", "sampler.num_steps=4", "ema=false", f"hydra.run.dir={tmp_path / 'raw'}")
+    ddpm = sample_cli(tmp_path, f"ckpt={ckpt}", "n=2", "sampler=ddpm", f"hydra.run.dir={tmp_path / 'ddpm'}")
+    for proc in (ema, raw, ddpm):
+        assert proc.returncode == 0, proc.output[-3000:]
+    assert "raw weights" in raw.output and "DDPMSampler, 1000 steps" in ddpm.output
+    assert not np.array_equal(np.load(tmp_path / "ema" / "samples.npz")["samples"], np.load(tmp_path / "raw" / "samples.npz")["samples"])
+
+
+@pytest.mark.parametrize(
+    "overrides, text",
+    [
+        (["sampler.num_steps=5000"], "num_steps=5000"),
+        (["sampler.num_steps=0"], "num_steps=0"),
+        (["ckpt=/no/such.ckpt"], "/no/such.ckpt"),
+        (["n=0"], "n=0"),
+    ],
+)
+def test_sample_bad_input(ckpt, tmp_path, overrides, text):
+    proc = sample_cli(tmp_path, f"ckpt={ckpt}", *overrides, f"hydra.run.dir={tmp_path / 'o'}")
+    assert proc.returncode == 2 and text in proc.stderr and "Traceback" not in proc.output
+    assert not (tmp_path / "o" / "samples.npz").exists()
+
+
+def test_sample_never_overwrites(ckpt, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    np.savez(out / "samples.npz", samples=np.zeros(3))
+    proc = sample_cli(tmp_path, f"ckpt={ckpt}", "n=2", f"hydra.run.dir={out}")
+    assert proc.returncode == 2 and "already holds samples.npz" in proc.stderr
+    assert np.load(out / "samples.npz")["samples"].shape == (3,)
+
+
+def test_from_checkpoint_rejects_what_is_not_a_checkpoint(tmp_path):
+    text = tmp_path / "notes.ckpt"
+    text.write_text("hello")
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        DiffusionModule.from_checkpoint(text)
+    other = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"lr": 1}}, other)
+    with pytest.raises(ValueError, match="not a checkpoint of this framework"):
+        DiffusionModule.from_checkpoint(other)
+
+
+def test_from_checkpoint_ema_and_raw_differ(ckpt):
+    ema, raw = DiffusionModule.from_checkpoint(ckpt), DiffusionModule.from_checkpoint(ckpt, ema=False)
+    assert ema.has_ema and not ema.training
+    diffs = [not torch.equal(a, b) for a, b in zip(ema.model.parameters(), raw.model.parameters())]
+    assert any(diffs)
