@@ -50,6 +50,8 @@ class DiffusionModule(L.LightningModule):
         sample_every_n_epochs: generate a grid every N validation epochs (0: only at the end of training).
         seed: base seed of the noise and timestep draws, which depend only on (seed, rank, step): a resumed run
             draws exactly what an uninterrupted one would have.
+        data: the data config the model was trained on, kept in the checkpoint so that evaluation finds its
+            validation set without the training config (not used for training).
     """
 
     def __init__(
@@ -64,6 +66,7 @@ class DiffusionModule(L.LightningModule):
         num_samples: int = 64,
         sample_every_n_epochs: int = 5,
         seed: int = 0,
+        data: dict | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()

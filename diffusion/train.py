@@ -6,6 +6,7 @@ draw the final sample grid with the EMA weights. Everything it builds is a class
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -65,6 +66,7 @@ def build_module(cfg: DictConfig, channels: int, image_size: int) -> DiffusionMo
         sampler=OmegaConf.to_container(cfg.sampler, resolve=True),
         optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
         seed=cfg.seed,
+        data=OmegaConf.to_container(cfg.data, resolve=True) if "data" in cfg else None,
         **OmegaConf.to_container(cfg.module, resolve=True),
     )
 
@@ -107,8 +109,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
         path = module.log_sample_grid("final")
         log.info("samples (EMA weights) written to %s", path)
     best = getattr(trainer.checkpoint_callback, "best_model_path", None)
-    if trainer.is_global_zero and best:
-        log.info("best checkpoint %s; last %s", best, Path(best).parent / "last.ckpt")
+    if trainer.is_global_zero:
+        if best:
+            log.info("best checkpoint %s; last %s", best, Path(best).parent / "last.ckpt")
+        summary = {"metrics": metrics, "global_step": trainer.global_step, "epoch": trainer.current_epoch,
+                   "best_checkpoint": best or None, "parameters": n_params}
+        Path(cfg.paths.output_dir, "metrics.json").write_text(json.dumps(summary, indent=2))  # read by diffusion.report
     return metrics
 
 

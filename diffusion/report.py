@@ -1,0 +1,152 @@
+"""Turn a Hydra sweep into a table and a plot: ``python -m diffusion.report outputs/train/multirun/<date_time>``.
+
+Each job directory of the sweep holds ``.hydra/overrides.yaml`` (what was swept) and ``metrics.json`` (written by
+``diffusion.train``), and possibly ``results.json`` files of ``diffusion.evaluate`` runs made inside it
+(``hydra.run.dir=<job>/eval``). The report lists one row per job: the parameters that vary across jobs, then the
+final metrics, and plots each metric against each swept parameter. It writes ``report.csv``, ``report.md`` and
+``report.png`` into the sweep directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+METRIC_KEYS = ("val/loss", "train/loss_epoch")
+
+
+def _value(text: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def read_job(job: Path) -> dict | None:
+    overrides_file = job / ".hydra" / "overrides.yaml"
+    if not overrides_file.is_file():
+        return None
+    params = {}
+    for item in yaml.safe_load(overrides_file.read_text()) or []:
+        key, _, value = item.partition("=")
+        params[key.lstrip("+~")] = _value(value)
+    metrics = {}
+    if (job / "metrics.json").is_file():
+        summary = json.loads((job / "metrics.json").read_text())
+        metrics.update({k: v for k, v in summary.get("metrics", {}).items() if k in METRIC_KEYS})
+        metrics["global_step"] = summary.get("global_step")
+    for results in sorted(job.rglob("results.json")):
+        data = json.loads(results.read_text())
+        if "nll" in data:
+            metrics["nll_bpd"] = data["nll"]["bpd"]
+        for name in ("fid", "kid"):
+            if name in data:
+                metrics[name] = data[name]["value"] if isinstance(data[name], dict) else data[name]
+    return {"job": job.name, "params": params, "metrics": metrics}
+
+
+def collect(sweep_dir: Path) -> tuple[list[dict], list[str], list[str]]:
+    jobs = [j for j in (read_job(p) for p in sorted(sweep_dir.iterdir(), key=lambda p: (len(p.name), p.name)) if p.is_dir()) if j]
+    if not jobs:
+        raise ValueError(f"{sweep_dir} holds no Hydra job directories (<job>/.hydra/overrides.yaml)")
+    keys = sorted({k for j in jobs for k in j["params"]})
+    swept = [k for k in keys if len({json.dumps(j["params"].get(k), default=str) for j in jobs}) > 1]
+    metrics = [m for m in ("val/loss", "train/loss_epoch", "nll_bpd", "fid", "kid", "global_step") if any(m in j["metrics"] for j in jobs)]
+    return jobs, swept, metrics
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.5g}"
+    return "" if v is None else str(v)
+
+
+def write_tables(sweep_dir: Path, jobs, swept, metrics) -> tuple[Path, Path]:
+    header = ["job", *swept, *metrics]
+    rows = [[j["job"], *(j["params"].get(k) for k in swept), *(j["metrics"].get(m) for m in metrics)] for j in jobs]
+    csv_path, md_path = sweep_dir / "report.csv", sweep_dir / "report.md"
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    md_path.write_text("\n".join(lines) + "\n")
+    return csv_path, md_path
+
+
+def plot(sweep_dir: Path, jobs, swept, metrics) -> Path | None:
+    shown = [m for m in metrics if m != "global_step"]
+    if not swept or not shown:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(shown), len(swept), figsize=(4.5 * len(swept), 3.5 * len(shown)), squeeze=False)
+    for col, param in enumerate(swept):
+        others = [k for k in swept if k != param]
+        groups: dict[str, list] = {}
+        for j in jobs:
+            label = ", ".join(f"{k}={_fmt(j['params'].get(k))}" for k in others) or "all"
+            groups.setdefault(label, []).append(j)
+        values = sorted({_fmt(j["params"].get(param)) for j in jobs}, key=lambda v: (not _is_number(v), float(v) if _is_number(v) else v))
+        for row, metric in enumerate(shown):
+            ax = axes[row][col]
+            for label, members in groups.items():
+                pts = sorted((values.index(_fmt(j["params"].get(param))), j["metrics"][metric]) for j in members if j["metrics"].get(metric) is not None)
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+            ax.set_xticks(range(len(values)), values)
+            ax.set_xlabel(param)
+            ax.set_ylabel(metric)
+            ax.grid(alpha=0.3)
+            if len(groups) > 1 and row == 0:
+                ax.legend(fontsize=7)
+    fig.suptitle(f"sweep {sweep_dir.name}: {len(jobs)} jobs")
+    fig.tight_layout()
+    path = sweep_dir / "report.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _is_number(v: str) -> bool:
+    try:
+        float(v)
+        return True
+    except ValueError:
+        return False
+
+
+def report(sweep_dir: str | Path) -> dict:
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise ValueError(f"SWEEP_DIR={sweep_dir} does not exist or is not a directory")
+    jobs, swept, metrics = collect(sweep_dir)
+    csv_path, md_path = write_tables(sweep_dir, jobs, swept, metrics)
+    png = plot(sweep_dir, jobs, swept, metrics)
+    print(md_path.read_text(), end="")
+    print(f"written {csv_path}, {md_path}" + (f", {png}" if png else ""))
+    return {"jobs": jobs, "swept": swept, "metrics": metrics}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m diffusion.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sweep_dir", metavar="SWEEP_DIR", help="a Hydra multirun directory")
+    args = parser.parse_args(argv)
+    try:
+        report(args.sweep_dir)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
