@@ -1,8 +1,9 @@
-"""Evaluate a checkpoint: ``python -m diffusion.evaluate ckpt=PATH metrics=[nll]``.
+"""Evaluate a checkpoint: ``python -m diffusion.evaluate ckpt=PATH metrics=[nll,fid,kid]``.
 
 ``nll``: the negative log-likelihood bound of Ho et al. in bits/dim over the run's validation images, with its
-terms (L_T prior, the sum of L_{t-1}, the L_0 decoder) and the loss per timestep quarter. Results are printed
-and written to ``results.json`` in the output directory.
+terms (L_T prior, the sum of L_{t-1}, the L_0 decoder) and the loss per timestep quarter. ``fid``/``kid``:
+generated samples against the same images (:mod:`diffusion.metrics`). Results are printed and written to
+``results.json`` in the output directory.
 """
 
 from __future__ import annotations
@@ -18,14 +19,15 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from diffusion.module import DiffusionModule, to_model_range
+from diffusion.metrics import fid_kid, inception, inception_weights
+from diffusion.module import DiffusionModule, to_model_range, to_uint8
 from diffusion.runtime import UsageError, root_cause
-from diffusion.sample import resolve_device
+from diffusion.sample import draw, resolve_device
 from diffusion.train import CONFIG_DIR
 
 log = logging.getLogger("diffusion.evaluate")
 
-METRICS = ("nll",)
+METRICS = ("nll", "fid", "kid")
 
 
 def evaluation_images(cfg: DictConfig, module: DiffusionModule) -> torch.Tensor:
@@ -79,6 +81,29 @@ def nll(module: DiffusionModule, images: torch.Tensor, cfg: DictConfig) -> dict:
     return result
 
 
+def feature_extractor(cfg: DictConfig):
+    if cfg.fid.feature_extractor is not None:
+        return instantiate(cfg.fid.feature_extractor)
+    return inception(inception_weights(cfg.fid.weights))
+
+
+def fid_and_kid(module: DiffusionModule, images: torch.Tensor, feature, cfg: DictConfig) -> dict:
+    wanted = [m for m in ("fid", "kid") if m in cfg.metrics]
+    n = cfg.fid.num_samples or len(images)
+    sampler = module.sampler
+    if cfg.fid.num_steps is not None:
+        sampler = module.build_sampler(dict(module.hparams.sampler), num_steps=cfg.fid.num_steps)
+    fake = to_uint8(draw(module, sampler, n, cfg.batch_size, cfg.seed))
+    out = fid_kid(images, fake, feature.to(module.device), wanted, cfg.fid.kid_subset_size, cfg.fid.kid_subsets, cfg.batch_size, module.device)
+    info = {"num_real": out["num_real"], "num_fake": out["num_fake"], "sampler": type(sampler).__name__, "num_steps": sampler.num_steps}
+    result = {}
+    if "fid" in out:
+        result["fid"] = {"value": out["fid"], **info}
+    if "kid" in out:
+        result["kid"] = {"value": out["kid"], "std": out["kid_std"], "subset_size": out["kid_subset_size"], **info}
+    return result
+
+
 def evaluate(cfg: DictConfig) -> dict:
     if OmegaConf.is_missing(cfg, "ckpt"):
         raise UsageError("ckpt is required: pass ckpt=<path to a checkpoint written by python -m diffusion.train>")
@@ -96,11 +121,14 @@ def evaluate(cfg: DictConfig) -> dict:
         raise UsageError(str(exc)) from exc
     images = evaluation_images(cfg, module)
     results = {"ckpt": str(cfg.ckpt), "ema": bool(cfg.ema and module.has_ema), "split": cfg.split}
-    if "nll" in cfg.metrics:
-        try:
+    try:
+        feature = feature_extractor(cfg) if {"fid", "kid"} & set(cfg.metrics) else None  # fail before any work
+        if "nll" in cfg.metrics:
             results["nll"] = nll(module, images, cfg)
-        except ValueError as exc:
-            raise UsageError(str(exc)) from exc
+        if feature is not None:
+            results.update(fid_and_kid(module, images, feature, cfg))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     for metric, values in results.items():

@@ -4,6 +4,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import torch
 from lightning.pytorch.callbacks import Callback
 
 from diffusion.callbacks import EMA
@@ -31,3 +32,18 @@ class RankProbe(Callback):
         }
         path = Path(trainer.default_root_dir) / f"probe_rank{trainer.global_rank}.json"
         path.write_text(json.dumps(record))
+
+
+class TinyFeatures(torch.nn.Module):
+    """A fixed, small feature extractor standing in for Inception in FID/KID tests: uint8 images -> 16 features."""
+
+    num_features = 16
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.register_buffer("weight", torch.randn(8, 3, 3, 3, generator=g))
+
+    def forward(self, x):
+        h = torch.nn.functional.conv2d(x.float() / 255.0, self.weight, padding=1)
+        return torch.cat([h.mean((2, 3)), h.std((2, 3))], 1)  # 8 means + 8 spreads

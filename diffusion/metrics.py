@@ -1,0 +1,79 @@
+"""FID and KID with torchmetrics, on uint8 images, with a local Inception weights file (no download at run time).
+
+The Inception network is torch-fidelity's port of the TF FID Inception (``pip install -e ".[metrics]"``). Images
+are resized inside it without antialiasing, as the reference implementation does, so numbers are comparable with
+published FIDs. Any ``nn.Module`` mapping uint8 (N, 3, H, W) images to (N, F) features can replace it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
+
+
+def inception_weights(path: str | None = None) -> str:
+    """The local Inception weights: ``path``, else $DIFFUSION_INCEPTION_WEIGHTS, else torch hub's cache."""
+    candidates = [path, os.environ.get("DIFFUSION_INCEPTION_WEIGHTS"), str(Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE)]
+    for candidate in candidates:
+        if candidate and Path(candidate).expanduser().is_file():
+            return str(Path(candidate).expanduser())
+    given = f" (fid.weights={path} does not exist)" if path else ""
+    raise ValueError(
+        f"FID/KID need the Inception weights file {INCEPTION_FILE}{given}: download {INCEPTION_URL} on a machine with "
+        "internet and pass fid.weights=<path> (or set DIFFUSION_INCEPTION_WEIGHTS)"
+    )
+
+
+def inception(weights_path: str) -> nn.Module:
+    try:
+        from torchmetrics.image.fid import NoTrainInceptionV3
+    except ImportError as exc:  # pragma: no cover - depends on the optional extra
+        raise ValueError('FID/KID with Inception need torch-fidelity: pip install -e ".[metrics]"') from exc
+    return NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=weights_path, antialias=False)
+
+
+def _rgb(images: torch.Tensor) -> torch.Tensor:
+    return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+
+
+@torch.inference_mode()
+def fid_kid(
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    feature: nn.Module,
+    metrics=("fid", "kid"),
+    kid_subset_size: int = 1000,
+    kid_subsets: int = 100,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+) -> dict:
+    """FID and/or KID between two uint8 (N, C, H, W) image sets; KID's subset size never exceeds either set."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    out: dict = {}
+    chosen = {}
+    if "fid" in metrics:
+        chosen["fid"] = FrechetInceptionDistance(feature=feature, reset_real_features=True)
+    if "kid" in metrics:
+        subset = min(kid_subset_size, len(real), len(fake))
+        chosen["kid"] = KernelInceptionDistance(feature=feature, subsets=kid_subsets, subset_size=subset)
+        out["kid_subset_size"] = subset
+    for metric in chosen.values():
+        metric.to(device)
+        for images, is_real in ((real, True), (fake, False)):
+            for start in range(0, len(images), batch_size):
+                metric.update(_rgb(images[start : start + batch_size]).to(device), real=is_real)
+    if "fid" in chosen:
+        out["fid"] = float(chosen["fid"].compute())
+    if "kid" in chosen:
+        mean, std = chosen["kid"].compute()
+        out["kid"], out["kid_std"] = float(mean), float(std)
+    out["num_real"], out["num_fake"] = len(real), len(fake)
+    return out
