@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from diffusion.metrics import fid_kid, inception, inception_weights
 from diffusion.module import DiffusionModule, to_model_range, to_uint8
-from diffusion.runtime import UsageError, root_cause
+from diffusion.runtime import UsageError, log_to_training_run, root_cause
 from diffusion.sample import draw, resolve_device
 from diffusion.train import CONFIG_DIR
 
@@ -110,6 +110,8 @@ def evaluate(cfg: DictConfig) -> dict:
     unknown = [m for m in cfg.metrics if m not in METRICS]
     if unknown or not cfg.metrics:
         raise UsageError(f"metrics={list(cfg.metrics)} is invalid: allowed metrics are {', '.join(METRICS)}")
+    if cfg.get("wandb_run") and not Path(cfg.wandb_run).is_dir():
+        raise UsageError(f"wandb_run={cfg.wandb_run} is not a training run directory")
     if cfg.split not in ("val", "train"):
         raise UsageError(f"split={cfg.split!r} is invalid: allowed values are val, train")
     out_dir = Path(cfg.paths.output_dir)
@@ -135,6 +137,13 @@ def evaluate(cfg: DictConfig) -> dict:
         if isinstance(values, dict):
             log.info("%s: %s", metric, ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()))
     log.info("results written to %s", out_dir / "results.json")
+    if cfg.get("wandb_run"):
+        flat = {}
+        for metric, values in results.items():
+            if isinstance(values, dict):
+                flat.update({f"eval/{metric}_{k}" if k != "value" else f"eval/{metric}": v for k, v in values.items() if isinstance(v, (int, float))})
+        run_id = log_to_training_run(cfg.wandb_run, metrics=flat)
+        log.info("results logged to W&B run %s", run_id)
     return results
 
 

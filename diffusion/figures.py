@@ -19,7 +19,7 @@ import torch
 from torchvision.utils import save_image
 
 from diffusion.module import DiffusionModule, to_model_range
-from diffusion.runtime import UsageError, root_cause
+from diffusion.runtime import UsageError, log_to_training_run, root_cause
 
 PADDING = 2
 
@@ -160,6 +160,7 @@ def main(argv: list[str] | None = None) -> Path:
     for p in sub.choices.values():
         p.add_argument("--out", type=Path, default=Path("figures"))
         p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--wandb-run", default=None, help="a training run directory: also log the figure to its W&B run")
     args = parser.parse_args(argv)
     try:
         if args.figure == "schedules":
@@ -170,10 +171,12 @@ def main(argv: list[str] | None = None) -> Path:
             path = reverse_figure(args.ckpt, args.n, args.transitions, args.out, args.sampler, args.num_steps, args.seed)
         else:
             path = progression_figure(args.run, args.n, args.out, args.seed)
+        if args.wandb_run:
+            log_to_training_run(args.wandb_run, images={f"figures/{args.figure}": path})
     except (UsageError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    print(f"written {path}")
+    print(f"written {path}" + (f" (and logged to the W&B run of {args.wandb_run})" if args.wandb_run else ""))
     return path
 
 

@@ -143,3 +143,36 @@ def check_resume_and_outputs(cfg: DictConfig) -> None:
 
 def resolved_config(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg, resolve=True)
+
+
+def log_to_training_run(run_dir: str | Path, metrics: dict | None = None, images: dict[str, Path] | None = None) -> str:
+    """Append metrics and images to the W&B run of a training run directory (its ``wandb/*run-<id>``).
+
+    Offline (no login) this writes another ``offline-run-*-<id>`` folder beside the first; ``wandb sync`` of both
+    adds them to the same run. Returns the run id.
+    """
+    import wandb
+    import yaml
+
+    run_dir = Path(run_dir)
+    runs = sorted(run_dir.glob("wandb/*run-*"), key=lambda p: p.name)
+    runs = [p for p in runs if p.is_dir() and p.name != "latest-run"]
+    if not runs:
+        raise ValueError(f"wandb_run={run_dir} holds no W&B run (no {run_dir}/wandb/*run-*): log with logger=wandb")
+    run_id = runs[0].name.rsplit("-", 1)[-1]
+    project = "diffusion"
+    config_file = run_dir / ".hydra" / "config.yaml"
+    if config_file.is_file():
+        cfg = yaml.safe_load(config_file.read_text()) or {}
+        project = ((cfg.get("logger") or {}).get("wandb") or {}).get("project") or project
+    if not os.environ.get("WANDB_MODE") and not _wandb_logged_in():
+        os.environ["WANDB_MODE"] = "offline"
+    run = wandb.init(project=project, id=run_id, resume="allow", dir=str(run_dir))
+    payload = dict(metrics or {})
+    for key, path in (images or {}).items():
+        payload[key] = wandb.Image(str(path))
+    run.log(payload)
+    for key, value in (metrics or {}).items():
+        run.summary[key] = value
+    run.finish()
+    return run_id

@@ -51,3 +51,33 @@ def test_evaluate_never_overwrites(ckpt, tmp_path):
     proc = evaluate_cli(tmp_path, f"ckpt={ckpt}", f"hydra.run.dir={out}")
     assert proc.returncode == 2 and "already holds results.json" in proc.stderr
     assert (out / "results.json").read_text() == "{}"
+
+
+def test_results_and_figures_go_to_the_training_runs_wandb(finished_run, tmp_path, monkeypatch):
+    import glob
+    from pathlib import Path
+
+    from diffusion.figures import main as figures
+    from tests.conftest import clean_env
+    from tests.wandb_records import history
+
+    import shutil
+
+    run = tmp_path / "run"  # a copy: the session's run stays as the other tests expect it
+    shutil.copytree(finished_run[0], run)
+    first = next(Path(p) for p in glob.glob(str(run / "wandb" / "offline-run-*")))
+    run_id = first.name.rsplit("-", 1)[-1]
+    proc = evaluate_cli(tmp_path, f"ckpt={run / 'checkpoints' / 'last.ckpt'}", "max_images=2", "nll.num_timesteps=5",
+                        f"wandb_run={run}", f"hydra.run.dir={tmp_path / 'o'}")
+    assert proc.returncode == 0, proc.output[-3000:]
+    for key, value in clean_env(tmp_path).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    figures(["schedules", "--T", "50", "--out", str(tmp_path / "figs"), "--wandb-run", str(run)])
+    appended = [p for p in (run / "wandb").glob(f"offline-run-*-{run_id}") if p != first]
+    rows = {}
+    for p in appended:
+        for key, values in history(next(p.glob("run-*.wandb"))).items():
+            rows.setdefault(key, []).extend(values)
+    assert rows["eval/nll_bpd"][0] > 0, "the evaluation must reach the training run's W&B id"
+    assert any("figures/schedules" in key for key in rows)
