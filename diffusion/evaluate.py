@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 
 import hydra
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from diffusion.metrics import fid_kid, inception, inception_weights
 from diffusion.module import DiffusionModule, to_model_range, to_uint8
-from diffusion.runtime import UsageError, log_to_training_run, root_cause
+from diffusion.runtime import UsageError, exits_on_usage_error, require_ckpt, log_to_training_run, root_cause
 from diffusion.sample import draw, resolve_device
 from diffusion.train import CONFIG_DIR
 
@@ -105,8 +104,7 @@ def fid_and_kid(module: DiffusionModule, images: torch.Tensor, feature, cfg: Dic
 
 
 def evaluate(cfg: DictConfig) -> dict:
-    if OmegaConf.is_missing(cfg, "ckpt"):
-        raise UsageError("ckpt is required: pass ckpt=<path to a checkpoint written by python -m diffusion.train>")
+    require_ckpt(cfg)
     unknown = [m for m in cfg.metrics if m not in METRICS]
     if unknown or not cfg.metrics:
         raise UsageError(f"metrics={list(cfg.metrics)} is invalid: allowed metrics are {', '.join(METRICS)}")
@@ -148,12 +146,9 @@ def evaluate(cfg: DictConfig) -> dict:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
+@exits_on_usage_error
 def main(cfg: DictConfig) -> None:
-    try:
-        evaluate(cfg)
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    evaluate(cfg)
 
 
 if __name__ == "__main__":

@@ -176,3 +176,23 @@ def log_to_training_run(run_dir: str | Path, metrics: dict | None = None, images
         run.summary[key] = value
     run.finish()
     return run_id
+
+
+def exits_on_usage_error(fn):
+    """CLI entry points: a UsageError becomes one line on stderr and exit status 2 (no traceback)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UsageError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+
+    return wrapper
+
+
+def require_ckpt(cfg: DictConfig) -> None:
+    if OmegaConf.is_missing(cfg, "ckpt"):
+        raise UsageError("ckpt is required: pass ckpt=<path to a checkpoint written by python -m diffusion.train>")

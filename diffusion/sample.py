@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 from pathlib import Path
 
 import hydra
@@ -20,7 +19,7 @@ from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
 from diffusion.module import DiffusionModule, to_uint8
-from diffusion.runtime import UsageError, root_cause
+from diffusion.runtime import UsageError, exits_on_usage_error, require_ckpt, root_cause
 from diffusion.train import CONFIG_DIR
 
 log = logging.getLogger("diffusion.sample")
@@ -57,8 +56,7 @@ def draw(module: DiffusionModule, sampler, n: int, batch_size: int, seed: int) -
 
 
 def sample(cfg: DictConfig) -> Path:
-    if OmegaConf.is_missing(cfg, "ckpt"):
-        raise UsageError("ckpt is required: pass ckpt=<path to a checkpoint written by python -m diffusion.train>")
+    require_ckpt(cfg)
     for key in ("n", "batch_size"):
         if not isinstance(cfg[key], int) or cfg[key] < 1:
             raise UsageError(f"{key}={cfg[key]!r} is invalid: it must be a positive integer")
@@ -77,12 +75,9 @@ def sample(cfg: DictConfig) -> Path:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="sample")
+@exits_on_usage_error
 def main(cfg: DictConfig) -> None:
-    try:
-        sample(cfg)
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    sample(cfg)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 
 import hydra
@@ -23,6 +22,7 @@ from diffusion.module import DiffusionModule
 from diffusion.runtime import (
     UsageError,
     check_resume_and_outputs,
+    exits_on_usage_error,
     configure_wandb_mode,
     instantiate_group,
     job_names,
@@ -119,12 +119,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
+@exits_on_usage_error
 def main(cfg: DictConfig) -> float | None:
     try:
         metrics = train(cfg)
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
     finally:
         import wandb
 

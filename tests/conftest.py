@@ -53,3 +53,9 @@ def finished_run(tmp_path_factory):
     )
     assert proc.returncode == 0, proc.output[-3000:]
     return out, proc
+
+
+@pytest.fixture(scope="session")
+def ckpt(finished_run):
+    """The last checkpoint of the shared short run."""
+    return finished_run[0] / "checkpoints" / "last.ckpt"

@@ -11,11 +11,6 @@ def evaluate_cli(tmp_path, *overrides):
     return run_train(*overrides, tmp_path=tmp_path, module="diffusion.evaluate")
 
 
-@pytest.fixture(scope="module")
-def ckpt(finished_run):
-    return finished_run[0] / "checkpoints" / "last.ckpt"
-
-
 def test_nll_from_a_checkpoint_alone(ckpt, tmp_path):
     out = tmp_path / "o"
     proc = evaluate_cli(tmp_path, f"ckpt={ckpt}", "max_images=8", "batch_size=4", "nll.num_timesteps=20", f"hydra.run.dir={out}")

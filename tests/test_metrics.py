@@ -43,11 +43,6 @@ def test_missing_inception_weights_say_how_to_get_them(tmp_path, monkeypatch):
     assert inception_weights(None) == str(weights)
 
 
-@pytest.fixture(scope="module")
-def ckpt(finished_run):
-    return finished_run[0] / "checkpoints" / "last.ckpt"
-
-
 def test_evaluate_fid_kid_cli_with_a_custom_feature_extractor(ckpt, tmp_path):
     out = tmp_path / "o"
     proc = run_train(

@@ -12,17 +12,13 @@ def sample_cli(tmp_path, *overrides):
     return run_train(*overrides, tmp_path=tmp_path, module="diffusion.sample")
 
 
-@pytest.fixture(scope="module")
-def ckpt(finished_run):
-    return finished_run[0] / "checkpoints" / "last.ckpt"
-
-
 def test_sample_cli_writes_grid_and_npz_reproducibly(ckpt, tmp_path):
     common = [f"ckpt={ckpt}", "n=6", "batch_size=4", "sampler.num_steps=4"]
     a = sample_cli(tmp_path, *common, "seed=3", f"hydra.run.dir={tmp_path / 'a'}")
     assert a.returncode == 0, a.output[-3000:]
     b = sample_cli(tmp_path, *common, "seed=3", f"hydra.run.dir={tmp_path / 'b'}")
     c = sample_cli(tmp_path, *common, "seed=4", f"hydra.run.dir={tmp_path / 'c'}")
+    assert b.returncode == 0 and c.returncode == 0
     sa, sb, sc = (np.load(tmp_path / d / "samples.npz")["samples"] for d in "abc")
     assert sa.shape == (6, 16, 16, 1) and sa.dtype == np.uint8
     assert np.array_equal(sa, sb), "the same seed must give the same images"

@@ -10,7 +10,7 @@ import yaml
 
 from diffusion.models import UNet
 from diffusion.module import DiffusionModule
-from tests.conftest import FAST, run_train
+from tests.conftest import FAST
 from tests.wandb_records import config, history
 
 PROBE = "+callbacks.probe._target_=tests.helpers.RankProbe"

@@ -39,27 +39,25 @@ def _payloads(data: bytes):
             pending = b""
 
 
-def history(run_file: Path) -> dict[str, list]:
-    """{metric key: [values in logging order]} from the run's history records."""
-    out: dict[str, list] = {}
+def _items(run_file: Path, record_type: str):
+    """(key, value) of every item of the records of one type ("history", "config") in file order."""
     for payload in _payloads(Path(run_file).read_bytes()):
         rec = pb.Record()
         rec.ParseFromString(payload)
-        if rec.WhichOneof("record_type") == "history":
-            for item in rec.history.item:
-                key = item.key or "/".join(item.nested_key)
-                out.setdefault(key, []).append(json.loads(item.value_json))
+        if rec.WhichOneof("record_type") == record_type:
+            items = rec.history.item if record_type == "history" else rec.config.update
+            for item in items:
+                yield item.key or "/".join(item.nested_key), json.loads(item.value_json)
+
+
+def history(run_file: Path) -> dict[str, list]:
+    """{metric key: [values in logging order]} from the run's history records."""
+    out: dict[str, list] = {}
+    for key, value in _items(run_file, "history"):
+        out.setdefault(key, []).append(value)
     return out
 
 
 def config(run_file: Path) -> dict:
     """The run's config as logged (``wandb.config``), merged over all config records."""
-    out: dict = {}
-    for payload in _payloads(Path(run_file).read_bytes()):
-        rec = pb.Record()
-        rec.ParseFromString(payload)
-        if rec.WhichOneof("record_type") == "config":
-            for item in rec.config.update:
-                key = item.key or "/".join(item.nested_key)
-                out[key] = json.loads(item.value_json)
-    return out
+    return dict(_items(run_file, "config"))
