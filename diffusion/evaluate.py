@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from diffusion.metrics import fid_kid, inception, inception_weights
 from diffusion.module import DiffusionModule, to_model_range, to_uint8
-from diffusion.runtime import UsageError, exits_on_usage_error, require_ckpt, log_to_training_run, root_cause
+from diffusion.runtime import UsageError, build_or_usage_error, exits_on_usage_error, log_to_training_run, require_ckpt
 from diffusion.sample import draw, resolve_device
 from diffusion.train import CONFIG_DIR
 
@@ -34,14 +34,8 @@ def evaluation_images(cfg: DictConfig, module: DiffusionModule) -> torch.Tensor:
     data_cfg = cfg.get("data") or module.hparams.get("data")
     if not data_cfg:
         raise UsageError(f"ckpt={cfg.ckpt} stores no data config: pass data=<option> (and its data.root)")
-    try:
-        datamodule = instantiate(data_cfg)
-        datamodule.prepare_data()
-        datamodule.setup("fit")
-    except Exception as exc:  # noqa: BLE001
-        if isinstance(root_cause(exc), ValueError):
-            raise UsageError(str(root_cause(exc))) from exc
-        raise
+    datamodule = build_or_usage_error("data", lambda: instantiate(data_cfg))
+    build_or_usage_error("data", lambda: (datamodule.prepare_data(), datamodule.setup("fit")))
     dataset = datamodule.val_set if cfg.split == "val" else datamodule.train_set
     n = len(dataset) if cfg.max_images is None else min(cfg.max_images, len(dataset))
     if n == 0:

@@ -19,7 +19,7 @@ import torch
 from torchvision.utils import save_image
 
 from diffusion.module import DiffusionModule, to_model_range
-from diffusion.runtime import UsageError, log_to_training_run, root_cause
+from diffusion.runtime import UsageError, build_or_usage_error, log_to_training_run
 
 PADDING = 2
 
@@ -70,15 +70,9 @@ def forward_figure(overrides: list[str], n: int, columns: int, out: Path, seed: 
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
-    try:
-        datamodule = instantiate(cfg.data)
-        datamodule.prepare_data()
-        datamodule.setup("fit")
-        process = GaussianDiffusion(instantiate(cfg.schedule))
-    except Exception as exc:  # noqa: BLE001
-        if isinstance(root_cause(exc), ValueError):
-            raise UsageError(str(root_cause(exc))) from exc
-        raise
+    datamodule = build_or_usage_error("data", lambda: instantiate(cfg.data))
+    build_or_usage_error("data", lambda: (datamodule.prepare_data(), datamodule.setup("fit")))
+    process = build_or_usage_error("schedule", lambda: GaussianDiffusion(instantiate(cfg.schedule)))
     x0 = to_model_range(torch.stack([datamodule.train_set[i] for i in range(min(n, len(datamodule.train_set)))]))
     T = process.num_timesteps
     times = torch.linspace(0, T - 1, columns).round().long()
@@ -89,10 +83,7 @@ def forward_figure(overrides: list[str], n: int, columns: int, out: Path, seed: 
 
 
 def _load(ckpt: str, ema: bool = True) -> DiffusionModule:
-    try:
-        return DiffusionModule.from_checkpoint(ckpt, ema=ema)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from exc
+    return build_or_usage_error("ckpt", lambda: DiffusionModule.from_checkpoint(ckpt, ema=ema))
 
 
 def reverse_figure(ckpt: str, n: int, transitions: int, out: Path, sampler: str = "configured", num_steps: int | None = None, seed: int = 0) -> Path:
@@ -107,10 +98,7 @@ def reverse_figure(ckpt: str, n: int, transitions: int, out: Path, sampler: str 
         config = {"_target_": "diffusion.samplers.DDIMSampler", "num_steps": num_steps or 50, "clip_denoised": True}
     elif num_steps is not None and "num_steps" in config:
         config["num_steps"] = num_steps
-    try:
-        chosen = module.build_sampler(config)
-    except Exception as exc:  # noqa: BLE001
-        raise UsageError(str(root_cause(exc))) from exc
+    chosen = build_or_usage_error("sampler", lambda: module.build_sampler(config))
     out_ = module.sample(n, sampler=chosen, generator=torch.Generator().manual_seed(seed), return_trajectory=True, progress=True)
     steps = out_.trajectory.shape[0] - 1
     picks = torch.linspace(0, steps, min(transitions, steps) + 1).round().long()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, read_write
+from omegaconf.errors import MissingMandatoryValue
 
 log = logging.getLogger("diffusion")
 
@@ -27,6 +28,27 @@ def root_cause(exc: BaseException) -> BaseException:
 def is_rank_zero() -> bool:
     """True in the launching process (Lightning gives re-launched DDP ranks LOCAL_RANK/NODE_RANK > 0)."""
     return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+
+
+def build_or_usage_error(what: str, fn):
+    """Run a constructor; a bad value becomes a one-line UsageError.
+
+    The package's ValueErrors already name the setting ("schedule T=0 is invalid: ..."); other errors a bad value
+    can cause (a TypeError for a list given as a number, say) are prefixed with the config groups involved.
+    """
+    try:
+        return fn()
+    except UsageError:
+        raise
+    except MissingMandatoryValue as exc:
+        raise UsageError(f"{exc.full_key} is required: pass {exc.full_key}=<value>") from exc
+    except Exception as exc:  # noqa: BLE001
+        cause = root_cause(exc)
+        if isinstance(cause, ValueError):
+            raise UsageError(str(cause)) from exc
+        if isinstance(cause, (TypeError, KeyError)):
+            raise UsageError(f"{what}: {type(cause).__name__}: {cause}") from exc
+        raise
 
 
 # ----------------------------------------------------------------------------------------------- Hydra + DDP

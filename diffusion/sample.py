@@ -19,7 +19,7 @@ from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
 from diffusion.module import DiffusionModule, to_uint8
-from diffusion.runtime import UsageError, exits_on_usage_error, require_ckpt, root_cause
+from diffusion.runtime import UsageError, build_or_usage_error, exits_on_usage_error, require_ckpt
 from diffusion.train import CONFIG_DIR
 
 log = logging.getLogger("diffusion.sample")
@@ -33,13 +33,8 @@ def resolve_device(name: str) -> torch.device:
 
 def load_for_sampling(cfg: DictConfig) -> tuple[DiffusionModule, object]:
     """The module (on its device) and the requested sampler; every bad value is a UsageError."""
-    try:
-        module = DiffusionModule.from_checkpoint(cfg.ckpt, ema=cfg.ema)
-        sampler = module.build_sampler(OmegaConf.to_container(cfg.sampler, resolve=True))
-    except Exception as exc:  # noqa: BLE001 - Hydra wraps the sampler's ValueError in an InstantiationException
-        if isinstance(root_cause(exc), ValueError):
-            raise UsageError(str(root_cause(exc))) from exc
-        raise
+    module = build_or_usage_error("ckpt", lambda: DiffusionModule.from_checkpoint(cfg.ckpt, ema=cfg.ema))
+    sampler = build_or_usage_error("sampler", lambda: module.build_sampler(OmegaConf.to_container(cfg.sampler, resolve=True)))
     if cfg.ema and not module.has_ema:
         log.warning("%s holds no EMA weights (trained without the EMA callback): sampling the raw weights", cfg.ckpt)
     return module.to(resolve_device(cfg.device)), sampler

@@ -16,11 +16,10 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
 
 from diffusion.module import DiffusionModule
 from diffusion.runtime import (
-    UsageError,
+    build_or_usage_error,
     check_resume_and_outputs,
     exits_on_usage_error,
     configure_wandb_mode,
@@ -28,33 +27,11 @@ from diffusion.runtime import (
     job_names,
     prepare_ddp_relaunch,
     resolved_config,
-    root_cause,
 )
 
 log = logging.getLogger("diffusion.train")
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-
-
-def _build(what: str, fn):
-    """Run a constructor; a bad value becomes a one-line UsageError.
-
-    The package's ValueErrors already name the setting ("schedule T=0 is invalid: ..."); other errors a bad value
-    can cause (a TypeError for a list given as a number, say) are prefixed with the config groups involved.
-    """
-    try:
-        return fn()
-    except UsageError:
-        raise
-    except MissingMandatoryValue as exc:
-        raise UsageError(f"{exc.full_key} is required: pass {exc.full_key}=<value>") from exc
-    except Exception as exc:  # noqa: BLE001
-        cause = root_cause(exc)
-        if isinstance(cause, ValueError):
-            raise UsageError(str(cause)) from exc
-        if isinstance(cause, (TypeError, KeyError)):
-            raise UsageError(f"{what}: {type(cause).__name__}: {cause}") from exc
-        raise
 
 
 def build_module(cfg: DictConfig, channels: int, image_size: int) -> DiffusionModule:
@@ -88,14 +65,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the configured model; returns the final logged metrics."""
     check_resume_and_outputs(cfg)
     L.seed_everything(cfg.seed, workers=True)
-    datamodule = _build("data", lambda: instantiate(cfg.data))
-    module = _build("model/schedule/sampler", lambda: build_module(cfg, datamodule.channels, datamodule.image_size))
+    datamodule = build_or_usage_error("data", lambda: instantiate(cfg.data))
+    module = build_or_usage_error("model/schedule/sampler", lambda: build_module(cfg, datamodule.channels, datamodule.image_size))
     callbacks = instantiate_group(cfg.get("callbacks"), "callbacks")
     loggers = build_loggers(cfg)
     if not loggers:  # Lightning refuses a LearningRateMonitor without a logger; there is nothing to monitor into
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     prepare_ddp_relaunch()
-    trainer: L.Trainer = _build("trainer", lambda: instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False))
+    trainer: L.Trainer = build_or_usage_error("trainer", lambda: instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False))
     for logger in trainer.loggers:
         logger.log_hyperparams(resolved_config(cfg))
     n_params = sum(p.numel() for p in module.model.parameters())
