@@ -4,6 +4,10 @@
 terms (L_T prior, the sum of L_{t-1}, the L_0 decoder) and the loss per timestep quarter. ``fid``/``kid``:
 generated samples against the same images (:mod:`diffusion.metrics`). Results are printed and written to
 ``results.json`` in the output directory.
+
+``devices=N`` evaluates on N ranks (DDP, launched by Lightning Fabric): every rank takes every N-th image, generates
+its share of the samples (seed ``seed + rank``) and updates its metric states; every rank then computes, the states
+being summed / gathered across ranks by torchmetrics, and rank 0 writes the results.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from lightning.fabric import Fabric
+from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from diffusion.metrics import fid_kid, inception, inception_weights
@@ -43,33 +48,43 @@ def evaluation_images(cfg: DictConfig, module: DiffusionModule) -> torch.Tensor:
     return torch.stack([dataset[i] for i in range(n)])
 
 
-def nll(module: DiffusionModule, images: torch.Tensor, cfg: DictConfig) -> dict:
-    generator = torch.Generator(device=module.device).manual_seed(cfg.seed)
-    totals, priors, vbs, decoders, terms = [], [], [], [], []
-    for start in tqdm(range(0, len(images), cfg.batch_size), desc="NLL (bits/dim)", unit="batch"):
+def nll(module: DiffusionModule, images: torch.Tensor, cfg: DictConfig, fabric: Fabric) -> dict:
+    """The bound over this rank's images; sums are reduced across ranks, so every rank returns the full result."""
+    generator = torch.Generator(device=module.device).manual_seed(cfg.seed + fabric.global_rank)
+    full = cfg.nll.num_timesteps is None
+    sums: dict[str, torch.Tensor] = {}
+
+    def add(key, value):
+        sums[key] = sums.get(key, 0) + value.double().sum(0).cpu()
+
+    for start in tqdm(range(0, len(images), cfg.batch_size), desc=f"NLL (bits/dim), rank {fabric.global_rank}", unit="batch"):
         x0 = to_model_range(images[start : start + cfg.batch_size].to(module.device))
         out = module.process.calc_bpd_loop(module.model, x0, cfg.nll.num_timesteps, generator, cfg.nll.clip_denoised)
-        totals.append(out["total_bpd"].cpu())
-        priors.append(out["prior_bpd"].cpu())
-        vbs.append(out["vb_bpd"].cpu())
+        add("count", torch.ones(len(x0)))
+        add("total", out["total_bpd"])
+        add("total_sq", out["total_bpd"] ** 2)
+        add("prior", out["prior_bpd"])
+        add("vb", out["vb_bpd"])
         if "decoder_bpd" in out:
-            decoders.append(out["decoder_bpd"].cpu())
-        if cfg.nll.num_timesteps is None:
-            terms.append(out["terms"].cpu().flip(1))  # columns in timestep order 0..T-1
-    total = torch.cat(totals)
+            add("decoder", out["decoder_bpd"])
+        if full:
+            add("terms", out["terms"].flip(1))  # columns in timestep order 0..T-1
+    sums = {k: fabric.all_reduce(v.to(fabric.device), reduce_op="sum").cpu() for k, v in sums.items()}
+    n = int(sums["count"])
+    mean = (sums["total"] / n).item()
+    var = ((sums["total_sq"] - n * mean**2) / (n - 1)).clamp(min=0).item() if n > 1 else 0.0
     result = {
-        "bpd": total.mean().item(),
-        "bpd_stderr": (total.std() / len(total) ** 0.5).item() if len(total) > 1 else 0.0,
-        "prior_bpd": torch.cat(priors).mean().item(),
-        "vb_bpd": torch.cat(vbs).mean().item(),
-        "num_images": len(total),
+        "bpd": mean,
+        "bpd_stderr": (var / n) ** 0.5,
+        "prior_bpd": (sums["prior"] / n).item(),
+        "vb_bpd": (sums["vb"] / n).item(),
+        "num_images": n,
         "num_timesteps": cfg.nll.num_timesteps or module.process.num_timesteps,
     }
-    if decoders:
-        result["decoder_bpd"] = torch.cat(decoders).mean().item()
-    if terms:  # the bound per quarter of the timestep range, as improved-diffusion reports it
-        per_t = torch.cat(terms).mean(0)
-        for q, chunk in enumerate(per_t.chunk(4)):
+    if "decoder" in sums:
+        result["decoder_bpd"] = (sums["decoder"] / n).item()
+    if full:  # the bound per quarter of the timestep range, as improved-diffusion reports it
+        for q, chunk in enumerate((sums["terms"] / n).chunk(4)):
             result[f"vb_bpd_q{q}"] = chunk.sum().item()
     return result
 
@@ -80,14 +95,17 @@ def feature_extractor(cfg: DictConfig):
     return inception(inception_weights(cfg.fid.weights))
 
 
-def fid_and_kid(module: DiffusionModule, images: torch.Tensor, feature, cfg: DictConfig) -> dict:
+def fid_and_kid(module: DiffusionModule, images: torch.Tensor, num_real: int, feature, cfg: DictConfig, fabric: Fabric) -> dict:
+    """This rank's real images and its share of ``fid.num_samples`` generated ones; the metrics sync across ranks."""
     wanted = [m for m in ("fid", "kid") if m in cfg.metrics]
-    n = cfg.fid.num_samples or len(images)
+    n_total = cfg.fid.num_samples or num_real
+    n = len(range(fabric.global_rank, n_total, fabric.world_size))
     sampler = module.sampler
     if cfg.fid.num_steps is not None:
         sampler = module.build_sampler(dict(module.hparams.sampler), num_steps=cfg.fid.num_steps)
-    fake = to_uint8(draw(module, sampler, n, cfg.batch_size, cfg.seed))
-    out = fid_kid(images, fake, feature.to(module.device), wanted, cfg.fid.kid_subset_size, cfg.fid.kid_subsets, cfg.batch_size, module.device)
+    fake = to_uint8(draw(module, sampler, n, cfg.batch_size, cfg.seed + fabric.global_rank))
+    out = fid_kid(images, fake, feature.to(module.device), wanted, cfg.fid.kid_subset_size, cfg.fid.kid_subsets, cfg.batch_size,
+                  module.device, num_real=num_real, num_fake=n_total)
     info = {"num_real": out["num_real"], "num_fake": out["num_fake"], "sampler": type(sampler).__name__, "num_steps": sampler.num_steps}
     result = {}
     if "fid" in out:
@@ -98,6 +116,7 @@ def fid_and_kid(module: DiffusionModule, images: torch.Tensor, feature, cfg: Dic
 
 
 def evaluate(cfg: DictConfig) -> dict:
+    """Check every input, then run :func:`evaluate_rank` on ``devices`` ranks; returns rank 0's results."""
     require_ckpt(cfg)
     unknown = [m for m in cfg.metrics if m not in METRICS]
     if unknown or not cfg.metrics:
@@ -106,29 +125,27 @@ def evaluate(cfg: DictConfig) -> dict:
         raise UsageError(f"wandb_run={cfg.wandb_run} is not a training run directory")
     if cfg.split not in ("val", "train"):
         raise UsageError(f"split={cfg.split!r} is invalid: allowed values are val, train")
+    if not isinstance(cfg.devices, int) or isinstance(cfg.devices, bool) or cfg.devices < 1:
+        raise UsageError(f"devices={cfg.devices!r} is invalid: it must be a positive integer (ranks to evaluate on)")
     out_dir = Path(cfg.paths.output_dir)
     if (out_dir / "results.json").exists():
         raise UsageError(f"output directory {out_dir} already holds results.json: choose another hydra.run.dir")
-    try:
-        module = DiffusionModule.from_checkpoint(cfg.ckpt, ema=cfg.ema).to(resolve_device(cfg.device))
-    except ValueError as exc:
-        raise UsageError(str(exc)) from exc
-    images = evaluation_images(cfg, module)
-    results = {"ckpt": str(cfg.ckpt), "ema": bool(cfg.ema and module.has_ema), "split": cfg.split}
-    try:
-        feature = feature_extractor(cfg) if {"fid", "kid"} & set(cfg.metrics) else None  # fail before any work
-        if "nll" in cfg.metrics:
-            results["nll"] = nll(module, images, cfg)
-        if feature is not None:
-            results.update(fid_and_kid(module, images, feature, cfg))
-    except ValueError as exc:
-        raise UsageError(str(exc)) from exc
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
-    for metric, values in results.items():
-        if isinstance(values, dict):
-            log.info("%s: %s", metric, ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()))
-    log.info("results written to %s", out_dir / "results.json")
+    if {"fid", "kid"} & set(cfg.metrics):
+        build_or_usage_error("fid", lambda: feature_extractor(cfg))  # fail before any work
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and cfg.devices > torch.cuda.device_count():
+        raise UsageError(f"devices={cfg.devices} is invalid: this machine has {torch.cuda.device_count()} GPU(s)")
+    module = build_or_usage_error("ckpt", lambda: DiffusionModule.from_checkpoint(cfg.ckpt, ema=cfg.ema))
+    k = cfg.nll.num_timesteps
+    if "nll" in cfg.metrics and k is not None and (not isinstance(k, int) or not 1 <= k <= module.process.num_timesteps):
+        raise UsageError(f"nll.num_timesteps={k} is invalid: it must be in [1, {module.process.num_timesteps}] (or null for all T)")
+    if cfg.fid.num_steps is not None:
+        build_or_usage_error("fid", lambda: module.build_sampler(dict(module.hparams.sampler), num_steps=cfg.fid.num_steps))
+    images = evaluation_images(cfg, module)  # prepared once, here: ranks never race to build a data cache
+    resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))  # spawned ranks have no Hydra context
+    strategy = "ddp_spawn" if cfg.devices > 1 else "auto"
+    fabric = Fabric(accelerator=device.type, devices=cfg.devices, strategy=strategy)
+    results = fabric.launch(evaluate_rank, resolved, module, images)
     if cfg.get("wandb_run"):
         flat = {}
         for metric, values in results.items():
@@ -136,6 +153,32 @@ def evaluate(cfg: DictConfig) -> dict:
                 flat.update({f"eval/{metric}_{k}" if k != "value" else f"eval/{metric}": v for k, v in values.items() if isinstance(v, (int, float))})
         run_id = log_to_training_run(cfg.wandb_run, metrics=flat)
         log.info("results logged to W&B run %s", run_id)
+    return results
+
+
+def evaluate_rank(fabric: Fabric, cfg: DictConfig, module: DiffusionModule, all_images: torch.Tensor) -> dict:
+    """One rank's share: every ``world_size``-th image; metric states are reduced so that every rank computes."""
+    if not logging.getLogger().handlers:  # a spawned rank: Hydra's logging setup stayed in the parent
+        logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    module = module.to(fabric.device)
+    images = all_images[fabric.global_rank :: fabric.world_size]
+    log.info("rank %d of %d evaluates %d of %d images", fabric.global_rank, fabric.world_size, len(images), len(all_images))
+    results = {"ckpt": str(cfg.ckpt), "ema": bool(cfg.ema and module.has_ema), "split": cfg.split, "world_size": fabric.world_size}
+    try:
+        if "nll" in cfg.metrics:
+            results["nll"] = nll(module, images, cfg, fabric)
+        if {"fid", "kid"} & set(cfg.metrics):
+            results.update(fid_and_kid(module, images, len(all_images), feature_extractor(cfg), cfg, fabric))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    if fabric.global_rank == 0:
+        out_dir = Path(cfg.paths.output_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+        for metric, values in results.items():
+            if isinstance(values, dict):
+                log.info("%s: %s", metric, ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()))
+        log.info("results written to %s", out_dir / "results.json")
     return results
 
 

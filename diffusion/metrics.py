@@ -52,8 +52,17 @@ def fid_kid(
     kid_subsets: int = 100,
     batch_size: int = 64,
     device: torch.device | str = "cpu",
+    num_real: int | None = None,
+    num_fake: int | None = None,
 ) -> dict:
-    """FID and/or KID between two uint8 (N, C, H, W) image sets; KID's subset size never exceeds either set."""
+    """FID and/or KID between two uint8 (N, C, H, W) image sets; KID's subset size never exceeds either set.
+
+    Under DDP each rank passes its own shard and ``num_real``/``num_fake``, the sizes of the whole sets: every rank
+    updates its metric states and every rank computes, torchmetrics summing (FID) or gathering (KID) the states
+    across ranks, so all ranks return the value of the whole sets.
+    """
+    num_real = len(real) if num_real is None else num_real
+    num_fake = len(fake) if num_fake is None else num_fake
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.kid import KernelInceptionDistance
 
@@ -62,7 +71,7 @@ def fid_kid(
     if "fid" in metrics:
         chosen["fid"] = FrechetInceptionDistance(feature=feature, reset_real_features=True)
     if "kid" in metrics:
-        subset = min(kid_subset_size, len(real), len(fake))
+        subset = min(kid_subset_size, num_real, num_fake)
         chosen["kid"] = KernelInceptionDistance(feature=feature, subsets=kid_subsets, subset_size=subset)
         out["kid_subset_size"] = subset
     for metric in chosen.values():
@@ -75,5 +84,5 @@ def fid_kid(
     if "kid" in chosen:
         mean, std = chosen["kid"].compute()
         out["kid"], out["kid_std"] = float(mean), float(std)
-    out["num_real"], out["num_fake"] = len(real), len(fake)
+    out["num_real"], out["num_fake"] = num_real, num_fake
     return out

@@ -47,3 +47,20 @@ class TinyFeatures(torch.nn.Module):
     def forward(self, x):
         h = torch.nn.functional.conv2d(x.float() / 255.0, self.weight, padding=1)
         return torch.cat([h.mean((2, 3)), h.std((2, 3))], 1)  # 8 means + 8 spreads
+
+
+def fid_kid_on_a_shard(rank: int, world_size: int, port: int, real, fake, out_dir: str) -> None:
+    """One gloo rank of ``tests/test_metrics.py``'s DDP check: FID/KID from every ``world_size``-th image."""
+    import torch.distributed as dist
+
+    from diffusion.metrics import fid_kid
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        torch.manual_seed(0)  # KID draws its subsets from the global generator
+        out = fid_kid(real[rank::world_size], fake[rank::world_size], TinyFeatures(), kid_subset_size=1000, kid_subsets=3,
+                      batch_size=7, num_real=len(real), num_fake=len(fake))
+        out["shard"] = len(real[rank::world_size])
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(out))
+    finally:
+        dist.destroy_process_group()

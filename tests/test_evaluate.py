@@ -32,7 +32,7 @@ def test_full_bound_reports_terms_per_quarter(ckpt, tmp_path):
     assert quarters == pytest.approx(nll["vb_bpd"], rel=1e-4)
 
 
-@pytest.mark.parametrize("overrides, text", [(["metrics=[nll,fid2]"], "fid2"), (["split=test"], "split='test'"), (["nll.num_timesteps=0"], "num_timesteps=0")])
+@pytest.mark.parametrize("overrides, text", [(["metrics=[nll,fid2]"], "fid2"), (["split=test"], "split='test'"), (["nll.num_timesteps=0"], "num_timesteps=0"), (["devices=0"], "devices=0")])
 def test_evaluate_bad_input(ckpt, tmp_path, overrides, text):
     proc = evaluate_cli(tmp_path, f"ckpt={ckpt}", "max_images=2", *overrides, f"hydra.run.dir={tmp_path / 'o'}")
     assert proc.returncode == 2 and text in proc.stderr and "Traceback" not in proc.output
