@@ -17,6 +17,7 @@ from hydra.utils import instantiate
 from torchmetrics import MeanMetric
 from torchvision.utils import make_grid, save_image
 
+from diffusion.models.speed import apply_speed_options, split_speed_options
 from diffusion.process import GaussianDiffusion
 from diffusion.samplers import Sampler
 
@@ -39,7 +40,8 @@ class DiffusionModule(L.LightningModule):
     """DDPM training (Ho et al. Algorithm 1) and sampling with the configured sampler.
 
     Args:
-        model: config of the network (``_target_`` + arguments), e.g. ``diffusion.models.UNet``.
+        model: config of the network (``_target_`` + arguments), e.g. ``diffusion.models.UNet``, plus the speed
+            switches ``channels_last`` and ``compile`` (:mod:`diffusion.models.speed`).
         schedule: config of the noise schedule, e.g. ``diffusion.schedules.LinearSchedule``.
         sampler: config of the sampler used for sample grids (``_partial_``: it receives the process).
         optimizer: config of the optimizer (``_partial_``: it receives the parameters).
@@ -70,7 +72,8 @@ class DiffusionModule(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        self.model = instantiate(model)
+        network, speed = split_speed_options(model)
+        self.model = apply_speed_options(instantiate(network), **speed)
         self.process = GaussianDiffusion(instantiate(schedule), variance=variance, loss_type=loss_type)
         self.sampler = self.build_sampler(sampler)
         self.quartile_loss = torch.nn.ModuleList(MeanMetric() for _ in range(NUM_QUARTILES))
@@ -206,7 +209,10 @@ class DiffusionModule(L.LightningModule):
 
     # ----------------------------------------------------------------------------------------------- optimiser
     def configure_optimizers(self):
-        optimizer = instantiate({**self.hparams.optimizer, "_partial_": False}, params=self.parameters())
+        config = {**self.hparams.optimizer, "_partial_": False}
+        if "fused" in config and config["fused"] is None:  # auto: the fused (single-kernel) update on CUDA
+            config["fused"] = True if self.device.type == "cuda" else None
+        optimizer = instantiate(config, params=self.parameters())
         warmup = self.hparams.lr_warmup_steps
         if warmup <= 0:
             return optimizer
