@@ -218,8 +218,14 @@ class DiffusionModule(L.LightningModule):
     # ----------------------------------------------------------------------------------------------- optimiser
     def configure_optimizers(self):
         config = {**self.hparams.optimizer, "_partial_": False}
+        trainer = self._trainer
+        # Lightning cannot clip the gradients of a fused optimizer under mixed precision (it unscales internally)
+        amp_clipping = trainer is not None and "mixed" in str(trainer.precision) and bool(trainer.gradient_clip_val)
         if "fused" in config and config["fused"] is None:  # auto: one fused kernel for all parameters where torch has it
-            config["fused"] = fused_supported(self.device)
+            config["fused"] = None if amp_clipping else fused_supported(self.device)
+        elif config.get("fused") and amp_clipping:
+            raise ValueError(f"optimizer.fused=true cannot be combined with trainer.precision={trainer.precision} and "
+                             f"trainer.gradient_clip_val={trainer.gradient_clip_val}: use optimizer.fused=null or gradient_clip_val=0")
         optimizer = instantiate(config, params=self.parameters())
         warmup = self.hparams.lr_warmup_steps
         if warmup <= 0:

@@ -106,3 +106,8 @@ def test_compile_with_inductor_trains_to_the_same_loss(tmp_path, plain):
 def test_bad_compile_value_is_one_line(tmp_path):
     with pytest.raises(ValueError, match="compile='fastest' is invalid"):
         train_losses(tmp_path, "model.compile=fastest")
+
+
+def test_fused_with_mixed_precision_and_clipping_is_refused_before_training(tmp_path):
+    with pytest.raises(ValueError, match="optimizer.fused=true cannot be combined with trainer.precision=bf16-mixed"):
+        train_losses(tmp_path, "trainer.precision=bf16-mixed", "optimizer.fused=true")
