@@ -53,8 +53,12 @@ class DiffusionModule(L.LightningModule):
         schedule: config of the noise schedule, e.g. ``diffusion.schedules.LinearSchedule``.
         sampler: config of the sampler used for sample grids (``_partial_``: it receives the process).
         optimizer: config of the optimizer (``_partial_``: it receives the parameters).
-        variance: reverse-process variance, ``fixed_small`` or ``fixed_large``.
-        loss_type: ``mse`` (L_simple), ``l1`` or ``huber``.
+        variance: reverse-process variance, ``fixed_small`` or ``fixed_large``; a network built with
+            ``learn_sigma=true`` always gets ``learned_range`` (Nichol & Dhariwal).
+        loss_type: ``mse`` (L_simple), ``l1``, ``huber`` or ``hybrid`` (L_simple + lambda L_vlb; learned variance).
+        objective: the network's target, ``eps``, ``x0`` or ``v``.
+        min_snr_gamma: Min-SNR-gamma loss weighting (null: none).
+        hybrid_lambda: lambda of the hybrid loss.
         lr_warmup_steps: linear learning-rate warm-up from 0 over this many optimizer steps.
         num_samples: images in each sample grid.
         sample_every_n_epochs: generate a grid every N validation epochs (0: only at the end of training).
@@ -72,6 +76,9 @@ class DiffusionModule(L.LightningModule):
         optimizer: dict,
         variance: str = "fixed_small",
         loss_type: str = "mse",
+        objective: str = "eps",
+        min_snr_gamma: float | None = None,
+        hybrid_lambda: float = 0.001,
         lr_warmup_steps: int = 0,
         num_samples: int = 64,
         sample_every_n_epochs: int = 5,
@@ -82,7 +89,12 @@ class DiffusionModule(L.LightningModule):
         self.save_hyperparameters()
         network, speed = split_speed_options(model)
         self.model = apply_speed_options(instantiate(network), **speed)
-        self.process = GaussianDiffusion(instantiate(schedule), variance=variance, loss_type=loss_type)
+        if network.get("learn_sigma"):
+            variance = "learned_range"
+        elif variance == "learned_range":
+            raise ValueError("variance=learned_range is invalid without model.learn_sigma=true (the network must output it)")
+        self.process = GaussianDiffusion(instantiate(schedule), variance=variance, loss_type=loss_type, objective=objective,
+                                         min_snr_gamma=min_snr_gamma, hybrid_lambda=hybrid_lambda)
         self.sampler = self.build_sampler(sampler)
         self.quartile_loss = torch.nn.ModuleList(MeanMetric() for _ in range(NUM_QUARTILES))
         self._generator: torch.Generator | None = None

@@ -19,8 +19,10 @@ from torch import nn
 from diffusion.checks import check_choice
 from diffusion.schedules import NoiseSchedule, ScheduleTable
 
-VARIANCE_TYPES = ("fixed_small", "fixed_large")
-LOSS_TYPES = ("mse", "l1", "huber")
+VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned_range")
+FIXED_VARIANCES = ("fixed_small", "fixed_large")
+LOSS_TYPES = ("mse", "l1", "huber", "hybrid")
+OBJECTIVES = ("eps", "x0", "v")
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -28,6 +30,19 @@ Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 def extract(a: torch.Tensor, t: torch.Tensor, x_shape: torch.Size) -> torch.Tensor:
     """Gather ``a[t]`` per batch element and shape it to broadcast against ``x_shape``: (B, 1, 1, ...)."""
     return a.gather(0, t).reshape(t.shape[0], *((1,) * (len(x_shape) - 1)))
+
+
+def to_x0_eps(objective: str, output: torch.Tensor, xt: torch.Tensor, sqrt_abar, sqrt_one_minus_abar):
+    """(predicted x_0, predicted eps) from a network output under ``objective``; coefficients are floats or tensors.
+
+    x_t = sqrt(abar) x_0 + sqrt(1 - abar) eps, and v = sqrt(abar) eps - sqrt(1 - abar) x_0 (Salimans & Ho 2022),
+    so x_0 = sqrt(abar) x_t - sqrt(1 - abar) v and eps = sqrt(1 - abar) x_t + sqrt(abar) v.
+    """
+    if objective == "eps":
+        return (xt - sqrt_one_minus_abar * output) / sqrt_abar, output
+    if objective == "x0":
+        return output, (xt - sqrt_abar * output) / sqrt_one_minus_abar
+    return sqrt_abar * xt - sqrt_one_minus_abar * output, sqrt_one_minus_abar * xt + sqrt_abar * output
 
 
 class PMeanVariance(NamedTuple):
@@ -39,27 +54,55 @@ class PMeanVariance(NamedTuple):
 
 
 class GaussianDiffusion(nn.Module):
-    """q(x_t | x_0), q(x_{t-1} | x_t, x_0), p(x_{t-1} | x_t) and the epsilon-prediction loss.
+    """q(x_t | x_0), q(x_{t-1} | x_t, x_0), p(x_{t-1} | x_t) and the training losses.
 
     Args:
         schedule: a :class:`NoiseSchedule` or an already computed :class:`ScheduleTable`.
         variance: the reverse-process variance, ``fixed_small`` (beta~_t, the true posterior's) or
-            ``fixed_large`` (beta_t); Ho et al. found both give similar samples.
-        loss_type: ``mse`` (L_simple, Ho et al. eq. 14), ``l1`` or ``huber`` on the noise prediction.
+            ``fixed_large`` (beta_t) -- Ho et al. found both give similar samples -- or ``learned_range``
+            (Nichol & Dhariwal eq. 15): the network outputs 2C channels, the second C interpolating the
+            log-variance between log beta~_t and log beta_t.
+        loss_type: ``mse`` (L_simple, Ho et al. eq. 14), ``l1`` or ``huber`` on the prediction target, or
+            ``hybrid`` (Nichol & Dhariwal eq. 16): L_simple + ``hybrid_lambda`` * L_vlb, the VLB term seeing the
+            predicted mean through a stop-gradient so that it trains the variance only.
+        objective: what the network predicts: ``eps`` (the noise, Ho et al.), ``x0`` (the clean image) or ``v``
+            (sqrt(abar) eps - sqrt(1 - abar) x_0, Salimans & Ho 2022).
+        min_snr_gamma: if set, weight each example's loss by min(SNR_t, gamma) / SNR_t (eps), min(SNR_t, gamma)
+            (x0) or min(SNR_t, gamma) / (SNR_t + 1) (v) -- Hang et al. 2023, "Min-SNR weighting"; 5 is theirs.
+        hybrid_lambda: lambda of the hybrid loss (0.001 in Nichol & Dhariwal).
     """
 
     def __init__(
-        self, schedule: NoiseSchedule | ScheduleTable, variance: str = "fixed_small", loss_type: str = "mse"
+        self,
+        schedule: NoiseSchedule | ScheduleTable,
+        variance: str = "fixed_small",
+        loss_type: str = "mse",
+        objective: str = "eps",
+        min_snr_gamma: float | None = None,
+        hybrid_lambda: float = 0.001,
     ):
         super().__init__()
         table = schedule.table() if isinstance(schedule, NoiseSchedule) else schedule
         self.variance = check_choice("variance", variance, VARIANCE_TYPES)
         self.loss_type = check_choice("loss_type", loss_type, LOSS_TYPES)
+        self.objective = check_choice("objective", objective, OBJECTIVES)
+        if loss_type == "hybrid" and variance != "learned_range":
+            raise ValueError("loss_type='hybrid' is invalid with a fixed variance: it trains a learned one (model.learn_sigma=true)")
+        if min_snr_gamma is not None and (isinstance(min_snr_gamma, bool) or not isinstance(min_snr_gamma, (int, float)) or min_snr_gamma <= 0):
+            raise ValueError(f"min_snr_gamma={min_snr_gamma!r} is invalid: it must be a number > 0 (or null for no weighting)")
+        if isinstance(hybrid_lambda, bool) or not isinstance(hybrid_lambda, (int, float)) or hybrid_lambda < 0:
+            raise ValueError(f"hybrid_lambda={hybrid_lambda!r} is invalid: it must be a number >= 0")
+        self.min_snr_gamma = None if min_snr_gamma is None else float(min_snr_gamma)
+        self.hybrid_lambda = float(hybrid_lambda)
         for name, value in table.as_dict().items():
             self.register_buffer(name, value.clone())
         # fixed_large uses beta_t, with beta~_1 at t = 0 so that log-variances stay finite (improved-diffusion).
         large = torch.cat([table.posterior_variance[1:2], table.betas[1:]]) if table.T > 1 else table.betas.clone()
         self.register_buffer("large_variance", large)
+
+    @property
+    def learned_variance(self) -> bool:
+        return self.variance == "learned_range"
 
     @property
     def num_timesteps(self) -> int:
@@ -102,26 +145,56 @@ class GaussianDiffusion(nn.Module):
         )
 
     # ----------------------------------------------------------------------------------------------- reverse
-    def p_mean_variance_from_eps(
+    def split_output(self, output: torch.Tensor, xt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the prediction, the variance values or None): a learned-variance network outputs 2C channels."""
+        expected = 2 * xt.shape[1] if self.learned_variance else xt.shape[1]
+        if output.shape[1] != expected or output.shape[2:] != xt.shape[2:]:
+            what = "2 x the input channels (learned variance)" if self.learned_variance else "the input's shape"
+            raise ValueError(f"model output shape {tuple(output.shape)} is invalid: expected {what}, input {tuple(xt.shape)}")
+        return output.chunk(2, dim=1) if self.learned_variance else (output, None)
+
+    def model_predictions(self, output: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, clip_denoised: bool = False):
+        """(pred_x0, pred_eps, variance values or None) from the network's output under this process's objective."""
+        prediction, var_values = self.split_output(output, xt)
+        sa = extract(self.sqrt_alphas_cumprod, t, xt.shape)
+        s1m = extract(self.sqrt_one_minus_alphas_cumprod, t, xt.shape)
+        pred_x0, eps = to_x0_eps(self.objective, prediction, xt, sa, s1m)  # the coefficients q_sample uses
+        if clip_denoised:
+            pred_x0 = pred_x0.clamp(-1.0, 1.0)
+            eps = self.predict_eps_from_x0(xt, t, pred_x0)
+        return pred_x0, eps, var_values
+
+    def learned_log_variance(self, var_values: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """log Sigma = frac log beta_t + (1 - frac) log beta~_t, frac = (v + 1) / 2 clamped to [0, 1]
+        (Nichol & Dhariwal eq. 15; the clamp keeps Sigma inside [beta~_t, beta_t] whatever the network says)."""
+        min_log = extract(self.posterior_log_variance_clipped, t, var_values.shape)
+        max_log = extract(self.large_variance.log(), t, var_values.shape)
+        frac = ((var_values + 1) / 2).clamp(0.0, 1.0)
+        return frac * max_log + (1 - frac) * min_log
+
+    def p_mean_variance_from_output(
         self,
-        eps: torch.Tensor,
+        output: torch.Tensor,
         xt: torch.Tensor,
         t: torch.Tensor,
         clip_denoised: bool = False,
         variance: str | None = None,
     ) -> PMeanVariance:
-        """p(x_{t-1} | x_t) given the model's noise prediction: the posterior at the predicted x_0.
+        """p(x_{t-1} | x_t) given the network's output: the posterior at the predicted x_0, with the fixed or the
+        learned variance (``variance`` overrides the process's choice; a fixed one ignores a learned output).
 
-        Its mean equals Ho et al. eq. 11, 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - alpha_bar_t) eps), when the
-        predicted x_0 is not clipped.
+        With the eps objective its mean equals Ho et al. eq. 11, 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 -
+        alpha_bar_t) eps), when the predicted x_0 is not clipped.
         """
         variance = self.variance if variance is None else check_choice("variance", variance, VARIANCE_TYPES)
-        pred_x0 = self.predict_x0_from_eps(xt, t, eps)
-        if clip_denoised:
-            pred_x0 = pred_x0.clamp(-1.0, 1.0)
-            eps = self.predict_eps_from_x0(xt, t, pred_x0)
+        pred_x0, eps, var_values = self.model_predictions(output, xt, t, clip_denoised)
         mean, _, _ = self.q_posterior_mean_variance(pred_x0, xt, t)
-        if variance == "fixed_small":
+        if variance == "learned_range":
+            if var_values is None:
+                raise ValueError("variance='learned_range' needs a network with a learned variance (model.learn_sigma=true)")
+            log_var = self.learned_log_variance(var_values, t)
+            var = log_var.exp()
+        elif variance == "fixed_small":
             var = extract(self.posterior_variance, t, xt.shape)
             log_var = extract(self.posterior_log_variance_clipped, t, xt.shape)
         else:
@@ -132,13 +205,34 @@ class GaussianDiffusion(nn.Module):
     def p_mean_variance(
         self, model: Model, xt: torch.Tensor, t: torch.Tensor, clip_denoised: bool = False, variance: str | None = None
     ) -> PMeanVariance:
-        """Run the epsilon-prediction ``model(x_t, t)`` and return the reverse step's mean and variance."""
-        return self.p_mean_variance_from_eps(model(xt, t), xt, t, clip_denoised=clip_denoised, variance=variance)
+        """Run the network ``model(x_t, t)`` and return the reverse step's mean and variance."""
+        return self.p_mean_variance_from_output(model(xt, t), xt, t, clip_denoised=clip_denoised, variance=variance)
+
+    def snr(self, t: torch.Tensor) -> torch.Tensor:
+        """SNR_t = alpha_bar_t / (1 - alpha_bar_t)."""
+        abar = self.alphas_cumprod.gather(0, t)
+        return abar / (1 - abar)
 
     # ----------------------------------------------------------------------------------------------- training
     def sample_timesteps(self, batch_size: int, device: torch.device, generator: torch.Generator | None = None):
         """t ~ Uniform{0, ..., T-1}."""
         return torch.randint(0, self.num_timesteps, (batch_size,), device=device, generator=generator)
+
+    def training_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the network should output for (x_0, eps, t) under the objective."""
+        if self.objective == "eps":
+            return noise
+        if self.objective == "x0":
+            return x0
+        return extract(self.sqrt_alphas_cumprod, t, x0.shape) * noise - extract(self.sqrt_one_minus_alphas_cumprod, t, x0.shape) * x0
+
+    def loss_weight(self, t: torch.Tensor) -> torch.Tensor | None:
+        """Min-SNR-gamma weights (Hang et al. 2023), expressed for the objective; None without weighting."""
+        if self.min_snr_gamma is None:
+            return None
+        snr = self.snr(t)
+        clipped = snr.clamp(max=self.min_snr_gamma)
+        return {"eps": clipped / snr, "x0": clipped, "v": clipped / (snr + 1)}[self.objective]
 
     def training_losses(
         self,
@@ -147,20 +241,31 @@ class GaussianDiffusion(nn.Module):
         t: torch.Tensor,
         noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Per-example loss on the noise prediction (Ho et al. Algorithm 1), averaged over all but the batch dim."""
+        """Per-example training loss (Ho et al. Algorithm 1 for eps and mse), averaged over all but the batch dim.
+
+        ``hybrid`` adds ``hybrid_lambda * T * L_t`` (bits/dim): T L_t is the one-sample estimate of L_vlb =
+        sum_t L_t, and the network's mean prediction is detached there, as in Nichol & Dhariwal section 3.1.
+        """
         if noise is None:
             noise = torch.randn_like(x0)
         xt = self.q_sample(x0, t, noise)
-        eps = model(xt, t)
-        if eps.shape != noise.shape:
-            raise ValueError(f"model output shape {tuple(eps.shape)} differs from its input shape {tuple(noise.shape)}")
-        if self.loss_type == "mse":
-            loss = F.mse_loss(eps, noise, reduction="none")
+        output = model(xt, t)
+        prediction, var_values = self.split_output(output, xt)
+        target = self.training_target(x0, noise, t)
+        if self.loss_type in ("mse", "hybrid"):
+            loss = F.mse_loss(prediction, target, reduction="none")
         elif self.loss_type == "l1":
-            loss = F.l1_loss(eps, noise, reduction="none")
+            loss = F.l1_loss(prediction, target, reduction="none")
         else:
-            loss = F.huber_loss(eps, noise, reduction="none", delta=1.0)
-        return loss.flatten(1).mean(1)
+            loss = F.huber_loss(prediction, target, reduction="none", delta=1.0)
+        loss = loss.flatten(1).mean(1)
+        weight = self.loss_weight(t)
+        if weight is not None:
+            loss = loss * weight
+        if self.loss_type == "hybrid":
+            frozen = torch.cat([prediction.detach(), var_values], dim=1)
+            loss = loss + self.hybrid_lambda * self.num_timesteps * self.vb_terms_bpd(frozen, x0, xt, t)
+        return loss
 
     # ----------------------------------------------------------------------------------------------- VLB (NLL)
     def prior_bpd(self, x0: torch.Tensor) -> torch.Tensor:
@@ -171,16 +276,16 @@ class GaussianDiffusion(nn.Module):
         return kl.flatten(1).mean(1) / math.log(2.0)
 
     def vb_terms_bpd(
-        self, eps: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, clip_denoised: bool = False
+        self, output: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, clip_denoised: bool = False
     ) -> torch.Tensor:
-        """One VLB term per example, in bits per dimension (Ho et al. eq. 5; 0-based t):
+        """One VLB term per example from the network's output, in bits per dimension (Ho et al. eq. 5; 0-based t):
 
         t > 0: L_t = KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t));
         t = 0: L_0 = -log p(x_0 | x_1) under the discretised Gaussian decoder (Ho et al. eq. 13), x_0 in [-1, 1]
         on 256 levels.
         """
         true_mean, _, true_log_var = self.q_posterior_mean_variance(x0, xt, t)
-        out = self.p_mean_variance_from_eps(eps, xt, t, clip_denoised=clip_denoised)
+        out = self.p_mean_variance_from_output(output, xt, t, clip_denoised=clip_denoised)
         kl = normal_kl(true_mean, true_log_var.expand_as(true_mean), out.mean, out.log_variance)
         kl = kl.flatten(1).mean(1) / math.log(2.0)
         nll = -discretized_gaussian_log_likelihood(x0, out.mean, 0.5 * out.log_variance)

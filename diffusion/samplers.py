@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 
 from diffusion.checks import check_choice
-from diffusion.process import VARIANCE_TYPES, GaussianDiffusion, Model
+from diffusion.process import VARIANCE_TYPES, GaussianDiffusion, Model, to_x0_eps
 
 SPACINGS = ("leading", "trailing", "linspace", "quadratic")
 
@@ -93,6 +93,7 @@ class Sampler:
         self.clip_denoised = bool(clip_denoised)
         self.timesteps: list[int] = []
         self.prev_timesteps: dict[int, int] = {}
+        self._t_batch: torch.Tensor | None = None  # reused timestep tensor: no allocation per step
         self.set_timesteps(self.T if num_steps is None else num_steps)
 
     @property
@@ -114,6 +115,12 @@ class Sampler:
     def set_timesteps(self, num_steps: int) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _timestep_tensor(self, t: int, x: torch.Tensor) -> torch.Tensor:
+        buf = self._t_batch
+        if buf is None or buf.shape[0] != x.shape[0] or buf.device != x.device:
+            buf = self._t_batch = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
+        return buf.fill_(t)
+
     def step_mean_variance(
         self, model_output: torch.Tensor, t: int, x: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | float, torch.Tensor]:
@@ -127,7 +134,7 @@ class Sampler:
         t = int(t)
         if t not in self.prev_timesteps:
             raise ValueError(f"timestep {t} is not on this sampler's grid; call set_timesteps first")
-        mean, var, pred_x0 = self.step_mean_variance(model_output, t, x)
+        mean, var, pred_x0 = self.step_mean_variance(model_output, t, x)  # model_output: the network's, any objective
         if self.prev_timesteps[t] < 0:  # the last step returns the mean (Algorithm 2: z = 0 when t = 1)
             return StepOutput(mean, pred_x0)
         std = var.sqrt() if isinstance(var, torch.Tensor) else math.sqrt(var)
@@ -154,14 +161,13 @@ class Sampler:
         else:
             x = noise.to(device)
         trajectory, preds = ([x.cpu()], []) if return_trajectory else (None, None)
-        t_batch = torch.empty(x.shape[0], dtype=torch.long, device=device)
         steps = self.timesteps
         if progress:
             from tqdm.auto import tqdm
 
             steps = tqdm(steps, desc=f"{type(self).__name__} sampling", leave=False)
         for t in steps:
-            out = model(x, t_batch.fill_(t))
+            out = model(x, self._timestep_tensor(t, x))
             x, pred_x0 = self.step(out, t, x, generator)
             if return_trajectory:
                 trajectory.append(x.cpu())
@@ -174,7 +180,8 @@ class Sampler:
 class DDPMSampler(Sampler):
     """Ancestral sampling, Ho et al. (2020) Algorithm 2, over all T steps.
 
-    ``variance`` is ``fixed_small`` (beta~_t) or ``fixed_large`` (beta_t); ``None`` uses the process's setting.
+    ``variance`` is ``fixed_small`` (beta~_t), ``fixed_large`` (beta_t) or ``learned_range`` (the network's, Nichol &
+    Dhariwal); ``None`` uses the process's setting, which is the learned one for a network with ``learn_sigma``.
     For fewer steps use :class:`DDIMSampler`: with ``eta=1`` it is this sampler on a sub-grid.
     """
 
@@ -198,10 +205,9 @@ class DDPMSampler(Sampler):
         self._set_grid(list(range(self.T - 1, -1, -1)))
 
     def step_mean_variance(self, model_output, t, x):
-        t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
         # x_{t-1} = 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - alpha_bar_t) eps) + sigma_t z     (Algorithm 2, line 4)
-        out = self.process.p_mean_variance_from_eps(
-            model_output, x, t_batch, clip_denoised=self.clip_denoised, variance=self.variance
+        out = self.process.p_mean_variance_from_output(
+            model_output, x, self._timestep_tensor(t, x), clip_denoised=self.clip_denoised, variance=self.variance
         )
         return out.mean, out.variance, out.pred_x0
 
@@ -210,6 +216,8 @@ class DDIMSampler(Sampler):
     """Song et al. (2021) generalised reverse process on a sub-grid of ``num_steps`` timesteps.
 
     ``eta = 0`` is the deterministic DDIM; ``eta = 1`` with ``num_steps = T`` is DDPM with beta~ (eq. 16).
+    Any objective (eps, x0, v) is turned into the predicted x_0 and eps; a learned variance is not used (sigma
+    comes from eta), as in improved-diffusion's DDIM.
     """
 
     def __init__(
@@ -236,9 +244,9 @@ class DDIMSampler(Sampler):
 
     def step_mean_variance(self, model_output, t, x):
         a_t, a_prev = self._abar[t], self._abar_prev[t]
-        eps = model_output
+        prediction, _ = self.process.split_output(model_output, x)
         # "predicted x_0" = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)                              (eq. 12, first term)
-        pred_x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
+        pred_x0, eps = to_x0_eps(self.process.objective, prediction, x, math.sqrt(a_t), math.sqrt(1 - a_t))
         if self.clip_denoised:
             pred_x0 = pred_x0.clamp(-1.0, 1.0)
             eps = (x - math.sqrt(a_t) * pred_x0) / math.sqrt(1 - a_t)

@@ -75,3 +75,29 @@ def test_simple_unet_bad_size_raises():
         SimpleUNet(image_size=20, channel_mult=(1, 2, 4, 8, 16))
     with pytest.raises(ValueError, match="activation='gelu'"):
         SimpleUNet(activation="gelu")
+
+
+@pytest.mark.parametrize("block_attention, skip_gates", [("cbam", False), ("none", True), ("cbam", True), ("self", True)])
+def test_cbam_and_skip_gates_keep_shapes_and_train(block_attention, skip_gates):
+    from diffusion.models.blocks import CBAM, AttentionGate
+
+    torch.manual_seed(0)
+    net = UNet(in_channels=3, image_size=16, base_channels=8, channel_mult=[1, 2], attention_resolutions=[16, 8],
+               block_attention=block_attention, skip_gates=skip_gates)
+    kinds = {type(m) for m in net.modules()}
+    assert (CBAM in kinds) == (block_attention == "cbam") and (AttentionGate in kinds) == skip_gates
+    x, t = torch.randn(4, 3, 16, 16), torch.tensor([0, 10, 100, 999])
+    out = net(x, t)
+    assert out.shape == x.shape
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    loss = out.pow(2).mean()
+    loss.backward()
+    extra = [p for m in net.modules() if isinstance(m, (CBAM, AttentionGate)) for p in m.parameters()]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in extra), "every CBAM/gate parameter must learn"
+    optimizer.step()
+    assert net(x, t).pow(2).mean() < loss
+
+
+def test_bad_block_attention_is_one_line():
+    with pytest.raises(ValueError, match="block_attention='transformer' is invalid: allowed values are none, self, cbam"):
+        UNet(in_channels=1, image_size=8, base_channels=8, channel_mult=[1], attention_resolutions=[], block_attention="transformer")

@@ -107,3 +107,36 @@ class Upsample(nn.Module):
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class CBAM(nn.Module):
+    """Convolutional Block Attention Module (Woo et al. 2018): channel attention from average- and max-pooled
+    descriptors through a shared MLP, then spatial attention from a 7x7 convolution over the channel-wise average
+    and max maps; both multiply the features."""
+
+    def __init__(self, channels: int, reduction: int = 16, kernel_size: int = 7):
+        super().__init__()
+        hidden = max(channels // reduction, 4)
+        self.mlp = nn.Sequential(nn.Conv2d(channels, hidden, 1), nn.ReLU(), nn.Conv2d(hidden, channels, 1))
+        self.spatial = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
+        channel = torch.sigmoid(self.mlp(x.mean((2, 3), keepdim=True)) + self.mlp(x.amax((2, 3), keepdim=True)))
+        x = x * channel
+        maps = torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], dim=1)
+        return x * torch.sigmoid(self.spatial(maps))
+
+
+class AttentionGate(nn.Module):
+    """Additive attention gate on a skip connection (Oktay et al. 2018, Attention U-Net): the decoder's features
+    ``g`` decide, per position, how much of the encoder's skip ``x`` passes: x * sigmoid(psi(relu(W_x x + W_g g)))."""
+
+    def __init__(self, skip_channels: int, gate_channels: int, inter_channels: int | None = None):
+        super().__init__()
+        inter = inter_channels or max(skip_channels // 2, 4)
+        self.w_x = nn.Conv2d(skip_channels, inter, 1, bias=False)
+        self.w_g = nn.Conv2d(gate_channels, inter, 1)
+        self.psi = nn.Conv2d(inter, 1, 1)
+
+    def forward(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(self.psi(F.relu(self.w_x(x) + self.w_g(g))))

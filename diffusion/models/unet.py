@@ -8,15 +8,20 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from diffusion.checks import check_positive_int
+from diffusion.checks import check_choice, check_positive_int
 from diffusion.models.blocks import (
+    CBAM,
     AttentionBlock,
+    AttentionGate,
     Downsample,
     ResBlock,
     TimeEmbedding,
     Upsample,
     group_norm,
 )
+
+
+BLOCK_ATTENTION = ("none", "self", "cbam")
 
 
 class EmbedSequential(nn.ModuleList):
@@ -43,6 +48,10 @@ class UNet(nn.Module):
         time_emb_dim: width of the time embedding MLP (default ``4 * base_channels``).
         num_heads: attention heads.
         gradient_checkpointing: recompute block activations in the backward pass to save memory.
+        learn_sigma: also output the reverse-process variance (Nichol & Dhariwal): twice the output channels.
+        block_attention: what the blocks at ``attention_resolutions`` get: ``self`` (self-attention), ``cbam``
+            (channel + spatial attention, Woo et al.) or ``none`` (only the middle block's self-attention).
+        skip_gates: attention gates (Oktay et al.) on every skip connection, driven by the decoder's features.
     """
 
     def __init__(
@@ -58,6 +67,9 @@ class UNet(nn.Module):
         num_heads: int = 1,
         out_channels: int | None = None,
         gradient_checkpointing: bool = False,
+        learn_sigma: bool = False,
+        block_attention: str = "self",
+        skip_gates: bool = False,
     ):
         super().__init__()
         check_positive_int("in_channels", in_channels)
@@ -84,9 +96,11 @@ class UNet(nn.Module):
                 f"model attention_resolutions={list(attention_resolutions)} is invalid: {unknown} not among "
                 f"the network's resolutions {resolutions}"
             )
+        check_choice("model block_attention", block_attention, BLOCK_ATTENTION)
         time_emb_dim = 4 * base_channels if time_emb_dim is None else check_positive_int("time_emb_dim", time_emb_dim)
         self.in_channels = in_channels
-        self.out_channels = out_channels or in_channels
+        self.learn_sigma = bool(learn_sigma)
+        self.out_channels = (out_channels or in_channels) * (2 if self.learn_sigma else 1)
         self.image_size = image_size
         self.divisor = divisor
         self.gradient_checkpointing = bool(gradient_checkpointing)
@@ -95,7 +109,9 @@ class UNet(nn.Module):
         self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
 
         def attn(ch: int, res: int) -> list[nn.Module]:
-            return [AttentionBlock(ch, num_heads)] if res in attention_resolutions else []
+            if res not in attention_resolutions or block_attention == "none":
+                return []
+            return [AttentionBlock(ch, num_heads) if block_attention == "self" else CBAM(ch)]
 
         self.down = nn.ModuleList()
         skip_channels, ch = [base_channels], base_channels
@@ -114,10 +130,14 @@ class UNet(nn.Module):
         )
 
         self.up = nn.ModuleList()
+        self.gates = nn.ModuleList() if skip_gates else None
         for level, mult in reversed(list(enumerate(channel_mult))):
             res = resolutions[level]
             for i in range(num_res_blocks + 1):
-                layers = [ResBlock(ch + skip_channels.pop(), base_channels * mult, time_emb_dim, dropout)]
+                skip = skip_channels.pop()
+                if self.gates is not None:
+                    self.gates.append(AttentionGate(skip, ch))
+                layers = [ResBlock(ch + skip, base_channels * mult, time_emb_dim, dropout)]
                 ch = base_channels * mult
                 layers += attn(ch, res)
                 if level and i == num_res_blocks:
@@ -141,6 +161,9 @@ class UNet(nn.Module):
             h = self._run(block, h, temb)
             skips.append(h)
         h = self._run(self.middle, h, temb)
-        for block in self.up:
-            h = self._run(block, torch.cat([h, skips.pop()], dim=1), temb)
+        for i, block in enumerate(self.up):
+            skip = skips.pop()
+            if self.gates is not None:
+                skip = self.gates[i](skip, h)
+            h = self._run(block, torch.cat([h, skip], dim=1), temb)
         return self.out(h)
