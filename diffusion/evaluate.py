@@ -130,8 +130,7 @@ def evaluate(cfg: DictConfig) -> dict:
     out_dir = Path(cfg.paths.output_dir)
     if (out_dir / "results.json").exists():
         raise UsageError(f"output directory {out_dir} already holds results.json: choose another hydra.run.dir")
-    if {"fid", "kid"} & set(cfg.metrics):
-        build_or_usage_error("fid", lambda: feature_extractor(cfg))  # fail before any work
+    feature = build_or_usage_error("fid", lambda: feature_extractor(cfg)) if {"fid", "kid"} & set(cfg.metrics) else None
     device = resolve_device(cfg.device)
     if device.type == "cuda" and cfg.devices > torch.cuda.device_count():
         raise UsageError(f"devices={cfg.devices} is invalid: this machine has {torch.cuda.device_count()} GPU(s)")
@@ -145,7 +144,7 @@ def evaluate(cfg: DictConfig) -> dict:
     resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))  # spawned ranks have no Hydra context
     strategy = "ddp_spawn" if cfg.devices > 1 else "auto"
     fabric = Fabric(accelerator=device.type, devices=cfg.devices, strategy=strategy)
-    results = fabric.launch(evaluate_rank, resolved, module, images)
+    results = fabric.launch(evaluate_rank, resolved, module, images, feature)
     if cfg.get("wandb_run"):
         flat = {}
         for metric, values in results.items():
@@ -156,7 +155,7 @@ def evaluate(cfg: DictConfig) -> dict:
     return results
 
 
-def evaluate_rank(fabric: Fabric, cfg: DictConfig, module: DiffusionModule, all_images: torch.Tensor) -> dict:
+def evaluate_rank(fabric: Fabric, cfg: DictConfig, module: DiffusionModule, all_images: torch.Tensor, feature) -> dict:
     """One rank's share: every ``world_size``-th image; metric states are reduced so that every rank computes."""
     if not logging.getLogger().handlers:  # a spawned rank: Hydra's logging setup stayed in the parent
         logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
@@ -167,8 +166,8 @@ def evaluate_rank(fabric: Fabric, cfg: DictConfig, module: DiffusionModule, all_
     try:
         if "nll" in cfg.metrics:
             results["nll"] = nll(module, images, cfg, fabric)
-        if {"fid", "kid"} & set(cfg.metrics):
-            results.update(fid_and_kid(module, images, len(all_images), feature_extractor(cfg), cfg, fabric))
+        if feature is not None:
+            results.update(fid_and_kid(module, images, len(all_images), feature, cfg, fabric))
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     if fabric.global_rank == 0:

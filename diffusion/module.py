@@ -31,12 +31,22 @@ def to_model_range(images: torch.Tensor) -> torch.Tensor:
     return images
 
 
-def fused_supported(device: torch.device) -> bool | None:
-    """``fused=True`` for Adam/AdamW where PyTorch implements it (CPU and CUDA), else its default (``None``).
+def build_optimizer(config: dict, params, device: torch.device, precision: str = "32-true", gradient_clip_val=None):
+    """Instantiate an optimizer config (``_partial_``), resolving ``fused: null`` to the fused Adam/AdamW kernel
+    where PyTorch has it (CPU and CUDA): on the digits default it takes 4 ms per step on a 2-core CPU against
+    23 ms for the default multi-tensor update (246 parameter tensors).
 
-    On the digits default the fused update takes 4 ms per step on a 2-core CPU against 23 ms for the default
-    multi-tensor one (246 parameter tensors)."""
-    return True if device.type in ("cpu", "cuda") else None
+    Lightning cannot clip the gradients of a fused optimizer under mixed precision (it unscales internally): there
+    ``null`` stays PyTorch's default and an explicit ``fused: true`` is refused in one line.
+    """
+    config = {**config, "_partial_": False}
+    amp_clipping = "mixed" in str(precision) and bool(gradient_clip_val)
+    if "fused" in config and config["fused"] is None:
+        config["fused"] = True if device.type in ("cpu", "cuda") and not amp_clipping else None
+    elif config.get("fused") and amp_clipping:
+        raise ValueError(f"optimizer.fused=true cannot be combined with trainer.precision={precision} and "
+                         f"trainer.gradient_clip_val={gradient_clip_val}: use optimizer.fused=null or gradient_clip_val=0")
+    return instantiate(config, params=params)
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -229,16 +239,10 @@ class DiffusionModule(L.LightningModule):
 
     # ----------------------------------------------------------------------------------------------- optimiser
     def configure_optimizers(self):
-        config = {**self.hparams.optimizer, "_partial_": False}
         trainer = self._trainer
-        # Lightning cannot clip the gradients of a fused optimizer under mixed precision (it unscales internally)
-        amp_clipping = trainer is not None and "mixed" in str(trainer.precision) and bool(trainer.gradient_clip_val)
-        if "fused" in config and config["fused"] is None:  # auto: one fused kernel for all parameters where torch has it
-            config["fused"] = None if amp_clipping else fused_supported(self.device)
-        elif config.get("fused") and amp_clipping:
-            raise ValueError(f"optimizer.fused=true cannot be combined with trainer.precision={trainer.precision} and "
-                             f"trainer.gradient_clip_val={trainer.gradient_clip_val}: use optimizer.fused=null or gradient_clip_val=0")
-        optimizer = instantiate(config, params=self.parameters())
+        optimizer = build_optimizer(self.hparams.optimizer, self.parameters(), self.device,
+                                    trainer.precision if trainer is not None else "32-true",
+                                    trainer.gradient_clip_val if trainer is not None else None)
         warmup = self.hparams.lr_warmup_steps
         if warmup <= 0:
             return optimizer

@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from diffusion.models.blocks import group_norm  # noqa: E402
 from diffusion.models.speed import apply_speed_options, split_speed_options  # noqa: E402
-from diffusion.module import DiffusionModule, fused_supported  # noqa: E402
+from diffusion.module import DiffusionModule, build_optimizer  # noqa: E402
 from diffusion.train import CONFIG_DIR, build_module  # noqa: E402
 
 MATCH_TOLERANCE = 0.10
@@ -117,10 +117,7 @@ class Contender:
                  x0: torch.Tensor, T: int, optimizer_cfg: dict, autocast):
         self.name, self.model, self.x0, self.T, self.autocast = name, model, x0, T, autocast
         self.forward, self.loss, self._sample_step = forward, loss, sample_step
-        config = {**optimizer_cfg, "_partial_": False}
-        if "fused" in config and config["fused"] is None:
-            config["fused"] = fused_supported(x0.device)
-        self.optimizer = instantiate(config, params=model.parameters())
+        self.optimizer = build_optimizer(optimizer_cfg, model.parameters(), x0.device)
         self.xt = torch.randn_like(x0)
         self.t_mid = torch.full((x0.shape[0],), T // 2, device=x0.device, dtype=torch.long)
 
