@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from diffusion.metrics import fid_kid, inception, inception_weights
 from diffusion.module import DiffusionModule, to_model_range, to_uint8
+from diffusion.process import GaussianDiffusion
 from diffusion.runtime import UsageError, build_or_usage_error, exits_on_usage_error, log_to_training_run, require_ckpt
 from diffusion.sample import draw, resolve_device
 from diffusion.train import CONFIG_DIR
@@ -135,6 +136,9 @@ def evaluate(cfg: DictConfig) -> dict:
     if device.type == "cuda" and cfg.devices > torch.cuda.device_count():
         raise UsageError(f"devices={cfg.devices} is invalid: this machine has {torch.cuda.device_count()} GPU(s)")
     module = build_or_usage_error("ckpt", lambda: DiffusionModule.from_checkpoint(cfg.ckpt, ema=cfg.ema))
+    if "nll" in cfg.metrics and not isinstance(module.process, GaussianDiffusion):
+        raise UsageError(f"metrics=[nll] is invalid for {cfg.ckpt}: its blur process is deterministic and has no "
+                         "likelihood bound; use metrics=[fid,kid]")
     k = cfg.nll.num_timesteps
     if "nll" in cfg.metrics and k is not None and (not isinstance(k, int) or not 1 <= k <= module.process.num_timesteps):
         raise UsageError(f"nll.num_timesteps={k} is invalid: it must be in [1, {module.process.num_timesteps}] (or null for all T)")

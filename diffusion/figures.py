@@ -61,25 +61,28 @@ def schedules_figure(T: int, out: Path) -> Path:
 
 
 def forward_figure(overrides: list[str], n: int, columns: int, out: Path, seed: int = 0) -> Path:
-    """``n`` real images (rows) noised by q(x_t | x_0) at ``columns`` times from t=0 to T-1."""
+    """``n`` real images (rows) noised (or blurred, ``process=blur``) by q(x_t | x_0) at ``columns`` times from t=0 to T-1."""
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    from diffusion.process import GaussianDiffusion
+    from diffusion.blur import BlurDiffusion
+    from diffusion.module import build_process
     from diffusion.train import CONFIG_DIR
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
     datamodule = build_or_usage_error("data", lambda: instantiate(cfg.data))
     build_or_usage_error("data", lambda: (datamodule.prepare_data(), datamodule.setup("fit")))
-    process = build_or_usage_error("schedule", lambda: GaussianDiffusion(instantiate(cfg.schedule)))
     x0 = to_model_range(torch.stack([datamodule.train_set[i] for i in range(min(n, len(datamodule.train_set)))]))
+    options = {k: cfg.module[k] for k in ("variance", "loss_type", "objective", "min_snr_gamma", "hybrid_lambda")}
+    process = build_or_usage_error("schedule", lambda: build_process(instantiate(cfg.schedule), x0.shape[1], **options))
     T = process.num_timesteps
     times = torch.linspace(0, T - 1, columns).round().long()
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(x0.shape, generator=g)
     cols = [process.q_sample(x0, torch.full((len(x0),), int(t)), noise) for t in times]
-    return _save_grid(torch.stack(cols, dim=1), out / f"forward_{datamodule.name}_T{T}_{columns}steps.png")
+    kind = "blur" if isinstance(process, BlurDiffusion) else "noise"
+    return _save_grid(torch.stack(cols, dim=1), out / f"forward_{kind}_{datamodule.name}_T{T}_{columns}steps.png")
 
 
 def _load(ckpt: str, ema: bool = True) -> DiffusionModule:
@@ -117,12 +120,8 @@ def progression_figure(run: str, n: int, out: Path, seed: int = 0) -> Path:
         loaded.append((step, path))
     loaded = sorted(dict((s, p) for s, p in loaded).items())  # one per step ('last' may equal 'best')
     rows = []
-    noise = None
-    for _, path in loaded:
-        module = _load(str(path))
-        if noise is None:
-            noise = torch.randn((n, *module.image_shape), generator=torch.Generator().manual_seed(seed))
-        rows.append(module.sampler.sample(module.model.eval(), noise=noise.clone(), generator=torch.Generator().manual_seed(seed)).samples)
+    for _, path in loaded:  # the same seed: the same x_T ~ N(0, I) for every checkpoint
+        rows.append(_load(str(path)).sample(n, generator=torch.Generator().manual_seed(seed)).samples)
     steps = "-".join(str(s) for s, _ in loaded)
     return _save_grid(torch.stack(rows), out / f"progression_steps_{steps}.png")
 

@@ -1,4 +1,5 @@
-"""The LightningModule: an epsilon-prediction network plus the diffusion process, trained with L_simple.
+"""The LightningModule: an epsilon-prediction network plus the diffusion process, trained with L_simple
+(or, with ``process=blur``, a restoration network plus the cold-diffusion blur process).
 
 It is built from plain config dicts (``model``, ``schedule``, ``sampler``, ``optimizer``) that it saves as
 hyper-parameters, so ``DiffusionModule.load_from_checkpoint(path)`` rebuilds it without the Hydra config.
@@ -17,6 +18,7 @@ from hydra.utils import instantiate
 from torchmetrics import MeanMetric
 from torchvision.utils import make_grid, save_image
 
+from diffusion.blur import BlurDiffusion, BlurSchedule
 from diffusion.models.speed import apply_speed_options, split_speed_options
 from diffusion.process import GaussianDiffusion
 from diffusion.samplers import Sampler
@@ -47,6 +49,24 @@ def build_optimizer(config: dict, params, device: torch.device, precision: str =
         raise ValueError(f"optimizer.fused=true cannot be combined with trainer.precision={precision} and "
                          f"trainer.gradient_clip_val={gradient_clip_val}: use optimizer.fused=null or gradient_clip_val=0")
     return instantiate(config, params=params)
+
+
+def build_process(schedule, channels: int, variance: str = "fixed_small", loss_type: str = "mse", objective: str = "eps",
+                  min_snr_gamma: float | None = None, hybrid_lambda: float = 0.001, learn_sigma: bool = False):
+    """The forward process the schedule belongs to: Gaussian noise for a beta schedule, cold-diffusion blur for a
+    :class:`BlurSchedule` (``process=blur``: the network restores x_0).
+    Options that mean nothing to the blur process are refused in one line rather than ignored."""
+    if not isinstance(schedule, BlurSchedule):
+        return GaussianDiffusion(schedule, variance=variance, loss_type=loss_type, objective=objective,
+                                 min_snr_gamma=min_snr_gamma, hybrid_lambda=hybrid_lambda)
+    if objective != "x0":
+        raise ValueError(f"module.objective={objective} is invalid for the blur process: it restores x0 "
+                         "(use process=blur, which sets module.objective=x0 and loss_type=l1)")
+    for name, value, default in (("min_snr_gamma", min_snr_gamma, None), ("variance", variance, "fixed_small"),
+                                 ("model.learn_sigma", learn_sigma, False)):
+        if value != default:
+            raise ValueError(f"{name}={value} is invalid for the blur process: it is deterministic (leave it at {default})")
+    return BlurDiffusion(schedule, channels, loss_type=loss_type)
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -99,12 +119,14 @@ class DiffusionModule(L.LightningModule):
         self.save_hyperparameters()
         network, speed = split_speed_options(model)
         self.model = apply_speed_options(instantiate(network), **speed)
-        if network.get("learn_sigma"):
+        schedule_ = instantiate(schedule)
+        learn_sigma = bool(network.get("learn_sigma"))
+        if learn_sigma and not isinstance(schedule_, BlurSchedule):
             variance = "learned_range"
         elif variance == "learned_range":
             raise ValueError("variance=learned_range is invalid without model.learn_sigma=true (the network must output it)")
-        self.process = GaussianDiffusion(instantiate(schedule), variance=variance, loss_type=loss_type, objective=objective,
-                                         min_snr_gamma=min_snr_gamma, hybrid_lambda=hybrid_lambda)
+        self.process = build_process(schedule_, self.model.in_channels, variance, loss_type, objective, min_snr_gamma,
+                                     hybrid_lambda, learn_sigma)
         self.sampler = self.build_sampler(sampler)
         self.quartile_loss = torch.nn.ModuleList(MeanMetric() for _ in range(NUM_QUARTILES))
         self._generator: torch.Generator | None = None

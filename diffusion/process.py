@@ -213,6 +213,12 @@ class GaussianDiffusion(nn.Module):
         abar = self.alphas_cumprod.gather(0, t)
         return abar / (1 - abar)
 
+    def sample_prior(self, shape, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+        """x_T ~ N(0, I), drawn on the generator's device and moved to ``device`` (default: the buffers')."""
+        device = torch.device(device) if device is not None else self.betas.device
+        gen_device = generator.device if generator is not None else device
+        return torch.randn(shape, generator=generator, device=gen_device).to(device)
+
     # ----------------------------------------------------------------------------------------------- training
     def sample_timesteps(self, batch_size: int, device: torch.device, generator: torch.Generator | None = None):
         """t ~ Uniform{0, ..., T-1}."""

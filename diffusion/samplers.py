@@ -19,12 +19,13 @@ from typing import NamedTuple
 
 import torch
 
+from diffusion.blur import BlurDiffusion
 from diffusion.checks import check_choice
 from diffusion.process import VARIANCE_TYPES, GaussianDiffusion, Model, to_x0_eps
 
 SPACINGS = ("leading", "trailing", "linspace", "quadratic")
 
-__all__ = ["Sampler", "DDPMSampler", "DDIMSampler", "StepOutput", "SampleOutput", "make_timesteps", "SPACINGS"]
+__all__ = ["Sampler", "DDPMSampler", "DDIMSampler", "ColdSampler", "StepOutput", "SampleOutput", "make_timesteps", "SPACINGS"]
 
 
 def _check_num_steps(num_steps, T: int) -> int:
@@ -86,9 +87,17 @@ def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Ten
 
 
 class Sampler:
-    """Common loop; subclasses define :meth:`set_timesteps` and :meth:`step_mean_variance`."""
+    """Common loop; subclasses define :meth:`set_timesteps` and :meth:`step_mean_variance` (or :meth:`step`)."""
 
-    def __init__(self, process: GaussianDiffusion, num_steps: int | None = None, clip_denoised: bool = False):
+    #: the forward process this sampler reverses (``process=gaussian`` or ``process=blur``)
+    process_type: type = GaussianDiffusion
+    process_name = "gaussian"
+
+    def __init__(self, process, num_steps: int | None = None, clip_denoised: bool = False):
+        if not isinstance(process, self.process_type):
+            other = "sampler=cold" if isinstance(process, BlurDiffusion) else "sampler=ddpm or sampler=ddim"
+            raise ValueError(f"sampler {type(self).__name__} is invalid for this model's forward process "
+                             f"({type(process).__name__}): it reverses process={self.process_name}; use {other}")
         self.process = process
         self.clip_denoised = bool(clip_denoised)
         self.timesteps: list[int] = []
@@ -108,9 +117,6 @@ class Sampler:
         self.timesteps = list(grid)
         # -1 stands for "x_0": alpha_bar_{-1} = 1 (diffusers' set_alpha_to_one).
         self.prev_timesteps = {t: (grid[i + 1] if i + 1 < len(grid) else -1) for i, t in enumerate(grid)}
-        abar = self.process.alphas_cumprod.detach().double().cpu().tolist()
-        self._abar = {t: abar[t] for t in grid}
-        self._abar_prev = {t: (abar[p] if p >= 0 else 1.0) for t, p in self.prev_timesteps.items()}
 
     def set_timesteps(self, num_steps: int) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -152,14 +158,13 @@ class Sampler:
         return_trajectory: bool = False,
         progress: bool = False,
     ) -> SampleOutput:
-        """Run the whole reverse chain from x_T ~ N(0, I) (or ``noise``) and return x_0."""
-        device = torch.device(device) if device is not None else self.process.betas.device
+        """Run the whole reverse chain from x_T drawn from the process's prior (or ``noise``) and return x_0."""
         if noise is None:
             if shape is None:
                 raise ValueError("sample() needs a shape or an initial noise tensor")
-            x = _randn_like(torch.empty(shape, device=device), generator)
+            x = self.process.sample_prior(shape, generator, device)
         else:
-            x = noise.to(device)
+            x = noise if device is None else noise.to(device)
         trajectory, preds = ([x.cpu()], []) if return_trajectory else (None, None)
         steps = self.timesteps
         if progress:
@@ -236,6 +241,9 @@ class DDIMSampler(Sampler):
 
     def set_timesteps(self, num_steps: int) -> None:
         self._set_grid(make_timesteps(self.T, num_steps, self.spacing))
+        abar = self.process.alphas_cumprod.detach().double().cpu().tolist()
+        self._abar = {t: abar[t] for t in self.timesteps}
+        self._abar_prev = {t: (abar[p] if p >= 0 else 1.0) for t, p in self.prev_timesteps.items()}
 
     def sigma2(self, t: int) -> float:
         """sigma_t(eta)^2 = eta^2 (1 - a_prev) / (1 - a_t) (1 - a_t / a_prev)     (Song et al. eq. 16)."""
@@ -254,3 +262,76 @@ class DDIMSampler(Sampler):
         # x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma z                 (eq. 12)
         mean = math.sqrt(a_prev) * pred_x0 + math.sqrt(max(1 - a_prev - sigma2, 0.0)) * eps
         return mean, sigma2, pred_x0
+
+
+class ColdSampler(Sampler):
+    """Cold-diffusion sampling of the blur process (Bansal et al. 2022) on a grid of ``num_steps`` timesteps.
+
+    At each step the network restores x^_0 = R(x_s, s); then (``improved``, the paper's Algorithm 2)
+    x_{s'} = x_s - D(x^_0, s) + D(x^_0, s'), or (Algorithm 1) x_{s'} = D(x^_0, s'), where s' is the next, lower
+    point of the grid (the paper uses every step: s' = s - 1). Algorithm 2 is exact for any restorer whose error
+    the degradation does not see at first order: with a perfect restorer both return x_0, but a restorer off by a
+    constant image c (which blurring keeps) still lands on x_0 with Algorithm 2 and on x_0 + c with Algorithm 1.
+
+    The fully blurred x_T is a constant image, so colour alone would pick the sample. As in the paper's code, x_T
+    is perturbed by white noise of std ``prior_noise_std``; Algorithm 2 carries that perturbation unchanged through
+    every step (each step only adds D(x^_0, s') - D(x^_0, s)), and it is subtracted from the result
+    (``remove_prior_noise``), so it steers the restorations without staying in the image. Otherwise deterministic.
+    """
+
+    process_type = BlurDiffusion
+    process_name = "blur"
+
+    def __init__(
+        self,
+        process: BlurDiffusion,
+        num_steps: int | None = None,
+        improved: bool = True,
+        spacing: str = "linspace",
+        clip_denoised: bool = True,
+        prior_noise_std: float = 0.02,
+        remove_prior_noise: bool = True,
+    ):
+        if isinstance(prior_noise_std, bool) or not isinstance(prior_noise_std, (int, float)) or prior_noise_std < 0:
+            raise ValueError(f"sampler prior_noise_std={prior_noise_std!r} is invalid: it must be a number >= 0")
+        self.prior_noise_std = float(prior_noise_std)
+        self.remove_prior_noise = bool(remove_prior_noise)
+        self.improved = bool(improved)
+        self.spacing = check_choice("sampler spacing", spacing, SPACINGS)
+        super().__init__(process, num_steps=num_steps, clip_denoised=clip_denoised)
+
+    def set_timesteps(self, num_steps: int) -> None:
+        self._set_grid(make_timesteps(self.T, num_steps, self.spacing))
+
+    def step(self, model_output, t, x, generator=None) -> StepOutput:
+        t = int(t)
+        if t not in self.prev_timesteps:
+            raise ValueError(f"timestep {t} is not on this sampler's grid; call set_timesteps first")
+        pred_x0 = model_output.clamp(-1.0, 1.0) if self.clip_denoised else model_output
+        # the network's 0-based timestep t is the paper's step s = t + 1; the previous grid point p is s' = p + 1
+        s = self._timestep_tensor(t, x) + 1
+        s_prev = s - (t - self.prev_timesteps[t])
+        target = self.process.blur(pred_x0, s_prev)
+        if self.improved:
+            target = x - self.process.blur(pred_x0, s) + target  # Algorithm 2, line 3
+        return StepOutput(target, pred_x0)
+
+    @torch.inference_mode()
+    def sample(self, model, shape=None, *, noise=None, generator=None, device=None, return_trajectory=False, progress=False):
+        """As :meth:`Sampler.sample`; without ``noise``, x_T = prior + ``prior_noise_std`` z, z removed at the end
+        (Algorithm 2 only: Algorithm 1 re-blurs every step, which does not carry z)."""
+        if noise is not None:
+            return super().sample(model, noise=noise, generator=generator, device=device,
+                                  return_trajectory=return_trajectory, progress=progress)
+        if shape is None:
+            raise ValueError("sample() needs a shape or an initial noise tensor")
+        prior = self.process.sample_prior(shape, generator, device)
+        perturbation = self.prior_noise_std * _randn_like(prior, generator)
+        out = super().sample(model, noise=prior + perturbation, generator=generator, device=device,
+                             return_trajectory=return_trajectory, progress=progress)
+        if not (self.improved and self.remove_prior_noise):
+            return out
+        samples = out.samples - perturbation
+        if out.trajectory is not None:
+            out.trajectory[-1] = samples.cpu()
+        return out._replace(samples=samples)

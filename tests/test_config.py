@@ -7,7 +7,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from diffusion.samplers import DDIMSampler, DDPMSampler
+from diffusion.blur import BlurSchedule
+from diffusion.samplers import ColdSampler, DDIMSampler, DDPMSampler
 from diffusion.schedules import NoiseSchedule
 from diffusion.train import CONFIG_DIR, build_module
 
@@ -33,16 +34,22 @@ def test_default_config_composes():
 def test_every_schedule_builds(schedule):
     cfg = compose_cfg(f"schedule={schedule}", "schedule.T=50")
     sched = instantiate(cfg.schedule)
-    assert isinstance(sched, NoiseSchedule) and sched.table().T == 50
+    if schedule == "blur":  # cold diffusion's kernel widths (process=blur)
+        assert isinstance(sched, BlurSchedule) and sched.sigmas().shape == (51,)
+    else:
+        assert isinstance(sched, NoiseSchedule) and sched.table().T == 50
 
 
 @pytest.mark.parametrize("model", options("model"))
 @pytest.mark.parametrize("sampler", options("sampler"))
 def test_every_model_and_sampler_builds_a_module_that_samples(model, sampler):
-    steps = ["sampler.num_steps=5"] if sampler == "ddim" else []
-    cfg = compose_cfg(f"model={model}", f"sampler={sampler}", "model.base_channels=8", "schedule.T=20", *steps)
+    steps = ["sampler.num_steps=5"] if sampler in ("ddim", "cold") else []
+    process = ["process=blur"] if sampler == "cold" else []  # the cold sampler reverses the blur process only
+    cfg = compose_cfg(*process, f"model={model}", f"sampler={sampler}", "model.base_channels=8", "schedule.T=20", *steps)
     module = build_module(cfg, channels=1, image_size=16)
-    assert isinstance(module.sampler, DDIMSampler if sampler == "ddim" else DDPMSampler)
+    assert isinstance(module.sampler, {"ddim": DDIMSampler, "ddpm": DDPMSampler, "cold": ColdSampler}[sampler])
+    if sampler == "cold":
+        module.process.observe(torch.zeros(2, 1, 16, 16))  # its prior comes from training images
     out = module.sample(2, generator=torch.Generator().manual_seed(0)).samples
     assert out.shape == (2, 1, 16, 16)
 
@@ -54,7 +61,7 @@ def test_model_follows_the_data_channels_and_size():
     assert module(torch.zeros(1, 3, 32, 32), torch.zeros(1, dtype=torch.long)).shape == (1, 3, 32, 32)
 
 
-@pytest.mark.parametrize("group", ["logger", "optimizer", "trainer"])
+@pytest.mark.parametrize("group", ["logger", "optimizer", "trainer", "process"])
 def test_every_other_option_composes(group):
     for option in options(group):
         cfg = compose_cfg(f"{group}={option}")
