@@ -61,11 +61,20 @@ def test_model_follows_the_data_channels_and_size():
     assert module(torch.zeros(1, 3, 32, 32), torch.zeros(1, dtype=torch.long)).shape == (1, 3, 32, 32)
 
 
-@pytest.mark.parametrize("group", ["logger", "optimizer", "trainer", "process"])
+@pytest.mark.parametrize("group", ["logger", "optimizer", "trainer"])
 def test_every_other_option_composes(group):
     for option in options(group):
         cfg = compose_cfg(f"{group}={option}")
         assert group in cfg
+
+
+def test_process_presets_pick_their_schedule_sampler_and_target():
+    assert options("process") == ["blur", "gaussian"]
+    gaussian, blur = compose_cfg("process=gaussian"), compose_cfg("process=blur")
+    assert gaussian.schedule._target_.endswith("LinearSchedule") and gaussian.sampler._target_.endswith("DDIMSampler")
+    assert blur.schedule._target_.endswith("BlurSchedule") and blur.sampler._target_.endswith("ColdSampler")
+    assert (blur.module.objective, blur.module.loss_type) == ("x0", "l1")
+    assert compose_cfg("process=blur", "schedule.T=20").schedule.T == 20  # its choices stay overridable
 
 
 def test_debug_preset_composes():
