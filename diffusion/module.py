@@ -22,6 +22,7 @@ from diffusion.blur import BlurDiffusion, BlurSchedule
 from diffusion.models.speed import apply_speed_options, split_speed_options
 from diffusion.process import GaussianDiffusion
 from diffusion.samplers import Sampler
+from diffusion.timesteps import build_timestep_sampler
 
 NUM_QUARTILES = 4
 
@@ -89,6 +90,8 @@ class DiffusionModule(L.LightningModule):
         objective: the network's target, ``eps``, ``x0`` or ``v``.
         min_snr_gamma: Min-SNR-gamma loss weighting (null: none).
         hybrid_lambda: lambda of the hybrid loss.
+        timestep_sampling: ``uniform`` or ``importance`` (Nichol & Dhariwal's sqrt(E[L_t^2]) resampling, for
+            ``loss_type=vlb``; :mod:`diffusion.timesteps`). Validation always draws uniformly.
         lr_warmup_steps: linear learning-rate warm-up from 0 over this many optimizer steps.
         num_samples: images in each sample grid.
         sample_every_n_epochs: generate a grid every N validation epochs (0: only at the end of training).
@@ -109,6 +112,7 @@ class DiffusionModule(L.LightningModule):
         objective: str = "eps",
         min_snr_gamma: float | None = None,
         hybrid_lambda: float = 0.001,
+        timestep_sampling: str = "uniform",
         lr_warmup_steps: int = 0,
         num_samples: int = 64,
         sample_every_n_epochs: int = 5,
@@ -128,6 +132,7 @@ class DiffusionModule(L.LightningModule):
         self.process = build_process(schedule_, self.model.in_channels, variance, loss_type, objective, min_snr_gamma,
                                      hybrid_lambda, learn_sigma)
         self.sampler = self.build_sampler(sampler)
+        self.timestep_sampler = build_timestep_sampler(timestep_sampling, self.process.num_timesteps)
         self.quartile_loss = torch.nn.ModuleList(MeanMetric() for _ in range(NUM_QUARTILES))
         self._generator: torch.Generator | None = None
         self.has_ema = False  # set by from_checkpoint: whether the checkpoint held EMA weights
@@ -178,16 +183,23 @@ class DiffusionModule(L.LightningModule):
         return (m.in_channels, m.image_size, m.image_size)
 
     # ----------------------------------------------------------------------------------------------- training
-    def _losses(self, batch: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def _losses(self, batch: torch.Tensor, generator: torch.Generator, t: torch.Tensor | None = None):
         x0 = to_model_range(batch)
-        t = self.process.sample_timesteps(x0.shape[0], x0.device, generator)
+        if t is None:
+            t = self.process.sample_timesteps(x0.shape[0], x0.device, generator)
         noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
         return self.process.training_losses(self.model, x0, t, noise), t
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         g = self._seeded_generator(1, self.global_rank, self.global_step)
-        losses, t = self._losses(batch, g)
-        loss = losses.mean()
+        if self.timestep_sampler is None:
+            losses, t = self._losses(batch, g)
+            loss = losses.mean()
+        else:  # importance: the weighted mean estimates the uniform one; every rank's losses update the history
+            t, weights = self.timestep_sampler.sample(batch.shape[0], batch.device, g)
+            losses, _ = self._losses(batch, g, t)
+            self.timestep_sampler.update(self.all_gather(t), self.all_gather(losses.detach()))
+            loss = (losses * weights).mean()
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=losses.shape[0])
         # improved-diffusion's view of which noise levels are learning: the loss per quarter of [0, T)
         # (a mask-weighted mean: no data-dependent indexing, so no host synchronisation in the step)

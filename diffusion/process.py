@@ -21,7 +21,7 @@ from diffusion.schedules import NoiseSchedule, ScheduleTable
 
 VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned_range")
 FIXED_VARIANCES = ("fixed_small", "fixed_large")
-LOSS_TYPES = ("mse", "l1", "huber", "hybrid")
+LOSS_TYPES = ("mse", "l1", "huber", "hybrid", "vlb")
 OBJECTIVES = ("eps", "x0", "v")
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -64,7 +64,9 @@ class GaussianDiffusion(nn.Module):
             log-variance between log beta~_t and log beta_t.
         loss_type: ``mse`` (L_simple, Ho et al. eq. 14), ``l1`` or ``huber`` on the prediction target, or
             ``hybrid`` (Nichol & Dhariwal eq. 16): L_simple + ``hybrid_lambda`` * L_vlb, the VLB term seeing the
-            predicted mean through a stop-gradient so that it trains the variance only.
+            predicted mean through a stop-gradient so that it trains the variance only; or ``vlb``, the bound
+            itself (T L_t per example, in bits/dim: Ho et al. eq. 5, Nichol & Dhariwal's L_vlb), which trains mean and
+            variance; pair it with ``timestep_sampling=importance`` (:mod:`diffusion.timesteps`).
         objective: what the network predicts: ``eps`` (the noise, Ho et al.), ``x0`` (the clean image) or ``v``
             (sqrt(abar) eps - sqrt(1 - abar) x_0, Salimans & Ho 2022).
         min_snr_gamma: if set, weight each example's loss by min(SNR_t, gamma) / SNR_t (eps), min(SNR_t, gamma)
@@ -88,6 +90,8 @@ class GaussianDiffusion(nn.Module):
         self.objective = check_choice("objective", objective, OBJECTIVES)
         if loss_type == "hybrid" and variance != "learned_range":
             raise ValueError("loss_type='hybrid' is invalid with a fixed variance: it trains a learned one (model.learn_sigma=true)")
+        if min_snr_gamma is not None and loss_type == "vlb":
+            raise ValueError(f"min_snr_gamma={min_snr_gamma} is invalid with loss_type='vlb': it weights the simple loss")
         if min_snr_gamma is not None and (isinstance(min_snr_gamma, bool) or not isinstance(min_snr_gamma, (int, float)) or min_snr_gamma <= 0):
             raise ValueError(f"min_snr_gamma={min_snr_gamma!r} is invalid: it must be a number > 0 (or null for no weighting)")
         if isinstance(hybrid_lambda, bool) or not isinstance(hybrid_lambda, (int, float)) or hybrid_lambda < 0:
@@ -256,6 +260,8 @@ class GaussianDiffusion(nn.Module):
             noise = torch.randn_like(x0)
         xt = self.q_sample(x0, t, noise)
         output = model(xt, t)
+        if self.loss_type == "vlb":  # T L_t: the one-sample estimate of the whole bound
+            return self.num_timesteps * self.vb_terms_bpd(output, x0, xt, t)
         prediction, var_values = self.split_output(output, xt)
         target = self.training_target(x0, noise, t)
         if self.loss_type in ("mse", "hybrid"):
