@@ -94,19 +94,11 @@ def reverse_figure(ckpt: str, n: int, transitions: int, out: Path, sampler: str 
     if transitions < 1:
         raise UsageError(f"transitions={transitions} is invalid: it must be >= 1")
     module = _load(ckpt)
-    config = dict(module.hparams.sampler)
-    if sampler == "ddpm":
-        config = {"_target_": "diffusion.samplers.DDPMSampler", "clip_denoised": True}
-    elif sampler == "ddim":
-        config = {"_target_": "diffusion.samplers.DDIMSampler", "num_steps": num_steps or 50, "clip_denoised": True}
-    elif num_steps is not None and "num_steps" in config:
-        config["num_steps"] = num_steps
-    chosen = build_or_usage_error("sampler", lambda: module.build_sampler(config))
-    out_ = module.sample(n, sampler=chosen, generator=torch.Generator().manual_seed(seed), return_trajectory=True, progress=True)
-    steps = out_.trajectory.shape[0] - 1
-    picks = torch.linspace(0, steps, min(transitions, steps) + 1).round().long()
-    rows = out_.trajectory[picks].transpose(0, 1)
-    return _save_grid(rows, out / f"reverse_{type(chosen).__name__}_{chosen.num_steps}steps_{len(picks) - 1}transitions.png")
+    chosen = build_or_usage_error("sampler", lambda: module.named_sampler(sampler, num_steps))
+    out_ = module.sample(n, sampler=chosen, generator=torch.Generator().manual_seed(seed), return_trajectory=True,
+                         progress=True, trajectory_points=transitions + 1)
+    rows = out_.trajectory.transpose(0, 1)
+    return _save_grid(rows, out / f"reverse_{type(chosen).__name__}_{chosen.num_steps}steps_{rows.shape[1] - 1}transitions.png")
 
 
 def progression_figure(run: str, n: int, out: Path, seed: int = 0) -> Path:
@@ -139,7 +131,7 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--ckpt", required=True)
     p.add_argument("--n", type=int, default=4)
     p.add_argument("--transitions", type=int, default=10)
-    p.add_argument("--sampler", choices=["configured", "ddpm", "ddim"], default="configured")
+    p.add_argument("--sampler", choices=["configured", "ddpm", "ddim", "cold"], default="configured")
     p.add_argument("--num-steps", type=int, default=None)
     p = sub.add_parser("progression", help="samples of every checkpoint of a run from the same noise")
     p.add_argument("--run", required=True)

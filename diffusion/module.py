@@ -25,6 +25,9 @@ from diffusion.samplers import Sampler
 from diffusion.timesteps import build_timestep_sampler
 
 NUM_QUARTILES = 4
+#: samplers by name, for the CLIs and the app: each reverses one process (``ColdSampler`` the blur one)
+SAMPLERS = {"ddim": "diffusion.samplers.DDIMSampler", "ddpm": "diffusion.samplers.DDPMSampler",
+            "cold": "diffusion.samplers.ColdSampler"}
 
 
 def to_model_range(images: torch.Tensor) -> torch.Tensor:
@@ -166,6 +169,19 @@ class DiffusionModule(L.LightningModule):
         """Instantiate a sampler config (a ``_partial_`` taking the process) with optional overrides."""
         return instantiate({**config, **overrides, "_partial_": False}, process=self.process)
 
+    def named_sampler(self, name: str = "configured", num_steps: int | None = None, **options: Any) -> Sampler:
+        """``configured``: the sampler the model was trained with; ``ddim``, ``ddpm`` or ``cold``: that sampler with
+        clipping and its defaults (DDIM: 50 steps). ``num_steps`` changes the grid where the sampler has one."""
+        if name == "configured":
+            config = dict(self.hparams.sampler)
+        elif name in SAMPLERS:
+            config = {"_target_": SAMPLERS[name], "clip_denoised": True, **({"num_steps": 50} if name == "ddim" else {})}
+        else:
+            raise ValueError(f"sampler {name!r} is invalid: allowed values are configured, {', '.join(SAMPLERS)}")
+        if num_steps is not None and name != "ddpm" and ("num_steps" in config or name != "configured"):  # DDPM: all T
+            config["num_steps"] = num_steps
+        return self.build_sampler(config, **options)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.model(x, t)
 
@@ -236,8 +252,9 @@ class DiffusionModule(L.LightningModule):
         generator: torch.Generator | None = None,
         return_trajectory: bool = False,
         progress: bool = False,
+        trajectory_points: int | None = None,
     ):
-        """Draw ``n`` images in [-1, 1] with ``sampler`` (default: the configured one)."""
+        """Draw ``n`` images in [-1, 1] with ``sampler`` (default: the configured one); see :meth:`Sampler.sample`."""
         was_training = self.training
         self.eval()
         try:
@@ -248,6 +265,7 @@ class DiffusionModule(L.LightningModule):
                 device=self.device,
                 return_trajectory=return_trajectory,
                 progress=progress,
+                trajectory_points=trajectory_points,
             )
         finally:
             self.train(was_training)

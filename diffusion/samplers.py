@@ -74,9 +74,10 @@ class StepOutput(NamedTuple):
 
 class SampleOutput(NamedTuple):
     samples: torch.Tensor
-    #: (num_steps + 1, B, C, H, W) on the CPU: x_T, then every x after a step; None unless asked for.
+    #: (num_steps + 1, B, C, H, W) on the CPU: x_T, then every x after a step (or the trajectory_points kept);
+    #: None unless asked for.
     trajectory: torch.Tensor | None = None
-    #: (num_steps, B, C, H, W) on the CPU: the predicted x_0 at every step; None unless asked for.
+    #: (num_steps, B, C, H, W) on the CPU: the predicted x_0 at every step (or at the kept ones); None unless asked for.
     pred_x0: torch.Tensor | None = None
 
 
@@ -146,6 +147,16 @@ class Sampler:
         std = var.sqrt() if isinstance(var, torch.Tensor) else math.sqrt(var)
         return StepOutput(mean + std * _randn_like(x, generator), pred_x0)
 
+    def trajectory_indices(self, points: int | None = None) -> set[int]:
+        """Which states of the chain a trajectory keeps: 0 is x_T, i the state after step i (all, or ``points``
+        evenly spaced ones, both ends included)."""
+        n = self.num_steps
+        if points is None:
+            return set(range(n + 1))
+        if isinstance(points, bool) or not isinstance(points, int) or points < 2:
+            raise ValueError(f"trajectory_points={points!r} is invalid: it must be an integer >= 2 (x_T and x_0)")
+        return set(torch.linspace(0, n, min(points, n + 1)).round().long().tolist())
+
     @torch.inference_mode()
     def sample(
         self,
@@ -157,8 +168,13 @@ class Sampler:
         device: torch.device | str | None = None,
         return_trajectory: bool = False,
         progress: bool = False,
+        trajectory_points: int | None = None,
     ) -> SampleOutput:
-        """Run the whole reverse chain from x_T drawn from the process's prior (or ``noise``) and return x_0."""
+        """Run the whole reverse chain from x_T drawn from the process's prior (or ``noise``) and return x_0.
+
+        ``return_trajectory`` keeps x after every step (and the predicted x_0 of each step); ``trajectory_points=K``
+        keeps only K evenly spaced points of the chain, x_T and x_0 included, so long chains of many images fit.
+        """
         if noise is None:
             if shape is None:
                 raise ValueError("sample() needs a shape or an initial noise tensor")
@@ -166,15 +182,16 @@ class Sampler:
         else:
             x = noise if device is None else noise.to(device)
         trajectory, preds = ([x.cpu()], []) if return_trajectory else (None, None)
+        keep = self.trajectory_indices(trajectory_points)
         steps = self.timesteps
         if progress:
             from tqdm.auto import tqdm
 
             steps = tqdm(steps, desc=f"{type(self).__name__} sampling", leave=False)
-        for t in steps:
+        for i, t in enumerate(steps, start=1):
             out = model(x, self._timestep_tensor(t, x))
             x, pred_x0 = self.step(out, t, x, generator)
-            if return_trajectory:
+            if return_trajectory and i in keep:
                 trajectory.append(x.cpu())
                 preds.append(pred_x0.cpu())
         if return_trajectory:
@@ -317,18 +334,19 @@ class ColdSampler(Sampler):
         return StepOutput(target, pred_x0)
 
     @torch.inference_mode()
-    def sample(self, model, shape=None, *, noise=None, generator=None, device=None, return_trajectory=False, progress=False):
+    def sample(self, model, shape=None, *, noise=None, generator=None, device=None, return_trajectory=False, progress=False,
+               trajectory_points=None):
         """As :meth:`Sampler.sample`; without ``noise``, x_T = prior + ``prior_noise_std`` z, z removed at the end
         (Algorithm 2 only: Algorithm 1 re-blurs every step, which does not carry z)."""
         if noise is not None:
             return super().sample(model, noise=noise, generator=generator, device=device,
-                                  return_trajectory=return_trajectory, progress=progress)
+                                  return_trajectory=return_trajectory, progress=progress, trajectory_points=trajectory_points)
         if shape is None:
             raise ValueError("sample() needs a shape or an initial noise tensor")
         prior = self.process.sample_prior(shape, generator, device)
         perturbation = self.prior_noise_std * _randn_like(prior, generator)
         out = super().sample(model, noise=prior + perturbation, generator=generator, device=device,
-                             return_trajectory=return_trajectory, progress=progress)
+                             return_trajectory=return_trajectory, progress=progress, trajectory_points=trajectory_points)
         if not (self.improved and self.remove_prior_noise):
             return out
         samples = out.samples - perturbation

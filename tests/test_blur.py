@@ -226,6 +226,11 @@ def test_process_blur_trains_samples_and_draws_figures_from_the_cli(tmp_path):
     assert forward.name == "forward_blur_digits_T50_4steps.png"
     with pytest.raises(SystemExit):  # DDIM cannot reverse a blur: a one-line error, exit 2
         main(["reverse", "--ckpt", str(ckpt), "--sampler", "ddim", "--out", str(tmp_path / "f")])
+    from diffusion.app import generate, sampler_names
+
+    assert sampler_names(module) == ["cold"]  # the app offers the blur checkpoint its own sampler only
+    grid, strip, summary = generate(module, "cold", steps=20, eta=0.0, seed=0, count=2, strip_images=2, strip_points=21)
+    assert summary.startswith("2 images with ColdSampler, 20 steps") and strip.size[0] > grid.size[0]
     ev = run_train(f"ckpt={ckpt}", "metrics=[nll]", f"hydra.run.dir={tmp_path / 'e'}", tmp_path=tmp_path, module="diffusion.evaluate")
     assert ev.returncode == 2 and "no likelihood bound" in ev.stderr and "Traceback" not in ev.output, ev.output[-2000:]
 

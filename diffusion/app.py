@@ -1,0 +1,119 @@
+"""A page to sample a checkpoint: ``python -m diffusion.app ckpt=PATH [port=7860]``, then open http://127.0.0.1:7860.
+
+Pick the sampler, its steps (and DDIM's eta), the seed and the number of images, press Generate, and see the grid
+and the reverse-process strip (a few of the images from x_T to x_0). Needs the optional ``app`` extra
+(``pip install -e ".[app]"``: gradio). The page loads nothing from the internet.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import hydra
+import torch
+from omegaconf import DictConfig
+from PIL import Image
+from torchvision.utils import make_grid
+
+from diffusion.blur import BlurDiffusion
+from diffusion.module import DiffusionModule, to_uint8
+from diffusion.runtime import UsageError, build_or_usage_error, exits_on_usage_error, require_ckpt
+from diffusion.sample import resolve_device
+from diffusion.train import CONFIG_DIR
+
+log = logging.getLogger("diffusion.app")
+
+
+def sampler_names(module: DiffusionModule) -> list[str]:
+    """The samplers that reverse this checkpoint's process, its trained one first."""
+    if isinstance(module.process, BlurDiffusion):
+        return ["cold"]
+    trained = "ddpm" if module.hparams.sampler["_target_"].endswith("DDPMSampler") else "ddim"
+    return [trained] + [name for name in ("ddim", "ddpm") if name != trained]
+
+
+def to_pil(images: torch.Tensor, nrow: int) -> Image.Image:
+    """(N, C, H, W) in [-1, 1] -> one RGB grid image, enlarged so that small images stay visible."""
+    grid = to_uint8(make_grid(images.float(), nrow=nrow, padding=2, pad_value=1.0)).permute(1, 2, 0).numpy()
+    image = Image.fromarray(grid.squeeze(-1) if grid.shape[-1] == 1 else grid).convert("RGB")
+    scale = max(1, 256 // images.shape[-1])
+    return image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+
+
+def generate(module: DiffusionModule, sampler: str, steps: int, eta: float, seed: int, count: int,
+             strip_images: int = 4, strip_points: int = 9) -> tuple[Image.Image, Image.Image, str]:
+    """(grid of ``count`` samples, reverse-process strip of the first ``strip_images``, a one-line summary)."""
+    options = {"eta": float(eta)} if sampler == "ddim" else {}
+    chosen = module.named_sampler(sampler, None if sampler == "ddpm" else int(steps), **options)
+    start = time.perf_counter()
+    generator = torch.Generator(device=module.device).manual_seed(int(seed))
+    out = module.sample(int(count), sampler=chosen, generator=generator, return_trajectory=True,
+                        trajectory_points=strip_points, progress=True)
+    seconds = time.perf_counter() - start
+    grid = to_pil(out.samples.cpu(), nrow=max(1, round(int(count) ** 0.5)))
+    strip = out.trajectory[:, :strip_images].transpose(0, 1)  # rows: images, columns: x_T ... x_0
+    strip = to_pil(strip.reshape(-1, *strip.shape[2:]), nrow=out.trajectory.shape[0])
+    summary = (f"{count} images with {type(chosen).__name__}, {chosen.num_steps} steps, seed {seed}: "
+               f"{seconds:.1f} s on {module.device}")
+    return grid, strip, summary
+
+
+def build_app(module: DiffusionModule, ckpt: str = "", max_count: int = 64, strip_images: int = 4, strip_points: int = 9):
+    """The Gradio Blocks page for ``module``."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    import gradio as gr
+
+    names = sampler_names(module)
+    T = module.process.num_timesteps
+    trained_steps = module.hparams.sampler.get("num_steps") or T
+
+    def run(sampler, steps, eta, seed, count, progress=gr.Progress(track_tqdm=True)):
+        try:
+            return generate(module, sampler, steps, eta, seed, count, strip_images, strip_points)
+        except ValueError as err:  # a bad combination (e.g. a grid that repeats timesteps): show it, keep serving
+            raise gr.Error(str(err)) from err
+
+    with gr.Blocks(title="diffusion: sample a checkpoint") as demo:
+        gr.Markdown(f"### Sample `{ckpt}`\n{type(module.process).__name__}, T = {T}, "
+                    f"{'EMA' if module.has_ema else 'raw'} weights, images {tuple(module.image_shape)}")
+        with gr.Row():
+            with gr.Column(scale=1):
+                sampler = gr.Dropdown(names, value=names[0], label="sampler", elem_id="sampler")
+                steps = gr.Slider(1, T, value=min(trained_steps, T), step=1, label="steps (DDPM always runs all T)",
+                                  elem_id="steps")
+                eta = gr.Slider(0.0, 1.0, value=0.0, step=0.1, label="eta (DDIM: 0 deterministic, 1 DDPM-like)",
+                                elem_id="eta")
+                seed = gr.Number(value=0, precision=0, label="seed", elem_id="seed")
+                count = gr.Slider(1, max_count, value=min(16, max_count), step=1, label="images", elem_id="count")
+                button = gr.Button("Generate", variant="primary", elem_id="generate")
+            with gr.Column(scale=2):
+                grid = gr.Image(label="samples", type="pil", format="png", elem_id="grid")
+                strip = gr.Image(label="reverse process: x_T (left) to x_0 (right)", type="pil", format="png",
+                                 elem_id="strip")
+                info = gr.Textbox(label="run", interactive=False, elem_id="info")
+        button.click(run, [sampler, steps, eta, seed, count], [grid, strip, info])
+    return demo
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="app")
+@exits_on_usage_error
+def main(cfg: DictConfig) -> None:
+    require_ckpt(cfg)
+    if not isinstance(cfg.port, int) or not 1 <= cfg.port <= 65535:
+        raise UsageError(f"port={cfg.port!r} is invalid: it must be an integer in [1, 65535]")
+    try:
+        import gradio as gr
+    except ImportError as exc:
+        raise UsageError('the app needs gradio: pip install -e ".[app]"') from exc
+    module = build_or_usage_error("ckpt", lambda: DiffusionModule.from_checkpoint(cfg.ckpt, ema=cfg.ema))
+    module = module.to(resolve_device(cfg.device))
+    demo = build_app(module, str(cfg.ckpt), cfg.max_count, cfg.strip_images, cfg.strip_points)
+    log.info("serving %s on http://%s:%d", cfg.ckpt, cfg.host, cfg.port)
+    local_fonts = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
+    demo.launch(server_name=cfg.host, server_port=cfg.port, share=False, show_error=True, theme=local_fonts, footer_links=[])
+
+
+if __name__ == "__main__":
+    main()
