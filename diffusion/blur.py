@@ -6,7 +6,9 @@ adding variances, so D(x_0, s) is one Gaussian blur of width sigma_s = sqrt(sum_
 exactly (no truncated kernel) in the DCT-II basis, where a Gaussian blur with mirrored borders is diagonal: the
 coefficient of frequency w = pi k / N is multiplied by exp(-sigma^2 w^2 / 2) (the heat equation with Neumann
 borders, as in Rissanen et al. 2023). D(x, 0) = x, every coefficient shrinks monotonically with s, and the image
-mean is kept exactly, so the fully blurred x_T is (nearly) the constant image of x_0's channel means.
+mean is kept exactly. The last step averages completely (sigma_T = inf, the "discrete" generation setting of the
+paper's code), so x_T is exactly the constant image of x_0's channel means, whatever the image size, and the prior
+that generation starts from matches what the network saw in training.
 
 Indexing follows :mod:`diffusion.schedules`: the network's 0-based timestep ``t`` is the paper's step
 ``s = t + 1``, so ``q_sample(x_0, t) = D(x_0, t + 1)`` and ``blur(x, 0)`` is the identity.
@@ -57,8 +59,11 @@ class BlurSchedule:
         return torch.exp(self.kernel_std * (s - 1))
 
     def sigmas(self) -> torch.Tensor:
-        """Width of D(., s) for s = 0..T (float64, length T + 1): 0, then sqrt of the running sum of std_s^2."""
-        return torch.cat([torch.zeros(1, dtype=torch.float64), self.step_stds().square().cumsum(0).sqrt()])
+        """Width of D(., s) for s = 0..T (float64, length T + 1): 0, then sqrt of the running sum of std_s^2, and
+        inf at s = T (the complete average)."""
+        widths = self.step_stds().square().cumsum(0).sqrt()
+        widths[-1] = math.inf
+        return torch.cat([torch.zeros(1, dtype=torch.float64), widths])
 
 
 def dct_matrix(n: int, dtype=torch.float32, device=None) -> torch.Tensor:
@@ -74,7 +79,7 @@ def _blur_matrices(n: int, sigma: torch.Tensor) -> torch.Tensor:
     """(B, n, n) matrices C^T diag(exp(-sigma^2 w_k^2 / 2)) C that blur one axis of length n, one per sigma."""
     c = dct_matrix(n, torch.float64, sigma.device)
     w = math.pi * torch.arange(n, dtype=torch.float64, device=sigma.device) / n
-    gain = torch.exp(-0.5 * sigma.double()[:, None] ** 2 * w**2)  # (B, n)
+    gain = torch.exp(-0.5 * sigma.double()[:, None] ** 2 * w**2).nan_to_num(1.0)  # (B, n); inf * 0 at w = 0: the mean
     return torch.einsum("kj,bk,kl->bjl", c, gain, c)
 
 
@@ -114,7 +119,9 @@ class BlurDiffusion(nn.Module):
         if not isinstance(schedule, BlurSchedule):
             raise ValueError(f"process=blur needs schedule=blur (a BlurSchedule), got {type(schedule).__name__}")
         self.loss_type = check_choice("loss_type (process=blur)", loss_type, BLUR_LOSS_TYPES)
-        self.register_buffer("blur_sigmas", schedule.sigmas().float())
+        # A plain tensor, not a buffer: the EMA of the weights also averages buffers, and lerp(inf, inf) is nan. The
+        # widths follow from the schedule, which the checkpoint's hyper-parameters rebuild.
+        self.blur_sigmas = schedule.sigmas()
         # running averages, not sums: they settle, so the EMA of the weights (which also averages buffers) keeps them
         self.register_buffer("prior_count", torch.zeros((), dtype=torch.float64))
         self.register_buffer("prior_mean", torch.zeros(channels, dtype=torch.float64))
@@ -135,7 +142,7 @@ class BlurDiffusion(nn.Module):
     def _operator(self, side: int, x: torch.Tensor) -> torch.Tensor:
         key = (side, x.device, x.dtype)
         if key not in self._operators:
-            self._operators[key] = _blur_matrices(side, self.blur_sigmas.to(x.device)).to(x.dtype)
+            self._operators[key] = _blur_matrices(side, self.blur_sigmas.to(x.device)).to(x.dtype)  # (T + 1, side, side)
         return self._operators[key]
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:

@@ -112,7 +112,7 @@ def progression_figure(run: str, n: int, out: Path, seed: int = 0) -> Path:
         loaded.append((step, path))
     loaded = sorted(dict((s, p) for s, p in loaded).items())  # one per step ('last' may equal 'best')
     rows = []
-    for _, path in loaded:  # the same seed: the same x_T ~ N(0, I) for every checkpoint
+    for _, path in loaded:  # the same seed: the same x_T (N(0, I), or a blur model's prior draw) for every checkpoint
         rows.append(_load(str(path)).sample(n, generator=torch.Generator().manual_seed(seed)).samples)
     steps = "-".join(str(s) for s, _ in loaded)
     return _save_grid(torch.stack(rows), out / f"progression_steps_{steps}.png")

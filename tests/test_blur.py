@@ -61,16 +61,20 @@ def test_the_forward_operator_is_the_identity_at_step_0_and_blurs_monotonically(
     tv = torch.stack([(x.diff(dim=2).abs().sum((1, 2, 3)) + x.diff(dim=3).abs().sum((1, 2, 3))) for x in xs])
     assert (distance[0] > 0).all() and (distance.diff(dim=0) > 0).all()  # further from x0 at every step
     assert (detail.diff(dim=0) < 0).all() and (tv.diff(dim=0) < 0).all()  # less detail at every step
-    # fully blurred (sigma_T = 20.7 px on 16 px): the constant image of x0's channel means
-    torch.testing.assert_close(xs[-1], x0.mean((2, 3), keepdim=True).expand_as(x0), rtol=0, atol=1e-3)
+    # the last step averages completely: exactly the constant image of x0's channel means, at any size
+    torch.testing.assert_close(xs[-1], x0.mean((2, 3), keepdim=True).expand_as(x0), rtol=0, atol=1e-6)
+    big = images(2, 3, 64, 48)
+    last = process.q_sample(big, torch.full((2,), 49))
+    torch.testing.assert_close(last, big.mean((2, 3), keepdim=True).expand_as(big), rtol=0, atol=1e-6)
 
 
 def test_blur_schedule_widths_are_the_closed_forms():
     s = torch.arange(0, 51, dtype=torch.float64)
     incremental = BlurSchedule(T=50, kernel_std=0.1, routine="incremental").sigmas()
-    torch.testing.assert_close(incremental, 0.1 * torch.sqrt(s * (s + 1) * (2 * s + 1) / 6))  # sum of (0.1 i)^2
+    torch.testing.assert_close(incremental[:-1], (0.1 * torch.sqrt(s * (s + 1) * (2 * s + 1) / 6))[:-1])  # sum (0.1 i)^2
     constant = BlurSchedule(T=50, kernel_std=0.7, routine="constant").sigmas()
-    torch.testing.assert_close(constant, 0.7 * s.sqrt())
+    torch.testing.assert_close(constant[:-1], 0.7 * s.sqrt()[:-1])
+    assert incremental[-1] == constant[-1] == math.inf  # the last step is the complete average
     exponential = BlurSchedule(T=3, kernel_std=0.5, routine="exponential").step_stds()
     torch.testing.assert_close(exponential, torch.tensor([1.0, math.exp(0.5), math.exp(1.0)], dtype=torch.float64))
 
@@ -211,6 +215,9 @@ def test_process_blur_trains_samples_and_draws_figures_from_the_cli(tmp_path):
     module = DiffusionModule.from_checkpoint(ckpt)
     assert isinstance(module.process, BlurDiffusion) and isinstance(module.sampler, ColdSampler)
     assert float(module.process.prior_count) > 0 and module.process.num_timesteps == 20
+    # the checkpoint's (EMA) process still averages completely at s = T (an averaged inf buffer would be nan)
+    x = torch.rand(2, 1, 16, 16)
+    torch.testing.assert_close(module.process.blur(x, torch.full((2,), 20)), x.mean((2, 3), keepdim=True).expand_as(x))
     sampled = run_train(f"ckpt={ckpt}", "n=6", "sampler=cold", "sampler.num_steps=5", f"hydra.run.dir={tmp_path / 's'}",
                         tmp_path=tmp_path, module="diffusion.sample")
     assert sampled.returncode == 0, sampled.output[-3000:]
