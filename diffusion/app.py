@@ -24,6 +24,7 @@ from diffusion.sample import resolve_device
 from diffusion.train import CONFIG_DIR
 
 log = logging.getLogger("diffusion.app")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is first imported: no usage reports
 
 
 def sampler_names(module: DiffusionModule) -> list[str]:
@@ -46,7 +47,7 @@ def generate(module: DiffusionModule, sampler: str, steps: int, eta: float, seed
              strip_images: int = 4, strip_points: int = 9) -> tuple[Image.Image, Image.Image, str]:
     """(grid of ``count`` samples, reverse-process strip of the first ``strip_images``, a one-line summary)."""
     options = {"eta": float(eta)} if sampler == "ddim" else {}
-    chosen = module.named_sampler(sampler, None if sampler == "ddpm" else int(steps), **options)
+    chosen = module.named_sampler(sampler, int(steps), **options)  # DDPM ignores steps: it runs all T
     start = time.perf_counter()
     generator = torch.Generator(device=module.device).manual_seed(int(seed))
     out = module.sample(int(count), sampler=chosen, generator=generator, return_trajectory=True,
@@ -62,7 +63,6 @@ def generate(module: DiffusionModule, sampler: str, steps: int, eta: float, seed
 
 def build_app(module: DiffusionModule, ckpt: str = "", max_count: int = 64, strip_images: int = 4, strip_points: int = 9):
     """The Gradio Blocks page for ``module``."""
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
 
     names = sampler_names(module)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffusion.checks import check_choice
+from diffusion.process import randn
 
 BLUR_ROUTINES = ("incremental", "constant", "exponential")
 BLUR_LOSS_TYPES = ("l1", "mse")
@@ -84,8 +85,10 @@ def _blur_matrices(n: int, sigma: torch.Tensor) -> torch.Tensor:
 
 
 def _apply(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """rows (B, H, H) @ x (B, C, H, W) @ cols (B, W, W)^T: a separable linear filter per image."""
-    return torch.einsum("bij,bcjk,blk->bcil", rows.to(x.dtype), x, cols.to(x.dtype))
+    """rows (B, H, H) @ x (B, C, H, W) @ cols (B, W, W)^T: a separable linear filter per image (or one filter for
+    all images: rows (H, H), cols (W, W))."""
+    spec = "bij,bcjk,blk->bcil" if rows.dim() == 3 else "ij,bcjk,lk->bcil"
+    return torch.einsum(spec, rows.to(x.dtype), x, cols.to(x.dtype))
 
 
 def dct_blur(x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
@@ -133,8 +136,8 @@ class BlurDiffusion(nn.Module):
         return int(self.blur_sigmas.shape[0]) - 1
 
     # ----------------------------------------------------------------------------------------------- forward
-    def blur(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        """D(x, s), the paper's degradation after ``s`` steps (s in 0..T, one per image); D(x, 0) = x.
+    def blur(self, x: torch.Tensor, s: torch.Tensor | int) -> torch.Tensor:
+        """D(x, s), the paper's degradation after ``s`` steps (s in 0..T, one per image or one for all); D(x, 0) = x.
         The T + 1 matrices per image side are built once (float64, then cast) and gathered per image."""
         h, w = x.shape[2:]
         return _apply(x, self._operator(h, x)[s], self._operator(w, x)[s])
@@ -184,9 +187,8 @@ class BlurDiffusion(nn.Module):
     def sample_prior(self, shape, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
         """x_T: constant images whose channel means are drawn from the fitted Gaussian (the sampler may perturb them)."""
         mean, cov = self.prior_mean_cov()
-        gen_device = generator.device if generator is not None else self.prior_mean.device
         eye = torch.eye(len(mean), dtype=torch.float64)
         chol = torch.linalg.cholesky(cov.cpu() + 1e-8 * eye)
-        z = torch.randn((shape[0], len(mean)), generator=generator, device=gen_device, dtype=torch.float64).cpu()
+        z = randn((shape[0], len(mean)), generator, self.prior_mean.device, torch.float64).cpu()
         colours = (mean.cpu() + z @ chol.T).float()[:, :, None, None].expand(shape)
         return colours.to(device if device is not None else self.prior_mean.device).contiguous()

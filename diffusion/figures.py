@@ -75,7 +75,9 @@ def forward_figure(overrides: list[str], n: int, columns: int, out: Path, seed: 
     build_or_usage_error("data", lambda: (datamodule.prepare_data(), datamodule.setup("fit")))
     x0 = to_model_range(torch.stack([datamodule.train_set[i] for i in range(min(n, len(datamodule.train_set)))]))
     options = {k: cfg.module[k] for k in ("variance", "loss_type", "objective", "min_snr_gamma", "hybrid_lambda")}
-    process = build_or_usage_error("schedule", lambda: build_process(instantiate(cfg.schedule), x0.shape[1], **options))
+    learn_sigma = bool(cfg.model.get("learn_sigma", False))
+    process = build_or_usage_error("schedule", lambda: build_process(instantiate(cfg.schedule), x0.shape[1], **options,
+                                                                     learn_sigma=learn_sigma))
     T = process.num_timesteps
     times = torch.linspace(0, T - 1, columns).round().long()
     g = torch.Generator().manual_seed(seed)

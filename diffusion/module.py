@@ -58,9 +58,13 @@ def build_optimizer(config: dict, params, device: torch.device, precision: str =
 def build_process(schedule, channels: int, variance: str = "fixed_small", loss_type: str = "mse", objective: str = "eps",
                   min_snr_gamma: float | None = None, hybrid_lambda: float = 0.001, learn_sigma: bool = False):
     """The forward process the schedule belongs to: Gaussian noise for a beta schedule, cold-diffusion blur for a
-    :class:`BlurSchedule` (``process=blur``: the network restores x_0).
-    Options that mean nothing to the blur process are refused in one line rather than ignored."""
+    :class:`BlurSchedule` (``process=blur``: the network restores x_0). A network with ``learn_sigma`` gets the
+    learned-range variance. Options that mean nothing to the blur process are refused in one line, not ignored."""
     if not isinstance(schedule, BlurSchedule):
+        if learn_sigma:
+            variance = "learned_range"
+        elif variance == "learned_range":
+            raise ValueError("variance=learned_range is invalid without model.learn_sigma=true (the network must output it)")
         return GaussianDiffusion(schedule, variance=variance, loss_type=loss_type, objective=objective,
                                  min_snr_gamma=min_snr_gamma, hybrid_lambda=hybrid_lambda)
     if objective != "x0":
@@ -126,14 +130,8 @@ class DiffusionModule(L.LightningModule):
         self.save_hyperparameters()
         network, speed = split_speed_options(model)
         self.model = apply_speed_options(instantiate(network), **speed)
-        schedule_ = instantiate(schedule)
-        learn_sigma = bool(network.get("learn_sigma"))
-        if learn_sigma and not isinstance(schedule_, BlurSchedule):
-            variance = "learned_range"
-        elif variance == "learned_range":
-            raise ValueError("variance=learned_range is invalid without model.learn_sigma=true (the network must output it)")
-        self.process = build_process(schedule_, self.model.in_channels, variance, loss_type, objective, min_snr_gamma,
-                                     hybrid_lambda, learn_sigma)
+        self.process = build_process(instantiate(schedule), self.model.in_channels, variance, loss_type, objective,
+                                     min_snr_gamma, hybrid_lambda, bool(network.get("learn_sigma")))
         self.sampler = self.build_sampler(sampler)
         self.timestep_sampler = build_timestep_sampler(timestep_sampling, self.process.num_timesteps)
         self.quartile_loss = torch.nn.ModuleList(MeanMetric() for _ in range(NUM_QUARTILES))

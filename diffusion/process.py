@@ -20,7 +20,6 @@ from diffusion.checks import check_choice
 from diffusion.schedules import NoiseSchedule, ScheduleTable
 
 VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned_range")
-FIXED_VARIANCES = ("fixed_small", "fixed_large")
 LOSS_TYPES = ("mse", "l1", "huber", "hybrid", "vlb")
 OBJECTIVES = ("eps", "x0", "v")
 
@@ -30,6 +29,13 @@ Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 def extract(a: torch.Tensor, t: torch.Tensor, x_shape: torch.Size) -> torch.Tensor:
     """Gather ``a[t]`` per batch element and shape it to broadcast against ``x_shape``: (B, 1, 1, ...)."""
     return a.gather(0, t).reshape(t.shape[0], *((1,) * (len(x_shape) - 1)))
+
+
+def randn(shape, generator: torch.Generator | None = None, device=None, dtype=None) -> torch.Tensor:
+    """N(0, I) drawn on the generator's device (so a seeded draw is the same wherever it is used), then moved to
+    ``device`` (default: the generator's, or the CPU)."""
+    draw_on = generator.device if generator is not None else torch.device(device or "cpu")
+    return torch.randn(shape, generator=generator, device=draw_on, dtype=dtype).to(device or draw_on)
 
 
 def to_x0_eps(objective: str, output: torch.Tensor, xt: torch.Tensor, sqrt_abar, sqrt_one_minus_abar):
@@ -219,9 +225,7 @@ class GaussianDiffusion(nn.Module):
 
     def sample_prior(self, shape, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
         """x_T ~ N(0, I), drawn on the generator's device and moved to ``device`` (default: the buffers')."""
-        device = torch.device(device) if device is not None else self.betas.device
-        gen_device = generator.device if generator is not None else device
-        return torch.randn(shape, generator=generator, device=gen_device).to(device)
+        return randn(shape, generator, device if device is not None else self.betas.device)
 
     # ----------------------------------------------------------------------------------------------- training
     def sample_timesteps(self, batch_size: int, device: torch.device, generator: torch.Generator | None = None):
@@ -330,7 +334,7 @@ class GaussianDiffusion(nn.Module):
         terms = []
         for t in timesteps.tolist():
             t_b = torch.full((x0.shape[0],), t, device=x0.device, dtype=torch.long)
-            noise = torch.randn(x0.shape, generator=generator, device=generator.device if generator else x0.device).to(x0)
+            noise = randn(x0.shape, generator, x0.device).to(x0)
             xt = self.q_sample(x0, t_b, noise)
             terms.append(self.vb_terms_bpd(model(xt, t_b), x0, xt, t_b, clip_denoised=clip_denoised))
         terms = torch.stack(terms, dim=1)

@@ -21,7 +21,7 @@ import torch
 
 from diffusion.blur import BlurDiffusion
 from diffusion.checks import check_choice
-from diffusion.process import VARIANCE_TYPES, GaussianDiffusion, Model, to_x0_eps
+from diffusion.process import VARIANCE_TYPES, GaussianDiffusion, Model, randn, to_x0_eps
 
 SPACINGS = ("leading", "trailing", "linspace", "quadratic")
 
@@ -79,12 +79,6 @@ class SampleOutput(NamedTuple):
     trajectory: torch.Tensor | None = None
     #: (num_steps, B, C, H, W) on the CPU: the predicted x_0 at every step (or at the kept ones); None unless asked for.
     pred_x0: torch.Tensor | None = None
-
-
-def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    if generator is None:
-        return torch.randn_like(x)
-    return torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
 
 
 class Sampler:
@@ -145,7 +139,7 @@ class Sampler:
         if self.prev_timesteps[t] < 0:  # the last step returns the mean (Algorithm 2: z = 0 when t = 1)
             return StepOutput(mean, pred_x0)
         std = var.sqrt() if isinstance(var, torch.Tensor) else math.sqrt(var)
-        return StepOutput(mean + std * _randn_like(x, generator), pred_x0)
+        return StepOutput(mean + std * randn(x.shape, generator, x.device, x.dtype), pred_x0)
 
     def trajectory_indices(self, points: int | None = None) -> set[int]:
         """Which states of the chain a trajectory keeps: 0 is x_T, i the state after step i (all, or ``points``
@@ -182,7 +176,7 @@ class Sampler:
         else:
             x = noise if device is None else noise.to(device)
         trajectory, preds = ([x.cpu()], []) if return_trajectory else (None, None)
-        keep = self.trajectory_indices(trajectory_points)
+        keep = self.trajectory_indices(trajectory_points) if return_trajectory else ()
         steps = self.timesteps
         if progress:
             from tqdm.auto import tqdm
@@ -326,8 +320,7 @@ class ColdSampler(Sampler):
             raise ValueError(f"timestep {t} is not on this sampler's grid; call set_timesteps first")
         pred_x0 = model_output.clamp(-1.0, 1.0) if self.clip_denoised else model_output
         # the network's 0-based timestep t is the paper's step s = t + 1; the previous grid point p is s' = p + 1
-        s = self._timestep_tensor(t, x) + 1
-        s_prev = s - (t - self.prev_timesteps[t])
+        s, s_prev = t + 1, self.prev_timesteps[t] + 1
         target = self.process.blur(pred_x0, s_prev)
         if self.improved:
             target = x - self.process.blur(pred_x0, s) + target  # Algorithm 2, line 3
@@ -344,7 +337,7 @@ class ColdSampler(Sampler):
         if shape is None:
             raise ValueError("sample() needs a shape or an initial noise tensor")
         prior = self.process.sample_prior(shape, generator, device)
-        perturbation = self.prior_noise_std * _randn_like(prior, generator)
+        perturbation = self.prior_noise_std * randn(prior.shape, generator, prior.device, prior.dtype)
         out = super().sample(model, noise=prior + perturbation, generator=generator, device=device,
                              return_trajectory=return_trajectory, progress=progress, trajectory_points=trajectory_points)
         if not (self.improved and self.remove_prior_noise):
