@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 from diffusion.metrics import fid_kid, inception, inception_weights
 from diffusion.module import DiffusionModule, to_model_range, to_uint8
 from diffusion.process import GaussianDiffusion
-from diffusion.runtime import UsageError, build_or_usage_error, exits_on_usage_error, log_to_training_run, require_ckpt
+from diffusion.runtime import (UsageError, build_or_usage_error, exits_on_usage_error, log_to_training_run, require_ckpt,
+                               save_run_config)
 from diffusion.sample import draw, resolve_device
 from diffusion.train import CONFIG_DIR
 
@@ -144,6 +145,7 @@ def evaluate(cfg: DictConfig) -> dict:
         raise UsageError(f"nll.num_timesteps={k} is invalid: it must be in [1, {module.process.num_timesteps}] (or null for all T)")
     if cfg.fid.num_steps is not None:
         build_or_usage_error("fid", lambda: module.build_sampler(dict(module.hparams.sampler), num_steps=cfg.fid.num_steps))
+    save_run_config(cfg)  # every check passed: record the config (a refused run leaves the directory as it was)
     images = evaluation_images(cfg, module)  # prepared once, here: ranks never race to build a data cache
     resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))  # spawned ranks have no Hydra context
     strategy = "ddp_spawn" if cfg.devices > 1 else "auto"

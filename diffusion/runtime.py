@@ -25,9 +25,13 @@ def root_cause(exc: BaseException) -> BaseException:
     return exc
 
 
+#: the rank variables of Lightning's DDP re-launch (LOCAL_RANK, NODE_RANK), torchrun (RANK, GROUP_RANK) and SLURM
+_RANK_KEYS = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID")
+
+
 def is_rank_zero() -> bool:
-    """True in the launching process (Lightning gives re-launched DDP ranks LOCAL_RANK/NODE_RANK > 0)."""
-    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+    """True in the process that owns the run directory: global rank 0 of whichever launcher started it."""
+    return all(os.environ.get(key, "0") == "0" for key in _RANK_KEYS)
 
 
 def build_or_usage_error(what: str, fn):
@@ -93,6 +97,63 @@ def prepare_ddp_relaunch() -> None:
 
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+
+
+RUN_STAMP_ENV = "DIFFUSION_RUN_STAMP"
+RUN_STAMP_FORMAT = "%Y-%m-%d_%H-%M-%S"
+
+
+def share_run_stamp(timeout_s: float = 300.0) -> str | None:
+    """Under torchrun, make every rank (on every node) resolve the same run directory.
+
+    Each rank composes its own config, and ``${now:}`` in ``hydra.run.dir`` differs between processes started a
+    second apart: global rank 0 puts its launch time into the rendezvous store that torchrun's agent serves at
+    MASTER_ADDR:MASTER_PORT (the store ``init_process_group`` joins later), the other ranks wait for it, and every
+    rank exports it as ``DIFFUSION_RUN_STAMP``, which conf/hydra/default.yaml uses in place of the time. Outside
+    torchrun, or when the stamp is already set, nothing happens. Returns the stamp.
+    """
+    if os.environ.get(RUN_STAMP_ENV) or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return os.environ.get(RUN_STAMP_ENV)
+    from datetime import datetime, timedelta
+
+    from torch.distributed.rendezvous import _create_c10d_store
+
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    store = _create_c10d_store(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), rank, world_size,
+                               timedelta(seconds=timeout_s))
+    key = f"diffusion/run_stamp/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    if rank == 0:
+        store.set(key, datetime.now().strftime(RUN_STAMP_FORMAT))
+    stamp = store.get(key).decode()
+    os.environ[RUN_STAMP_ENV] = stamp
+    return stamp
+
+
+def save_run_config(cfg: DictConfig) -> Path | None:
+    """Write what Hydra writes into ``<run>/.hydra/`` (config.yaml, hydra.yaml, overrides.yaml), once the run's
+    checks have passed: conf/hydra sets ``output_subdir: null`` so that a refused run (a used directory, a bad value)
+    changes nothing in the directory it was pointed at. Only the launching process writes; each file is written
+    under a temporary name and renamed into place. Returns the folder, or None outside Hydra or on other ranks."""
+    hc = hydra_job()
+    if hc is None or not is_rank_zero():
+        return None
+    folder = Path(hc.runtime.output_dir) / ".hydra"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, node in (("config.yaml", cfg), ("hydra.yaml", OmegaConf.create({"hydra": hc})),
+                       ("overrides.yaml", hc.overrides.task)):
+        write_text_atomic(folder / name, OmegaConf.to_yaml(node))
+    return folder
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename: never half-written."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def job_names() -> tuple[str | None, str | None]:

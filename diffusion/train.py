@@ -27,6 +27,8 @@ from diffusion.runtime import (
     job_names,
     prepare_ddp_relaunch,
     resolved_config,
+    save_run_config,
+    share_run_stamp,
 )
 
 log = logging.getLogger("diffusion.train")
@@ -78,6 +80,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     n_params = sum(p.numel() for p in module.model.parameters())
     log.info("model %s: %.2fM parameters; output dir %s", cfg.model._target_, n_params / 1e6, cfg.paths.output_dir)
 
+    save_run_config(cfg)  # every check passed: record the config (a refused run leaves the directory as it was)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
@@ -109,4 +112,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    share_run_stamp()  # torchrun: every rank resolves one run directory
     main()

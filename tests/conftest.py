@@ -35,6 +35,11 @@ def run_train(*overrides: str, tmp_path: Path, timeout: int = 600, module: str =
     return proc
 
 
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file below ``folder`` with its bytes: equal snapshots mean nothing was added, removed or changed."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
 @pytest.fixture
 def train_cli(tmp_path):
     def call(*overrides, timeout=600):

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tests.conftest import run_train
+from tests.conftest import run_train, snapshot
 
 
 def evaluate_cli(tmp_path, *overrides):
@@ -40,12 +40,15 @@ def test_evaluate_bad_input(ckpt, tmp_path, overrides, text):
 
 
 def test_evaluate_never_overwrites(ckpt, tmp_path):
+    """A refused run leaves the directory as it was, its .hydra/ config included."""
     out = tmp_path / "o"
-    out.mkdir()
+    (out / ".hydra").mkdir(parents=True)
     (out / "results.json").write_text("{}")
+    (out / ".hydra" / "overrides.yaml").write_text("- max_images=3\n")
+    before = snapshot(out)
     proc = evaluate_cli(tmp_path, f"ckpt={ckpt}", f"hydra.run.dir={out}")
     assert proc.returncode == 2 and "already holds results.json" in proc.stderr
-    assert (out / "results.json").read_text() == "{}"
+    assert snapshot(out) == before
 
 
 def test_results_and_figures_go_to_the_training_runs_wandb(finished_run, tmp_path, monkeypatch):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from diffusion.module import DiffusionModule
-from tests.conftest import run_train
+from tests.conftest import run_train, snapshot
 
 
 def sample_cli(tmp_path, *overrides):
@@ -53,12 +53,15 @@ def test_sample_bad_input(ckpt, tmp_path, overrides, text):
 
 
 def test_sample_never_overwrites(ckpt, tmp_path):
+    """A refused run leaves the directory as it was, its .hydra/ config included."""
     out = tmp_path / "o"
-    out.mkdir()
+    (out / ".hydra").mkdir(parents=True)
     np.savez(out / "samples.npz", samples=np.zeros(3))
+    (out / ".hydra" / "config.yaml").write_text("n: 3\n")
+    before = snapshot(out)
     proc = sample_cli(tmp_path, f"ckpt={ckpt}", "n=2", f"hydra.run.dir={out}")
     assert proc.returncode == 2 and "already holds samples.npz" in proc.stderr
-    assert np.load(out / "samples.npz")["samples"].shape == (3,)
+    assert snapshot(out) == before
 
 
 def test_from_checkpoint_rejects_what_is_not_a_checkpoint(tmp_path):

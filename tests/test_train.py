@@ -10,7 +10,7 @@ import yaml
 
 from diffusion.models import UNet
 from diffusion.module import DiffusionModule
-from tests.conftest import FAST
+from tests.conftest import FAST, snapshot
 from tests.wandb_records import config, history
 
 PROBE = "+callbacks.probe._target_=tests.helpers.RankProbe"
@@ -131,13 +131,17 @@ def test_checkpoint_samples_without_its_config(finished_run):
     assert images.shape == (2, 1, 16, 16) and torch.isfinite(images).all()
 
 
-def test_existing_checkpoints_are_never_overwritten(finished_run, train_cli):
+def test_a_refused_run_changes_nothing_in_the_used_directory(finished_run, train_cli):
+    """A second run into a used directory stops, and every file there (checkpoints, .hydra/config.yaml and
+    overrides.yaml, train.log, W&B files) is as it was: the config beside the checkpoints is still the one that
+    made them."""
     out, _ = finished_run
-    last = out / "checkpoints" / "last.ckpt"
-    before = last.read_bytes()
-    proc = train_cli(*FAST, "logger=none", f"hydra.run.dir={out}")
+    before = snapshot(out)
+    assert ".hydra/config.yaml" in before and ".hydra/overrides.yaml" in before
+    proc = train_cli(*FAST, "logger=none", "schedule.T=10", f"hydra.run.dir={out}")
     assert proc.returncode == 2 and "already holds checkpoints" in proc.stderr
-    assert last.read_bytes() == before
+    assert snapshot(out) == before
+    assert yaml.safe_load((out / ".hydra" / "config.yaml").read_text())["schedule"]["T"] == 1000
 
 
 def test_missing_resume_checkpoint_is_reported(train_cli, tmp_path):
@@ -183,3 +187,44 @@ def test_default_digits_run_learns(train_cli, tmp_path):
     val = [float(r["val/loss"]) for r in csv.DictReader((out / "csv" / "metrics.csv").open()) if r.get("val/loss")]
     assert len(val) >= 10 and val[-1] < 0.7 * val[0], val
     assert (out / "samples" / "final.png").is_file() and (out / "checkpoints" / "last.ckpt").is_file()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_nodes_agree_on_one_run_directory(tmp_path):
+    """torchrun --nnodes 2 (one process each, rendezvous on 127.0.0.1, gloo), the nodes started seconds apart:
+    every rank resolves the same run directory (``${now:}`` alone would give each its own), both train, the EMA
+    weights are equal, and only global rank 0 writes the checkpoints and the config."""
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO, clean_env
+
+    logs, port = tmp_path / "logs", _free_port()
+    overrides = [*FAST, "logger=none", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.num_nodes=2",
+                 "trainer.strategy=ddp", PROBE, f"paths.log_dir={logs}"]
+
+    def node(rank: int):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(rank), "--nproc-per-node",
+               "1", "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "diffusion.train", *overrides]
+        return subprocess.Popen(cmd, cwd=REPO, env=clean_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    second = node(1)
+    time.sleep(2.5)  # the other node starts later, in another second of the clock
+    first = node(0)
+    outputs = [p.communicate(timeout=240)[0] for p in (first, second)]
+    assert first.returncode == 0 and second.returncode == 0, outputs[0][-3000:] + outputs[1][-3000:]
+    runs = list((logs / "train").iterdir())
+    assert len(runs) == 1, f"the ranks wrote {len(runs)} run directories: {runs}"
+    probes = _probes(runs[0])
+    assert [p["global_rank"] for p in probes] == [0, 1] and all(p["world_size"] == 2 for p in probes)
+    assert probes[0]["ema_hash"] == probes[1]["ema_hash"], "EMA weights differ between the nodes"
+    assert sorted(p.name for p in (runs[0] / "checkpoints").iterdir()) == ["best-epoch000.ckpt", "last.ckpt"]
+    assert yaml.safe_load((runs[0] / ".hydra" / "config.yaml").read_text())["trainer"]["num_nodes"] == 2
