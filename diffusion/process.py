@@ -176,9 +176,14 @@ class GaussianDiffusion(nn.Module):
 
     def learned_log_variance(self, var_values: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """log Sigma = frac log beta_t + (1 - frac) log beta~_t, frac = (v + 1) / 2 clamped to [0, 1]
-        (Nichol & Dhariwal eq. 15; the clamp keeps Sigma inside [beta~_t, beta_t] whatever the network says)."""
+        (Nichol & Dhariwal eq. 15; the clamp keeps Sigma inside [beta~_t, beta_t] whatever the network says).
+
+        Both ends as in improved-diffusion's LEARNED_RANGE: min_log = posterior_log_variance_clipped[t] (beta~_1 at
+        t = 0, where beta~ is 0) and max_log = log betas[t] at every t, t = 0 included -- not fixed_large's table,
+        whose t = 0 entry is beta~_1 too and would leave the decoder's variance no range to learn.
+        """
         min_log = extract(self.posterior_log_variance_clipped, t, var_values.shape)
-        max_log = extract(self.large_variance.log(), t, var_values.shape)
+        max_log = extract(self.betas.log(), t, var_values.shape)
         frac = ((var_values + 1) / 2).clamp(0.0, 1.0)
         return frac * max_log + (1 - frac) * min_log
 

@@ -92,6 +92,30 @@ def test_learned_variance_shapes_and_range():
         torch.testing.assert_close(learned.variance, reference.variance)
 
 
+@pytest.mark.parametrize("schedule", [LinearSchedule(T=1000), CosineSchedule(T=100)])
+def test_learned_variance_spans_log_posterior_variance_to_log_beta_at_every_t(schedule):
+    """Nichol & Dhariwal eq. 15 (improved-diffusion's LEARNED_RANGE): v = -1 gives log beta~_t (clipped: beta~_1 at
+    t = 0), v = +1 gives log beta_t, at every t with t = 0 included -- so the decoder's variance is learnable too.
+    Reference: the posterior variance recomputed here in float64 from the schedule's betas (Ho et al. eq. 7)."""
+    process = GaussianDiffusion(schedule, variance="learned_range")
+    betas = schedule.betas()
+    abar = torch.cumprod(1 - betas, 0)
+    abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+    posterior = betas * (1 - abar_prev) / (1 - abar)
+    posterior_clipped = torch.cat([posterior[1:2], posterior[1:]])
+    T = len(betas)
+    t = torch.arange(T)
+    xt = torch.zeros(T, 1, 1, 1)
+    def log_variance(v):
+        output = torch.cat([torch.zeros_like(xt), torch.full_like(xt, v)], 1)
+        return process.p_mean_variance_from_output(output, xt, t, variance="learned_range").log_variance.flatten().double()
+    torch.testing.assert_close(log_variance(-1.0), posterior_clipped.log(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(log_variance(1.0), betas.log(), rtol=1e-5, atol=1e-5)
+    # t = 0 moves with the network's output: its range [log beta~_1, log beta_0] is not empty and v = 0 is its middle
+    assert betas[0].log() - posterior_clipped[0].log() > 0.1
+    torch.testing.assert_close(log_variance(0.0), (betas.log() + posterior_clipped.log()) / 2, rtol=1e-5, atol=1e-5)
+
+
 def test_hybrid_vlb_term_trains_only_the_variance():
     process = process_for(variance="learned_range", loss_type="hybrid")
     x0, t, noise = torch.rand(8, 1, 4, 4) * 2 - 1, torch.randint(1, 100, (8,)), torch.randn(8, 1, 4, 4)
