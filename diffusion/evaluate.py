@@ -1,7 +1,11 @@
 """Evaluate a checkpoint: ``python -m diffusion.evaluate ckpt=PATH metrics=[nll,fid,kid]``.
 
 ``nll``: the negative log-likelihood bound of Ho et al. in bits/dim over the run's validation images, with its
-terms (L_T prior, the sum of L_{t-1}, the L_0 decoder) and the loss per timestep quarter. ``fid``/``kid``:
+terms (L_T prior, the sum of L_{t-1}, the L_0 decoder) and the loss per timestep quarter. All T terms by default
+(T network evaluations per image); ``nll.num_timesteps=K`` computes L_T and L_0 exactly and estimates the sum of
+the T - 1 KL terms between them from K stratified timesteps drawn independently for each image (K + 1 network
+evaluations per image): unbiased, with a ``bpd_stderr`` that includes the timestep sampling
+(:meth:`GaussianDiffusion.calc_bpd_loop`). ``fid``/``kid``:
 generated samples against the same images (:mod:`diffusion.metrics`). Results are printed and written to
 ``results.json`` in the output directory.
 
@@ -51,9 +55,17 @@ def evaluation_images(cfg: DictConfig, module: DiffusionModule) -> torch.Tensor:
 
 
 def nll(module: DiffusionModule, images: torch.Tensor, cfg: DictConfig, fabric: Fabric) -> dict:
-    """The bound over this rank's images; sums are reduced across ranks, so every rank returns the full result."""
+    """The bound over this rank's images; sums are reduced across ranks, so every rank returns the full result.
+
+    ``bpd`` is the mean over the images of each image's bound (exact) or unbiased estimate of it (K terms:
+    :meth:`GaussianDiffusion.calc_bpd_loop` draws every image's timesteps and noise independently, and every rank
+    uses its own seed), and ``bpd_stderr`` the standard error of that mean, sd / sqrt(n) of the per-image values:
+    with the estimate it includes the timestep sampling as well as the spread of the images.
+    """
     generator = torch.Generator(device=module.device).manual_seed(cfg.seed + fabric.global_rank)
-    full = cfg.nll.num_timesteps is None
+    T = module.process.num_timesteps
+    k = cfg.nll.num_timesteps
+    full = k is None or k >= T - 1  # calc_bpd_loop evaluates every term
     sums: dict[str, torch.Tensor] = {}
 
     def add(key, value):
@@ -61,30 +73,31 @@ def nll(module: DiffusionModule, images: torch.Tensor, cfg: DictConfig, fabric: 
 
     for start in tqdm(range(0, len(images), cfg.batch_size), desc=f"NLL (bits/dim), rank {fabric.global_rank}", unit="batch"):
         x0 = to_model_range(images[start : start + cfg.batch_size].to(module.device))
-        out = module.process.calc_bpd_loop(module.model, x0, cfg.nll.num_timesteps, generator, cfg.nll.clip_denoised)
+        out = module.process.calc_bpd_loop(module.model, x0, k, generator, cfg.nll.clip_denoised)
         add("count", torch.ones(len(x0)))
         add("total", out["total_bpd"])
-        add("total_sq", out["total_bpd"] ** 2)
+        add("total_sq", out["total_bpd"].double() ** 2)
         add("prior", out["prior_bpd"])
         add("vb", out["vb_bpd"])
-        if "decoder_bpd" in out:
-            add("decoder", out["decoder_bpd"])
+        add("decoder", out["decoder_bpd"])
         if full:
             add("terms", out["terms"].flip(1))  # columns in timestep order 0..T-1
-    sums = {k: fabric.all_reduce(v.to(fabric.device), reduce_op="sum").cpu() for k, v in sums.items()}
+    sums = {key: fabric.all_reduce(v.to(fabric.device), reduce_op="sum").cpu() for key, v in sums.items()}
     n = int(sums["count"])
     mean = (sums["total"] / n).item()
     var = ((sums["total_sq"] - n * mean**2) / (n - 1)).clamp(min=0).item() if n > 1 else 0.0
     result = {
         "bpd": mean,
-        "bpd_stderr": (var / n) ** 0.5,
+        "bpd_stderr": (var / n) ** 0.5,  # per-image spread (and, estimated, the timestep draw) / sqrt(n)
         "prior_bpd": (sums["prior"] / n).item(),
         "vb_bpd": (sums["vb"] / n).item(),
+        "decoder_bpd": (sums["decoder"] / n).item(),
         "num_images": n,
-        "num_timesteps": cfg.nll.num_timesteps or module.process.num_timesteps,
+        "num_timesteps": k or T,
+        "estimator": "exact" if full else "stratified",  # exact: all T terms; stratified: L_T, L_0 exact + K middle
+        "num_middle_terms": T - 1 if full else k,  # KL terms L_1..L_{T-1} evaluated per image
+        "model_calls_per_image": T if full else k + 1,  # the middle terms and the decoder L_0
     }
-    if "decoder" in sums:
-        result["decoder_bpd"] = (sums["decoder"] / n).item()
     if full:  # the bound per quarter of the timestep range, as improved-diffusion reports it
         for q, chunk in enumerate((sums["terms"] / n).chunk(4)):
             result[f"vb_bpd_q{q}"] = chunk.sum().item()
