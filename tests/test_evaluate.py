@@ -75,6 +75,9 @@ def test_results_and_figures_go_to_the_training_runs_wandb(finished_run, tmp_pat
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("WANDB_MODE", raising=False)
     figure = figures(["schedules", "--T", "50", "--out", str(tmp_path / "figs"), "--wandb-run", str(run)])
+    import wandb
+
+    wandb.teardown()  # logged in this process: let W&B's service finish writing the run file before it is read
     appended = [p for p in (run / "wandb").glob(f"offline-run-*-{run_id}") if p != first]
     rows = {}
     for p in appended:
