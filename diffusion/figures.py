@@ -210,6 +210,8 @@ def main(argv: list[str] | None = None) -> Path:
         p.add_argument("--wandb-run", default=None, help="a training run directory: also log the figure to its W&B run")
     args = parser.parse_args(argv)
     try:
+        if getattr(args, "n", 1) < 1:
+            raise UsageError(f"--n {args.n} is invalid: it must be >= 1 (the number of images)")
         if args.figure == "schedules":
             path = schedules_figure(args.T, args.out)
         elif args.figure == "forward":
