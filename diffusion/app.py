@@ -15,10 +15,10 @@ import hydra
 import torch
 from omegaconf import DictConfig
 from PIL import Image
-from torchvision.utils import make_grid
 
 from diffusion.blur import BlurDiffusion
-from diffusion.module import DiffusionModule, to_uint8
+from diffusion.grids import grid_image
+from diffusion.module import DiffusionModule
 from diffusion.runtime import UsageError, build_or_usage_error, exits_on_usage_error, require_ckpt
 from diffusion.sample import resolve_device
 from diffusion.train import CONFIG_DIR
@@ -36,11 +36,8 @@ def sampler_names(module: DiffusionModule) -> list[str]:
 
 
 def to_pil(images: torch.Tensor, nrow: int) -> Image.Image:
-    """(N, C, H, W) in [-1, 1] -> one RGB grid image, enlarged so that small images stay visible."""
-    grid = to_uint8(make_grid(images.float(), nrow=nrow, padding=2, pad_value=1.0)).permute(1, 2, 0).numpy()
-    image = Image.fromarray(grid.squeeze(-1) if grid.shape[-1] == 1 else grid).convert("RGB")
-    scale = max(1, 256 // images.shape[-1])
-    return image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    """(N, C, H, W) in [-1, 1] -> one RGB grid image, enlarged (nearest) so that small images fill the page."""
+    return grid_image(images, nrow=nrow, scale=max(1, 256 // images.shape[-1])).convert("RGB")
 
 
 def generate(module: DiffusionModule, sampler: str, steps: int, eta: float, seed: int, count: int,

@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from hydra.utils import instantiate
 from torchmetrics import MeanMetric
-from torchvision.utils import make_grid, save_image
 
 from diffusion.blur import BlurDiffusion, BlurSchedule
+from diffusion.grids import grid_image, to_uint8  # noqa: F401 - to_uint8 is also imported from here
 from diffusion.models.speed import apply_speed_options, split_speed_options
 from diffusion.process import GaussianDiffusion
 from diffusion.samplers import Sampler
@@ -75,11 +76,6 @@ def build_process(schedule, channels: int, variance: str = "fixed_small", loss_t
         if value != default:
             raise ValueError(f"{name}={value} is invalid for the blur process: it is deterministic (leave it at {default})")
     return BlurDiffusion(schedule, channels, loss_type=loss_type)
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """float [-1, 1] -> uint8 [0, 255]."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 class DiffusionModule(L.LightningModule):
@@ -229,7 +225,7 @@ class DiffusionModule(L.LightningModule):
         self.log("val/loss", losses.mean(), prog_bar=True, sync_dist=True, batch_size=losses.shape[0])
         if batch_idx == 0 and self._grid_due():
             # Validation runs with the EMA weights swapped in (EMA callback), so the grid shows them.
-            self.log_sample_grid(f"epoch_{self.current_epoch:04d}")
+            self.log_sample_grid(f"epoch_{self.current_epoch:04d}", epoch=self.current_epoch)
 
     def _grid_due(self) -> bool:
         every = self.hparams.sample_every_n_epochs
@@ -268,23 +264,33 @@ class DiffusionModule(L.LightningModule):
         finally:
             self.train(was_training)
 
-    def log_sample_grid(self, name: str) -> Path | None:
-        """Sample a grid with a fixed seed, save it as PNG under ``<root>/samples/`` and send it to the loggers."""
+    def log_sample_grid(self, name: str, epoch: int | None = None) -> Path | None:
+        """Sample a grid with a fixed seed, save it as ``<root>/samples/<name>.png`` and send the same pixels to the
+        loggers (W&B: key ``samples``, at this global step, captioned with the epoch, step and sampler).
+
+        The grid is uint8, enlarged to a readable size (:func:`diffusion.grids.grid_image`); ``epoch``: the epoch it
+        ends (None: the end of training, after ``current_epoch`` epochs)."""
         n = self.hparams.num_samples
-        g = torch.Generator(device=self.device).manual_seed(self.hparams.seed)
+        seed = self.hparams.seed
+        g = torch.Generator(device=self.device).manual_seed(seed)
         images = self.sample(n, generator=g).samples
-        grid = make_grid((images.float().clamp(-1, 1) + 1) / 2, nrow=max(1, int(n**0.5)), padding=1)
+        image = grid_image(images, nrow=max(1, int(n**0.5)))
+        when = f"epoch {epoch}" if epoch is not None else f"end of training, {self.current_epoch} epochs"
+        caption = (f"{name}: {when}, step {self.global_step}; {type(self.sampler).__name__}, "
+                   f"{self.sampler.num_steps} steps, seed {seed}")
         path = None
         if self._trainer is not None:
             path = Path(self.trainer.default_root_dir) / "samples" / f"{name}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
-            save_image(grid, path)
+            image.save(path)
             for logger in self.trainer.loggers:
                 log_image = getattr(logger, "log_image", None)
-                if callable(log_image):  # W&B
-                    log_image(key="samples", images=[grid], step=self.global_step, caption=[name])
+                if callable(log_image):  # W&B: a PIL image is logged as is (a float tensor would be scaled to 0..1)
+                    log_image(key="samples", images=[image], step=self.global_step, caption=[caption])
                 elif hasattr(getattr(logger, "experiment", None), "add_image"):  # TensorBoard
-                    logger.experiment.add_image("samples", grid, self.global_step)
+                    pixels = np.asarray(image)
+                    logger.experiment.add_image("samples", pixels, self.global_step,
+                                                dataformats="HW" if pixels.ndim == 2 else "HWC")
         return path
 
     # ----------------------------------------------------------------------------------------------- optimiser

@@ -1,8 +1,9 @@
 """Sample a trained model: ``python -m diffusion.sample ckpt=PATH sampler=ddim sampler.num_steps=50 n=64 seed=0``.
 
 Loads any checkpoint of this framework without its training config (EMA weights unless ``ema=false``), draws
-``n`` images in batches with a progress bar, and writes ``grid.png`` and ``samples.npz`` (``samples``: uint8
-N x H x W x C) into the run's output directory. The same seed, ``n`` and ``batch_size`` give the same images.
+``n`` images in batches with a progress bar, and writes ``grid.png`` (the images enlarged by an integer factor,
+nearest neighbour, to >= 64 px each, white padding) and ``samples.npz`` (``samples``: the raw uint8 N x H x W x C)
+into the run's output directory. The same seed, ``n`` and ``batch_size`` give the same images.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
+from diffusion.grids import grid_image
 from diffusion.module import DiffusionModule, to_uint8
 from diffusion.runtime import UsageError, build_or_usage_error, exits_on_usage_error, require_ckpt
 from diffusion.train import CONFIG_DIR
@@ -62,7 +63,7 @@ def sample(cfg: DictConfig) -> Path:
     images = draw(module, sampler, cfg.n, cfg.batch_size, cfg.seed)
     out.mkdir(parents=True, exist_ok=True)
     nrow = cfg.nrow or max(1, int(math.sqrt(cfg.n)))
-    save_image((images + 1) / 2, out / "grid.png", nrow=nrow, padding=1)
+    grid_image(images, nrow=nrow).save(out / "grid.png")  # enlarged (nearest) to >= 64 px per image
     np.savez_compressed(out / "samples.npz", samples=to_uint8(images).permute(0, 2, 3, 1).numpy())
     log.info("%d samples (%s, %d steps, %s weights) written to %s", cfg.n, type(sampler).__name__,
              sampler.num_steps, "EMA" if cfg.ema and module.has_ema else "raw", out)

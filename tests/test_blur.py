@@ -228,9 +228,9 @@ def test_process_blur_trains_samples_and_draws_figures_from_the_cli(tmp_path):
     from diffusion.figures import main
 
     reverse = main(["reverse", "--ckpt", str(ckpt), "--n", "2", "--transitions", "4", "--out", str(tmp_path / "f")])
-    assert reverse.name == "reverse_ColdSampler_3steps_3transitions.png"  # the checkpoint's sampler: FAST's 3 steps
+    assert reverse.name == "reverse_ColdSampler_3steps_3transitions_last_n2_seed0.png"  # the checkpoint's sampler: FAST's 3 steps
     forward = main(["forward", "--n", "2", "--columns", "4", "--out", str(tmp_path / "f"), "data=digits", "process=blur"])
-    assert forward.name == "forward_blur_digits_T50_4steps.png"
+    assert forward.name == "forward_blur_T50_digits_n2_cols4_seed0.png"
     with pytest.raises(SystemExit):  # DDIM cannot reverse a blur: a one-line error, exit 2
         main(["reverse", "--ckpt", str(ckpt), "--sampler", "ddim", "--out", str(tmp_path / "f")])
     from diffusion.app import generate, sampler_names

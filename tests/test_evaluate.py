@@ -57,7 +57,10 @@ def test_results_and_figures_go_to_the_training_runs_wandb(finished_run, tmp_pat
 
     from diffusion.figures import main as figures
     from tests.conftest import clean_env
-    from tests.wandb_records import history
+    import numpy as np
+    from PIL import Image
+
+    from tests.wandb_records import history, records
 
     import shutil
 
@@ -71,7 +74,10 @@ def test_results_and_figures_go_to_the_training_runs_wandb(finished_run, tmp_pat
     for key, value in clean_env(tmp_path).items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("WANDB_MODE", raising=False)
-    figures(["schedules", "--T", "50", "--out", str(tmp_path / "figs"), "--wandb-run", str(run)])
+    figure = figures(["schedules", "--T", "50", "--out", str(tmp_path / "figs"), "--wandb-run", str(run)])
+    import wandb
+
+    wandb.teardown()  # logged in this process: let W&B's service finish writing the run file before it is read
     appended = [p for p in (run / "wandb").glob(f"offline-run-*-{run_id}") if p != first]
     rows = {}
     for p in appended:
@@ -79,3 +85,10 @@ def test_results_and_figures_go_to_the_training_runs_wandb(finished_run, tmp_pat
             rows.setdefault(key, []).extend(values)
     assert rows["eval/nll_bpd"][0] > 0, "the evaluation must reach the training run's W&B id"
     assert any("figures/schedules" in key for key in rows)
+    # both sit at the training run's last step (2 epochs of 2 batches) on its charts' axis, not at W&B's new _step 0
+    logged = [r for p in appended for r in records(next(p.glob("run-*.wandb")))]
+    assert [r["trainer/global_step"] for r in logged] == [4, 4]
+    (image,) = [r for r in logged if "figures/schedules/path" in r]
+    media = next(p for p in appended if (p / "files" / image["figures/schedules/path"]).is_file()) / "files"
+    assert image["figures/schedules/caption"] == figure.name
+    assert np.array_equal(np.asarray(Image.open(media / image["figures/schedules/path"])), np.asarray(Image.open(figure)))

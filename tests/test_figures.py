@@ -1,55 +1,178 @@
-"""Every figure command writes a PNG of the expected size."""
+"""The figures and grids hold what they say: enlarged pixels of the right images, the right t in each column's label,
+a title, and no figure written over another."""
 
+import shutil
 import subprocess
 import sys
 
+import numpy as np
+import pytest
 import torch
 from PIL import Image
 
 from diffusion.data import DigitsDataModule
 from diffusion.figures import main
-from tests.conftest import REPO
+from diffusion.grids import GridLayout, grid_array, labelled_figure, readable_scale, save_new
+from tests.conftest import REPO, snapshot
+
+SIDE, PAD, SCALE = 16, 2, 4  # digits: 16 px images, 2 px padding, enlarged 4 x to 64 px
 
 
-def size(path):
+def pixels(path) -> np.ndarray:
     with Image.open(path) as im:
-        return im.size
+        return np.asarray(im.convert("RGB"))[:, :, 0].astype(int)  # the figures are grey: R = G = B
 
 
-def grid_size(rows, cols, side=16, pad=2):
-    return (cols * (side + pad) + pad, rows * (side + pad) + pad)
+def labels(path) -> dict:
+    with Image.open(path) as im:
+        return dict(im.text)
+
+
+def uint8(x: torch.Tensor) -> np.ndarray:
+    """[-1, 1] -> uint8 by the definition (x + 1) * 127.5, rounded."""
+    return ((x.double().clamp(-1, 1) + 1) * 127.5).round().numpy().astype(int)
+
+
+def enlarged(image: np.ndarray, k: int = SCALE) -> np.ndarray:
+    return np.kron(image, np.ones((k, k), dtype=int))  # every pixel a k x k block
+
+
+def cell(figure: np.ndarray, box: tuple[int, int], r: int, c: int) -> np.ndarray:
+    """Image (r, c) of a figure whose grid starts at ``box`` = (x, y): 2 px white padding, 4 x enlarged 16 px."""
+    x, y = box
+    top, left = y + SCALE * (PAD + r * (SIDE + PAD)), x + SCALE * (PAD + c * (SIDE + PAD))
+    return figure[top : top + SCALE * SIDE, left : left + SCALE * SIDE]
+
+
+def grid_box(path) -> tuple[int, int, int, int]:
+    return tuple(int(v) for v in labels(path)["Grid"].split())
+
+
+def test_readable_scale_is_the_smallest_integer_reaching_64_px():
+    assert [readable_scale(s) for s in (8, 16, 28, 32, 63, 64, 128)] == [8, 4, 3, 2, 2, 1, 1]
+
+
+def test_grid_array_is_the_images_enlarged_by_nearest_neighbour_with_white_padding():
+    images = torch.rand(5, 1, SIDE, SIDE, generator=torch.Generator().manual_seed(0)) * 2.4 - 1.2  # some clipped
+    grid = grid_array(images, nrow=3).astype(int)
+    assert grid.shape == (SCALE * (2 * (SIDE + PAD) + PAD), SCALE * (3 * (SIDE + PAD) + PAD))  # 2 rows of 3
+    for k in range(5):
+        assert np.array_equal(cell(grid, (0, 0), k // 3, k % 3), enlarged(uint8(images[k, 0])))
+    assert (grid[: SCALE * PAD] == 255).all() and (grid[:, : SCALE * PAD] == 255).all()  # white padding
+    assert (cell(grid, (0, 0), 1, 2) == 255).all()  # the sixth place is empty
+    rgb = grid_array(torch.zeros(2, 3, 32, 32), nrow=2)  # 32 px: enlarged 2 x, one row of two
+    assert rgb.shape == (2 * (32 + 2 * PAD), 2 * (2 * (32 + PAD) + PAD), 3) and (rgb[2 * PAD : 66, 2 * PAD : 66] == 128).all()
+
+
+def test_labelled_figure_holds_the_grid_unresampled_and_a_label_over_each_column(tmp_path):
+    images = torch.rand(6, 1, SIDE, SIDE, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    grid = grid_array(images, nrow=3)
+    layout = GridLayout.of(6, SIDE, 3, scale=SCALE)
+    columns, rows = ["t=0", "t=500", "t=1000"], ["step 10", "step 20"]
+    fig = labelled_figure(grid, layout, "a title", columns, rows)
+    assert [t.get_text() for t in fig.texts] == ["a title", *columns, *rows]
+    path = save_new(fig, tmp_path / "f.png")
+    figure = pixels(path)
+    x, y, w, h = grid_box(path)
+    assert (w, h) == (grid.shape[1], grid.shape[0]) and labels(path)["Columns"] == " | ".join(columns)
+    assert np.array_equal(figure[y : y + h, x : x + w], grid)  # pixel for pixel
+    outside = figure.copy()
+    outside[y : y + h, x : x + w] = 255
+    assert (outside[y + h :] == 255).all() and (outside[:, x + w :] == 255).all()  # text only above and left
+    band = figure[:y] < 128  # the title and column labels
+    for c in range(3):  # each column label is drawn centred over its column
+        centre = x + SCALE * (PAD + c * (SIDE + PAD)) + SCALE * SIDE / 2
+        dark = np.nonzero(band[y - 25 :, int(centre) - 30 : int(centre) + 30].any(0))[0]
+        assert len(dark) > 5 and abs(dark.mean() + int(centre) - 30 - centre) < 4
+    for r in range(2):  # each row label left of its row
+        middle = y + SCALE * (PAD + r * (SIDE + PAD)) + SCALE * SIDE / 2
+        dark = np.nonzero((figure[y : y + h, :x] < 128).any(1))[0] + y
+        mine = dark[abs(dark - middle) < SCALE * SIDE / 2]
+        assert len(mine) > 5 and abs(mine.mean() - middle) < 4
+    with pytest.raises(FileExistsError):
+        save_new(fig, path)
 
 
 def test_schedules_figure(tmp_path):
     path = main(["schedules", "--T", "200", "--out", str(tmp_path)])
-    assert size(path) == (1000, 400) and path.stat().st_size > 10_000
+    assert Image.open(path).size == (1000, 400) and path.stat().st_size > 10_000
 
 
-def test_forward_figure_on_digits(tmp_path):
-    path = main(["forward", "--n", "3", "--columns", "5", "--out", str(tmp_path), "data=digits", "schedule=cosine"])
-    assert size(path) == grid_size(3, 5)
-    with Image.open(path) as im:
-        cells = torch.tensor(list(im.convert("L").getdata()), dtype=torch.float32).reshape(im.size[1], im.size[0])
-    first, last = cells[2:18, 2:18], cells[2:18, 2 + 4 * 18 : 18 + 4 * 18]
+def test_forward_figure_columns_are_q_xt_x0_at_their_labelled_t_and_nothing_is_overwritten(tmp_path, capsys):
+    linear = main(["forward", "--n", "2", "--columns", "5", "--out", str(tmp_path), "data=digits", "schedule=linear"])
+    first = linear.read_bytes()
+    cosine = main(["forward", "--n", "2", "--columns", "5", "--out", str(tmp_path), "data=digits", "schedule=cosine"])
+    assert cosine != linear and "cosine" in cosine.name and "linear" in linear.name and "T1000" in linear.name
+    assert linear.read_bytes() == first, "the second figure must not replace the first"
+    before = snapshot(tmp_path)
+    with pytest.raises(SystemExit) as exit_:  # the same settings again: refused, nothing written
+        main(["forward", "--n", "2", "--columns", "5", "--out", str(tmp_path), "data=digits", "schedule=linear"])
+    assert exit_.value.code == 2 and "already exists" in capsys.readouterr().err
+    assert snapshot(tmp_path) == before
+
+    meta = labels(linear)
+    assert "T=1000" in meta["Title"] and "linear" in meta["Title"]
+    times = [int(s.removeprefix("t=")) for s in meta["Columns"].split(" | ")]
+    assert times == [0, 250, 500, 750, 1000]
     dm = DigitsDataModule(image_size=16, seed=42)  # the training config's data and seed
     dm.setup()
-    clean = dm.train_set[0][0].float()
+    x0 = torch.stack([dm.train_set[i] for i in range(2)]).double() / 127.5 - 1
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)).double()  # --seed 0: one eps per image
+    abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)  # Ho et al.: abar_1 .. abar_T
+    figure, (x, y, _, _) = pixels(linear), grid_box(linear)
+    for c, t in enumerate(times):
+        a = 1.0 if t == 0 else abar[t - 1].item()  # x_0 itself at t = 0
+        xt = a**0.5 * x0 + (1 - a) ** 0.5 * eps  # q(x_t | x_0), eq. 4
+        for r in range(2):
+            assert np.abs(cell(figure, (x, y), r, c) - enlarged(uint8(xt[r, 0]))).max() <= 1, (r, t)
 
-    def corr(a, b):
-        return torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1].item()
 
-    assert corr(first, clean) > 0.98  # t = 0: the real image
-    assert abs(corr(last, clean)) < 0.3  # t = T-1: noise
+def test_reverse_figure_columns_are_labelled_with_their_t(ckpt, tmp_path):
+    from diffusion.module import DiffusionModule
+
+    path = main(["reverse", "--ckpt", str(ckpt), "--n", "2", "--transitions", "4", "--sampler", "ddim",
+                 "--num-steps", "8", "--out", str(tmp_path)])
+    assert path.name == "reverse_DDIMSampler_8steps_4transitions_last_n2_seed0.png"
+    meta = labels(path)
+    assert "DDIMSampler, 8 steps" in meta["Title"]
+    # DDIM 'leading', 8 steps of T=1000: 0-based timesteps 875, 750, ..., 0; kept: x_T and the states after steps
+    # 2, 4, 6, 8, i.e. x at 0-based 875 (t=876), 625, 375, 125 (t = 0-based + 1) and x_0
+    assert meta["Columns"] == "t=876 | t=626 | t=376 | t=126 | t=0"
+    figure, (x, y, w, h) = pixels(path), grid_box(path)
+    assert (w, h) == (SCALE * (5 * (SIDE + PAD) + PAD), SCALE * (2 * (SIDE + PAD) + PAD))
+    module = DiffusionModule.from_checkpoint(ckpt)
+    x_T = torch.randn(2, 1, SIDE, SIDE, generator=torch.Generator().manual_seed(0))
+    x_0 = module.sample(2, sampler=module.named_sampler("ddim", 8), generator=torch.Generator().manual_seed(0)).samples
+    for r in range(2):
+        assert np.array_equal(cell(figure, (x, y), r, 0), enlarged(uint8(x_T[r, 0])))
+        assert np.array_equal(cell(figure, (x, y), r, 4), enlarged(uint8(x_0[r, 0])))
 
 
-def test_reverse_and_progression_figures(finished_run, tmp_path):
-    run = finished_run[0]
-    path = main(["reverse", "--ckpt", str(run / "checkpoints" / "last.ckpt"), "--n", "2", "--transitions", "4",
-                 "--sampler", "ddim", "--num-steps", "8", "--out", str(tmp_path)])
-    assert size(path) == grid_size(2, 5) and "4transitions" in path.name
-    steps = {torch.load(p, map_location="cpu", weights_only=False)["global_step"] for p in (run / "checkpoints").glob("*.ckpt")}
-    path = main(["progression", "--run", str(run), "--n", "3", "--out", str(tmp_path)])
-    assert size(path) == grid_size(len(steps), 3)
+def test_progression_rows_are_the_checkpoints_by_step(finished_run, tmp_path, capsys):
+    from diffusion.module import DiffusionModule
+
+    run, figs = finished_run[0], tmp_path / "figs"
+    figs.mkdir()
+    with pytest.raises(SystemExit) as exit_:  # best-epoch001.ckpt and last.ckpt: the same step, one checkpoint
+        main(["progression", "--run", str(run), "--out", str(figs)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "one distinct checkpoint (step 4" in err and len(err.strip().splitlines()) == 1
+    assert list(figs.iterdir()) == []
+
+    two = tmp_path / "run"
+    (two / "checkpoints").mkdir(parents=True)
+    shutil.copy(run / "checkpoints" / "last.ckpt", two / "checkpoints" / "last.ckpt")
+    earlier = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    earlier.update(global_step=2, epoch=0, state_dict=earlier["current_model_state"])  # other weights, step 2
+    torch.save(earlier, two / "checkpoints" / "epoch000.ckpt")
+    path = main(["progression", "--run", str(two), "--n", "3", "--out", str(figs)])
+    assert labels(path)["Rows"] == "step 2, epoch 0 | step 4, epoch 1" and "steps2-4" in path.name
+    figure, box = pixels(path), grid_box(path)[:2]
+    for r, name in enumerate(["epoch000.ckpt", "last.ckpt"]):
+        expected = DiffusionModule.from_checkpoint(two / "checkpoints" / name).sample(
+            3, generator=torch.Generator().manual_seed(0)).samples
+        for c in range(3):
+            assert np.array_equal(cell(figure, box, r, c), enlarged(uint8(expected[c, 0]))), (name, c)
 
 
 def test_figure_errors_are_one_line(tmp_path):

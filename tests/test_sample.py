@@ -23,7 +23,15 @@ def test_sample_cli_writes_grid_and_npz_reproducibly(ckpt, tmp_path):
     assert sa.shape == (6, 16, 16, 1) and sa.dtype == np.uint8
     assert np.array_equal(sa, sb), "the same seed must give the same images"
     assert not np.array_equal(sa, sc)
-    assert (tmp_path / "a" / "grid.png").stat().st_size > 0
+    # grid.png: the 6 samples, 2 a row (sqrt 6), each pixel a 4 x 4 block (16 px -> 64 px), 2 px white padding (8)
+    from PIL import Image
+
+    grid = np.asarray(Image.open(tmp_path / "a" / "grid.png"))
+    assert grid.shape == (4 * (3 * 18 + 2), 4 * (2 * 18 + 2))
+    for k in range(6):
+        top, left = 4 * (2 + (k // 2) * 18), 4 * (2 + (k % 2) * 18)
+        assert np.array_equal(grid[top : top + 64, left : left + 64], np.kron(sa[k, :, :, 0], np.ones((4, 4), np.uint8)))
+    assert (grid[:8] == 255).all() and (grid[:, :8] == 255).all()
     assert "EMA weights" in a.output
 
 

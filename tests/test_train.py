@@ -11,7 +11,7 @@ import yaml
 from diffusion.models import UNet
 from diffusion.module import DiffusionModule
 from tests.conftest import FAST, snapshot
-from tests.wandb_records import config, history
+from tests.wandb_records import config, history, records
 
 PROBE = "+callbacks.probe._target_=tests.helpers.RankProbe"
 DDP = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp"]
@@ -113,10 +113,45 @@ def test_wandb_offline_run_holds_loss_history_and_images(finished_run):
     assert len(rows["val/loss"]) == 2
     assert {f"train/loss_q{q}" for q in range(4)} <= set(rows)
     assert "lr-AdamW" in rows
-    images = [run_dirs[0] / "files" / f for files in rows["samples/filenames"] for f in files]
-    assert len(images) == 3 and all(p.is_file() and p.stat().st_size > 0 for p in images)  # 2 epochs + final
     logged = config(next(run_dirs[0].glob("run-*.wandb")))
     assert logged["schedule"]["T"] == 1000 and logged["model"]["base_channels"] == 8
+
+
+def test_wandb_sample_images_are_the_saved_grids_at_their_step(finished_run):
+    """Each W&B sample image (2 epochs + final) is, pixel for pixel, ``samples/<its name>.png``, logged at the global
+    step it was drawn at (2 training batches an epoch), captioned with its epoch, step and sampler."""
+    import numpy as np
+    from PIL import Image
+
+    out, _ = finished_run
+    run = next((out / "wandb").glob("offline-run-*"))
+    logged = [r for r in records(next(run.glob("run-*.wandb"))) if "samples/filenames" in r]
+    expected = {"epoch_0000": (2, "epoch 0, step 2"), "epoch_0001": (4, "epoch 1, step 4"),
+                "final": (4, "end of training, 2 epochs, step 4")}
+    assert sorted(r["samples/captions"][0].split(":")[0] for r in logged) == sorted(expected)
+    for record in logged:
+        caption, (media,) = record["samples/captions"][0], record["samples/filenames"]
+        name = caption.split(":")[0]
+        step, when = expected[name]
+        assert record["trainer/global_step"] == step and when in caption and "DDIMSampler, 3 steps" in caption, caption
+        saved = np.asarray(Image.open(out / "samples" / f"{name}.png"))
+        assert saved.shape == (4 * (2 * 18 + 2),) * 2 and saved.max() == 255  # 4 digits, enlarged 4 x
+        assert np.array_equal(np.asarray(Image.open(run / "files" / media)), saved), name
+
+
+def test_final_grid_is_the_checkpoints_samples_enlarged(finished_run):
+    """samples/final.png holds the EMA weights' 4 samples drawn with the run's seed, each pixel as a 4 x 4 block."""
+    import numpy as np
+    from PIL import Image
+
+    out, _ = finished_run
+    module = DiffusionModule.from_checkpoint(out / "checkpoints" / "last.ckpt")  # EMA weights, as the final grid
+    images = module.sample(4, generator=torch.Generator().manual_seed(module.hparams.seed)).samples
+    grid = np.asarray(Image.open(out / "samples" / "final.png")).astype(int)
+    for k in range(4):
+        top, left = 4 * (2 + (k // 2) * 18), 4 * (2 + (k % 2) * 18)
+        pixels = ((images[k, 0].double().clamp(-1, 1) + 1) * 127.5).round().numpy().astype(int)
+        assert np.array_equal(grid[top : top + 64, left : left + 64], np.kron(pixels, np.ones((4, 4), dtype=int))), k
 
 
 def test_checkpoint_samples_without_its_config(finished_run):

@@ -50,6 +50,18 @@ def _items(run_file: Path, record_type: str):
                 yield item.key or "/".join(item.nested_key), json.loads(item.value_json)
 
 
+def records(run_file: Path) -> list[dict]:
+    """Every history record (one ``run.log`` call) as {key: value}, in logging order; media fields are flattened
+    (``samples/filenames``, ``samples/captions``; ``figures/forward/path``, ``.../caption``)."""
+    out = []
+    for payload in _payloads(Path(run_file).read_bytes()):
+        rec = pb.Record()
+        rec.ParseFromString(payload)
+        if rec.WhichOneof("record_type") == "history":
+            out.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in rec.history.item})
+    return out
+
+
 def history(run_file: Path) -> dict[str, list]:
     """{metric key: [values in logging order]} from the run's history records."""
     out: dict[str, list] = {}
