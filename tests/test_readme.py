@@ -8,7 +8,7 @@ how the suite runs it:
   folders and IDX files under a fake ``$HOME`` (the README's paths);
 - ONE_DEVICE: the same on one CPU device (``trainer.devices=1 trainer.strategy=auto``), for commands that ask for
   GPUs this machine has not; the multi-device part is mapped to the test that runs it on CPU ranks;
-- SWEEP: a ``-m`` command: Hydra's own sweeper splits it into jobs (their number must equal the comment's "N jobs"),
+- SWEEP: a ``-m`` command: Hydra's own sweeper splits it into jobs, as many as its comment's "# N jobs" says,
   and every job's config is composed and its network built (small); test_train runs real sweeps;
 - CI: a setup line that ``.ci/run`` executes verbatim (checked here); EXTRA: ``pip install -e ".[x]"`` of an extra
   whose packages ``.[dev]``, which CI installs, already holds;
@@ -21,10 +21,11 @@ and, for training configs, the network built at the data's size. A README comman
 test_every_readme_command_is_covered; an entry whose command left the README fails it too.
 """
 
+# ruff: noqa: E501 - COVERAGE holds one README command per line, as long as the command
+
 from __future__ import annotations
 
 import ast
-import os
 import re
 import shlex
 from pathlib import Path
@@ -293,13 +294,17 @@ def test_hydra_reads_the_command_and_builds_every_job(command, home):
 
 
 # ----------------------------------------------------------------------------------------------- run here
-def _fill_small(cfg, overrides: list[str], out: Path, cache: Path) -> list[str]:
-    """SMALL, plus what this config has: a 2-step grid (a sampler without steps runs a 20-step schedule), no
-    decoding processes, the cache and the run directory in tmp."""
-    extra = [*SMALL, f"paths.output_dir={out}", f"paths.cache_dir={cache}"]
-    extra += ["sampler.num_steps=2"] if "num_steps" in cfg.sampler else ["schedule.T=20"]
-    extra += [f"data.{k}=0" for k in ("num_workers", "decode_workers") if k in cfg.data]
-    return [*overrides, *extra]
+def _make_small(cfg, out: Path, cache: Path) -> None:
+    """SMALL's other half, by what the composed config has: a 2-step grid (a sampler without steps: a 20-step
+    schedule), no worker or decoding processes, the run directory and the image cache in tmp."""
+    cfg.paths.output_dir, cfg.paths.cache_dir = str(out), str(cache)
+    if "num_steps" in cfg.sampler:
+        cfg.sampler.num_steps = 2
+    else:
+        cfg.schedule.T = 20
+    for key in ("num_workers", "decode_workers"):
+        if key in cfg.data:
+            cfg.data[key] = 0
 
 
 RUN_HERE = commands_with(TRAIN) + commands_with(ONE_DEVICE)
@@ -319,7 +324,8 @@ def test_train_command_runs(command, home, tmp_path, monkeypatch):
     if ONE_DEVICE in entries(COVERAGE[command]):
         job += ["trainer.accelerator=cpu", "trainer.devices=1", "trainer.strategy=auto"]
     out = tmp_path / "out"
-    cfg = compose_job("config", _fill_small(compose_job("config", job), job, out, tmp_path / "cache"))
+    cfg = compose_job("config", [*job, *SMALL])
+    _make_small(cfg, out, tmp_path / "cache")
     metrics = train(cfg)
     assert torch.isfinite(torch.tensor(metrics["train/loss_step"])), metrics
     (module,) = built
@@ -344,11 +350,13 @@ def test_error_example_is_what_the_command_prints(tmp_path):
 
 
 def test_python_example_samples_a_checkpoint(ckpt):
-    """The README's ```python block, on the shared run's checkpoint: 16 images in [-1, 1] at the model's size."""
+    """The README's ```python block, on the shared run's checkpoint (10 DDIM steps for its 100): 16 images in
+    [-1, 1] at the model's size."""
     (code,) = re.findall(r"^```python\n(.*?)^```", README.read_text(), flags=re.S | re.M)
-    assert "outputs/train/<run>/checkpoints/last.ckpt" in code
+    assert "outputs/train/<run>/checkpoints/last.ckpt" in code and "num_steps=100" in code
+    code = code.replace("outputs/train/<run>/checkpoints/last.ckpt", str(ckpt)).replace("num_steps=100", "num_steps=10")
     scope: dict = {}
-    exec(code.replace("outputs/train/<run>/checkpoints/last.ckpt", str(ckpt)), scope)  # noqa: S102 - our README
+    exec(code, scope)  # noqa: S102 - the README's own example
     images, m = scope["images"], scope["m"]
     assert images.shape == (16, *m.image_shape) and images.min() >= -1 and images.max() <= 1 and images.std() > 0
 
