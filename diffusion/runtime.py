@@ -55,6 +55,24 @@ def build_or_usage_error(what: str, fn):
         raise
 
 
+# ----------------------------------------------------------------------------------------------- config resolvers
+def _deepest_resolution(image_size, channel_mult) -> int:
+    from diffusion.models.unet import deepest_resolution  # torch only once a config that uses it resolves
+
+    return deepest_resolution(image_size, channel_mult)
+
+
+def register_resolvers() -> None:
+    """The OmegaConf resolvers conf/ uses, registered when this module is imported (every CLI and test imports it):
+    ``${deepest_resolution:<image_size>,<channel_mult>}``, the UNet's lowest-resolution level in pixels
+    (conf/model/unet.yaml's default ``attention_resolutions``: the default model fits the data it is given)."""
+    if not OmegaConf.has_resolver("deepest_resolution"):
+        OmegaConf.register_new_resolver("deepest_resolution", _deepest_resolution)
+
+
+register_resolvers()
+
+
 # ----------------------------------------------------------------------------------------------- Hydra + DDP
 def hydra_job():
     """The HydraConfig of this job, or None outside ``@hydra.main``."""

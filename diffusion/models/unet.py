@@ -24,6 +24,18 @@ from diffusion.models.blocks import (
 BLOCK_ATTENTION = ("none", "self", "cbam")
 
 
+def level_resolutions(image_size: int, channel_mult: Sequence[int]) -> list[int]:
+    """The side of each level of a UNet with these levels: level ``i`` works at ``image_size / 2**i`` pixels."""
+    return [int(image_size) // 2**i for i in range(len(channel_mult))]
+
+
+def deepest_resolution(image_size: int, channel_mult: Sequence[int]) -> int:
+    """The side of the UNet's last (lowest-resolution) level: conf/model/unet.yaml's default
+    ``attention_resolutions`` (``${deepest_resolution:${data.image_size},${model.channel_mult}}``), so that the
+    default model fits any image size: 4 px for the digits default (16 px, three levels), 16 px at 64 px, 7 px at 28 px."""
+    return level_resolutions(image_size, channel_mult)[-1]
+
+
 class EmbedSequential(nn.ModuleList):
     """A sequence of layers that all take ``(x, temb)``."""
 
@@ -42,8 +54,9 @@ class UNet(nn.Module):
         base_channels: width of the first level; level ``i`` has ``base_channels * channel_mult[i]``.
         channel_mult: one multiplier per resolution level; each level after the first halves the resolution.
         num_res_blocks: residual blocks per level on the way down (one more on the way up).
-        attention_resolutions: resolutions (in pixels, e.g. ``[16, 8]``) whose blocks get self-attention;
-            the middle block always has it.
+        attention_resolutions: resolutions (in pixels, e.g. ``[16, 8]``, among :func:`level_resolutions`) whose
+            blocks get self-attention; the middle block always has it. The config's default is the deepest level
+            (:func:`deepest_resolution`).
         dropout: dropout inside residual blocks.
         time_emb_dim: width of the time embedding MLP (default ``4 * base_channels``).
         num_heads: attention heads.
@@ -88,7 +101,7 @@ class UNet(nn.Module):
                 f"model image_size={image_size} cannot be halved {len(channel_mult) - 1} times for "
                 f"channel_mult={list(channel_mult)}: use a multiple of {divisor} or fewer levels"
             )
-        resolutions = [image_size // 2**i for i in range(len(channel_mult))]
+        resolutions = level_resolutions(image_size, channel_mult)
         attention_resolutions = tuple(attention_resolutions or ())
         unknown = [r for r in attention_resolutions if r not in resolutions]
         if unknown:
