@@ -31,11 +31,21 @@ def inception_weights(path: str | None = None) -> str:
 
 
 def inception(weights_path: str) -> nn.Module:
+    """torch-fidelity's FID Inception with the weights file ``weights_path``; ValueError naming what is missing."""
+    import importlib.util
+
+    # torchmetrics imports without torch-fidelity and only fails when the network is built: ask first
+    if importlib.util.find_spec("torch_fidelity") is None:
+        raise ValueError(f"fid.weights={weights_path} needs torch-fidelity for the Inception network, and it is not "
+                         'installed: pip install -e ".[metrics]" (or pass fid.feature_extractor=<an nn.Module _target_>)')
+    from torchmetrics.image.fid import NoTrainInceptionV3
+
     try:
-        from torchmetrics.image.fid import NoTrainInceptionV3
-    except ImportError as exc:  # pragma: no cover - depends on the optional extra
-        raise ValueError('FID/KID with Inception need torch-fidelity: pip install -e ".[metrics]"') from exc
-    return NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=weights_path, antialias=False)
+        return NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=weights_path,
+                                  antialias=False)
+    except Exception as exc:  # noqa: BLE001 - a wrong or damaged weights file: one line naming it
+        raise ValueError(f"fid.weights={weights_path} is not the Inception weights file {INCEPTION_FILE} "
+                         f"({type(exc).__name__}): download {INCEPTION_URL}") from exc
 
 
 def _rgb(images: torch.Tensor) -> torch.Tensor:

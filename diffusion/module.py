@@ -78,6 +78,27 @@ def build_process(schedule, channels: int, variance: str = "fixed_small", loss_t
     return BlurDiffusion(schedule, channels, loss_type=loss_type)
 
 
+def read_checkpoint(path: str | Path, setting: str = "ckpt", map_location: str | torch.device = "cpu", mmap: bool = False) -> dict:
+    """A checkpoint this framework wrote, as ``torch.load`` returns it (``mmap``: tensors stay on disk until read).
+
+    Raises ValueError naming ``<setting>=<path>`` when the file is missing, unreadable (truncated, a text file) or
+    not one of this framework's checkpoints.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{setting}={path} does not exist or is not a file")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same one-line answer
+        raise ValueError(f"{setting}={path} is not a readable checkpoint ({type(exc).__name__}: truncated, or not a "
+                         "file torch.save wrote): pass a .ckpt file written by python -m diffusion.train") from exc
+    hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    if not hparams or not {"model", "schedule", "sampler"} <= set(hparams) or "state_dict" not in ckpt:
+        raise ValueError(f"{setting}={path} is not a checkpoint of this framework (no model/schedule hyper-parameters): "
+                         "pass a .ckpt file written by python -m diffusion.train")
+    return ckpt
+
+
 class DiffusionModule(L.LightningModule):
     """DDPM training (Ho et al. Algorithm 1) and sampling with the configured sampler.
 
@@ -140,17 +161,8 @@ class DiffusionModule(L.LightningModule):
 
         Raises ValueError naming the path when it is not a checkpoint written by this framework.
         """
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"ckpt={path} does not exist or is not a file")
-        try:
-            ckpt = torch.load(path, map_location=map_location, weights_only=False)
-        except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same one-line answer
-            raise ValueError(f"ckpt={path} is not a readable checkpoint ({type(exc).__name__})") from exc
-        hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
-        if not hparams or not {"model", "schedule", "sampler"} <= set(hparams) or "state_dict" not in ckpt:
-            raise ValueError(f"ckpt={path} is not a checkpoint of this framework (no model/schedule hyper-parameters)")
-        module = cls(**hparams)
+        ckpt = read_checkpoint(path, map_location=map_location)
+        module = cls(**ckpt["hyper_parameters"])
         # With the EMA callback, state_dict holds the EMA weights and current_model_state the raw ones.
         raw = ckpt.get("current_model_state")
         module.load_state_dict(raw if (not ema and raw is not None) else ckpt["state_dict"])

@@ -52,6 +52,8 @@ def build_or_usage_error(what: str, fn):
             raise UsageError(str(cause)) from exc
         if isinstance(cause, (TypeError, KeyError)):
             raise UsageError(f"{what}: {type(cause).__name__}: {cause}") from exc
+        if type(cause).__name__ == "MisconfigurationException":  # Lightning's refusal of a setting (trainer.*)
+            raise UsageError(f"{what}: {cause}") from exc
         raise
 
 
@@ -312,7 +314,8 @@ def log_to_training_run(run_dir: str | Path, metrics: dict | None = None, images
 
 
 def exits_on_usage_error(fn):
-    """CLI entry points: a UsageError becomes one line on stderr and exit status 2 (no traceback)."""
+    """CLI entry points: a UsageError becomes one line on stderr and exit status 2 (no traceback), and so does a
+    PermissionError (a folder or file the run may not write or read: it names the path)."""
     import functools
 
     @functools.wraps(fn)
@@ -322,8 +325,60 @@ def exits_on_usage_error(fn):
         except UsageError as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
+        except PermissionError as err:
+            print(f"error: permission denied on {err.filename or err}: choose paths this user may write "
+                  "(hydra.run.dir, paths.cache_dir) and read (data.root, ckpt)", file=sys.stderr)
+            sys.exit(2)
 
     return wrapper
+
+
+def unusable_dir_reason(path: str | Path) -> str | None:
+    """Why the folder ``path`` could not be created or written (a file on the way, no write permission, a
+    read-only file system), or None when it can. Nothing is created. ``os.access`` asks the kernel, so a read-only
+    mount counts even for root, who may otherwise write anywhere."""
+    path = Path(os.path.abspath(path))
+    for folder in (path, *path.parents):
+        try:
+            if not folder.exists():
+                continue
+        except OSError as err:
+            return f"{folder} cannot be looked at ({err.strerror})"
+        if not folder.is_dir():
+            return f"{folder} is a file, not a folder"
+        if not os.access(folder, os.W_OK | os.X_OK):
+            return f"{folder} is not writable (permission denied or a read-only file system)"
+        return None
+    return None
+
+
+try:
+    from hydra.experimental.callback import Callback as _HydraCallback
+except ImportError:  # pragma: no cover - Hydra < 1.1
+    _HydraCallback = object
+
+
+class OutputDirCheck(_HydraCallback):
+    """Hydra creates the run directory before the task starts (a traceback when it cannot): refuse such a
+    ``hydra.run.dir`` / ``hydra.sweep.dir`` first, in one line, exit status 2. Enabled in conf/hydra/default.yaml.
+
+    Hydra turns an exception raised by a callback into a warning, so this one exits itself.
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        self._check(config, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        self._check(config, "hydra.sweep.dir")
+
+    @staticmethod
+    def _check(config: DictConfig, key: str) -> None:
+        value = OmegaConf.select(config, key)
+        reason = unusable_dir_reason(str(value)) if value is not None else None
+        if reason:
+            print(f"error: {key}={value} cannot be used: {reason}; choose a folder this user may create and write",
+                  file=sys.stderr)
+            sys.exit(2)
 
 
 def require_ckpt(cfg: DictConfig) -> None:

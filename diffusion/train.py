@@ -17,6 +17,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
+from diffusion import preflight
 from diffusion.module import DiffusionModule
 from diffusion.runtime import (
     build_or_usage_error,
@@ -66,9 +67,13 @@ def build_loggers(cfg: DictConfig) -> list:
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the configured model; returns the final logged metrics."""
     check_resume_and_outputs(cfg)
+    resume = preflight.check_settings(cfg)  # each bad value is refused before the data and the model are built
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_or_usage_error("data", lambda: instantiate(cfg.data))
+    preflight.prepare_data(datamodule)
     module = build_or_usage_error("model/schedule/sampler", lambda: build_module(cfg, datamodule.channels, datamodule.image_size))
+    preflight.check_resume_fits(cfg, resume, module)
+    del resume
     callbacks = instantiate_group(cfg.get("callbacks"), "callbacks")
     loggers = build_loggers(cfg)
     if not loggers:  # Lightning refuses a LearningRateMonitor without a logger; there is nothing to monitor into

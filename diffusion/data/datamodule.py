@@ -77,26 +77,41 @@ class ImageDataModule(L.LightningDataModule):
         self.train_set: UInt8Images | None = None
         self.val_set: UInt8Images | None = None
         self.num_skipped = 0
+        self._counts_logged = False
 
     def load_images(self) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def num_val(self, num_images: int) -> int:
+        return int(round(num_images * self.val_fraction))
+
+    def check_batch_size(self, num_images: int) -> None:
+        """Refuse a batch larger than the training split of ``num_images`` images: the training loader drops the
+        last incomplete batch, so it would yield no batch at all and Lightning would silently train nothing."""
+        n_train = num_images - self.num_val(num_images)
+        if self.batch_size > n_train:
+            raise ValueError(
+                f"data batch_size={self.batch_size} is invalid: the training split holds only {n_train} images "
+                f"({num_images} {self.name} images, val_fraction={self.val_fraction}): pass data.batch_size=<at most {n_train}>"
+            )
+
     def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
-        images = self.load_images()
-        n = len(images)
-        n_val = int(round(n * self.val_fraction))
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed)).numpy()
-        self.train_set = UInt8Images(images, np.sort(perm[n_val:]), hflip=self.hflip)
-        self.val_set = UInt8Images(images, np.sort(perm[:n_val]))
-        if len(self.train_set) < self.batch_size:
-            raise ValueError(f"data batch_size={self.batch_size} is invalid: only {len(self.train_set)} training images")
-        c, h, w = images.shape[1:]
-        skipped = f", {self.num_skipped} unreadable files skipped" if self.num_skipped else ""
-        log.info("data %s: %d train / %d val images of %dx%dx%d%s", self.name, len(self.train_set), len(self.val_set), c, h, w, skipped)
+        """Load and split the images (once; diffusion.train calls it before the Trainer exists, to refuse bad data
+        before any training), then report the counts to the Trainer's loggers once one is attached."""
+        if self.train_set is None:
+            images = self.load_images()
+            n = len(images)
+            self.check_batch_size(n)
+            n_val = self.num_val(n)
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed)).numpy()
+            self.train_set = UInt8Images(images, np.sort(perm[n_val:]), hflip=self.hflip)
+            self.val_set = UInt8Images(images, np.sort(perm[:n_val]))
+            c, h, w = images.shape[1:]
+            skipped = f", {self.num_skipped} unreadable files skipped" if self.num_skipped else ""
+            log.info("data %s: %d train / %d val images of %dx%dx%d%s", self.name, len(self.train_set), len(self.val_set), c, h, w, skipped)
         trainer = self.trainer  # None outside a Trainer
-        if trainer is not None and trainer.is_global_zero:
+        if trainer is not None and trainer.is_global_zero and not self._counts_logged:
+            self._counts_logged = True
             for logger in trainer.loggers:
                 logger.log_hyperparams({"data/train_images": len(self.train_set), "data/val_images": len(self.val_set), "data/skipped_files": self.num_skipped})
 

@@ -83,6 +83,7 @@ class ImageFolderDataModule(ImageDataModule):
         self.decode_workers = decode_workers
         self.root = Path(os.path.expanduser(str(root))).resolve()
         self.files = self._list_files()
+        self.check_batch_size(len(self.files))  # at most this many readable images: refuse before decoding any
 
     def _list_files(self) -> list[str]:
         if not self.root.is_dir():
@@ -141,10 +142,11 @@ class ImageFolderDataModule(ImageDataModule):
                 if arr is not None:
                     out[i], ok[i] = arr, True
         skipped = [f for f, good in zip(self.files, ok) if not good]
+        if not ok.any():
+            raise ValueError(f"data root={self.root} is invalid: none of its {len(jobs)} image files could be read "
+                             f"(e.g. {skipped[0]}): point data.root at a folder of images PIL can open")
         if skipped:
             warnings.warn(f"{len(skipped)} of {len(jobs)} image files could not be read and were skipped (e.g. {skipped[0]})", stacklevel=2)
-        if not ok.any():
-            raise ValueError(f"data root={self.root}: none of the {len(jobs)} image files could be read")
         path, _ = cache.write(self.cache_dir, self.name, self.cache_spec, out[ok], skipped=len(skipped), skipped_examples=skipped[:20])
         log.info("data %s: cached %d images in %s", self.name, int(ok.sum()), path)
 

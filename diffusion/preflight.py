@@ -1,0 +1,150 @@
+"""The checks ``diffusion.train`` makes before any work: each bad setting that would otherwise surface as a
+traceback from torch or Lightning mid-run (or, worse, a run that silently trains nothing) is refused in one line
+that names the value and what is allowed (:class:`diffusion.runtime.UsageError`, exit status 2).
+
+Order in :func:`diffusion.train.train`: :func:`check_settings` (optimizer, trainer, the resume checkpoint's file and
+progress) before anything is built; :func:`prepare_data` (decoding/caching, the split) before the model;
+:func:`check_resume_fits` (the checkpoint's tensors against the built module) before the Trainer.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from diffusion.module import DiffusionModule, build_optimizer, read_checkpoint
+from diffusion.runtime import UsageError, build_or_usage_error, is_rank_zero, root_cause
+
+
+def check_settings(cfg: DictConfig) -> dict | None:
+    """Optimizer and trainer settings, and the resume checkpoint (``ckpt_path``); returns that checkpoint
+    (memory-mapped: its tensors stay on disk) or None."""
+    check_optimizer(cfg)
+    check_devices(cfg.trainer.get("devices"), cfg.trainer.get("accelerator"))
+    return read_resume_checkpoint(cfg)
+
+
+def check_optimizer(cfg: DictConfig) -> None:
+    """``optimizer.lr`` finite and > 0, then the whole optimizer config built on one stand-in parameter, so that
+    every value torch refuses (betas, eps, weight_decay, an unknown key) is refused here, not at the first step."""
+    opt = cfg.optimizer
+    lr = opt.get("lr")
+    if "lr" in opt and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0):
+        raise UsageError(f"optimizer.lr={lr!r} is invalid: it must be a finite number > 0 (e.g. optimizer.lr=2e-4)")
+    trainer = cfg.trainer
+    try:
+        build_optimizer(OmegaConf.to_container(opt, resolve=True), [torch.nn.Parameter(torch.zeros(1))], torch.device("cpu"),
+                        trainer.get("precision", "32-true"), trainer.get("gradient_clip_val"))
+    except Exception as exc:  # noqa: BLE001 - torch's own message, on one line, naming the group
+        message = " ".join(str(root_cause(exc)).split())
+        raise UsageError(message if message.startswith("optimizer") else f"optimizer {opt.get('_target_')}: {message}") from exc
+
+
+_DEVICE_STRING = re.compile(r"\s*\d+\s*(,\s*\d+\s*)*,?\s*")
+
+
+def check_devices(devices, accelerator=None) -> None:
+    """``trainer.devices``: a positive count, -1 or ``auto`` (all), or a non-empty list of device indices; a count
+    of GPUs this machine has."""
+    allowed = "a positive number of devices, -1 or auto (all of them), or a list of device indices such as [0,1]"
+    if isinstance(devices, (list, tuple, ListConfig)):
+        ok = len(devices) > 0 and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in devices)
+    elif isinstance(devices, str):
+        ok = devices == "auto" or devices.strip() == "-1" or (bool(_DEVICE_STRING.fullmatch(devices)) and devices.strip() != "0")
+    else:
+        ok = isinstance(devices, int) and not isinstance(devices, bool) and (devices >= 1 or devices == -1)
+    if not ok:
+        raise UsageError(f"trainer.devices={devices!r} is invalid: it must be {allowed}")
+    gpus = accelerator in ("gpu", "cuda") or (accelerator in (None, "auto") and torch.cuda.is_available())
+    if gpus and isinstance(devices, int) and not isinstance(devices, bool) and devices > torch.cuda.device_count():
+        raise UsageError(f"trainer.devices={devices} is invalid: this machine has {torch.cuda.device_count()} GPU(s) "
+                         "(trainer.accelerator=cpu runs that many processes on the CPU)")
+
+
+def _epoch_limits(trainer: DictConfig) -> tuple[int, int]:
+    """(max_epochs, max_steps) as Lightning resolves them (-1: no limit; neither given: 1000 epochs)."""
+    max_steps = trainer.get("max_steps")
+    max_steps = -1 if max_steps is None else max_steps
+    max_epochs = trainer.get("max_epochs")
+    if max_epochs is None:
+        max_epochs = 1000 if max_steps == -1 else -1
+    return max_epochs, max_steps
+
+
+def read_resume_checkpoint(cfg: DictConfig) -> dict | None:
+    """The ``ckpt_path`` checkpoint, refused when unreadable (truncated, a text file), not this framework's, or
+    already as far as ``trainer.max_epochs`` / ``max_steps`` reach (Lightning would stop at once: nothing trained)."""
+    path = cfg.get("ckpt_path")
+    if path is None:
+        return None
+    ckpt = build_or_usage_error("ckpt_path", lambda: read_checkpoint(path, setting="ckpt_path", mmap=True))
+    if cfg.trainer.get("fast_dev_run"):
+        return ckpt
+    # Lightning's fit loop stops when epoch_progress.current.processed >= max_epochs (a checkpoint written at an
+    # epoch's end already counts that epoch) or global_step >= max_steps
+    progress = (((ckpt.get("loops") or {}).get("fit_loop") or {}).get("epoch_progress") or {}).get("current") or {}
+    epochs, step = progress.get("processed"), ckpt.get("global_step")
+    max_epochs, max_steps = _epoch_limits(cfg.trainer)
+    if epochs is not None and max_epochs != -1 and epochs >= max_epochs:
+        raise UsageError(f"trainer.max_epochs={max_epochs} is invalid for ckpt_path={path}: the checkpoint has already "
+                         f"trained {epochs} epoch(s) (step {step}), so nothing would be trained; pass trainer.max_epochs="
+                         f"<more than {epochs}> (e.g. trainer.max_epochs={epochs + 1}) to train on")
+    if step is not None and max_steps != -1 and step >= max_steps:
+        raise UsageError(f"trainer.max_steps={max_steps} is invalid for ckpt_path={path}: the checkpoint is already at "
+                         f"step {step}, so nothing would be trained; pass trainer.max_steps=<more than {step}> (or -1)")
+    return ckpt
+
+
+def prepare_data(datamodule) -> None:
+    """Decode/cache and split the data now (the launching process only; Lightning's DDP ranks find the cache), so
+    that unreadable images or a batch larger than the training split stop the run before the model is built."""
+    if is_rank_zero():
+        build_or_usage_error("data", lambda: (datamodule.prepare_data(), datamodule.setup("fit")))
+
+
+def _flat(prefix: str, value) -> dict:
+    if isinstance(value, dict):
+        return {k: v for key, sub in value.items() for k, v in _flat(f"{prefix}.{key}", sub).items()}
+    return {prefix: value}
+
+
+#: how a hyper-parameter of the checkpoint is set on the command line (in_channels and image_size follow the data)
+_SETTING = {"model.in_channels": "the data's channels (model.in_channels)", "model.image_size": "data.image_size"}
+
+
+_NO_TENSORS = ("sampler", "optimizer", "data", "seed", "num_samples", "sample_every_n_epochs", "lr_warmup_steps")
+
+
+def _settings(hparams: dict) -> dict:
+    """The hyper-parameters that shape the module's tensors, keyed as they are set: model.*, schedule.*, module.*."""
+    out = {}
+    for key, value in hparams.items():
+        if key in ("model", "schedule"):
+            out.update(_flat(key, dict(value)))
+        elif key not in _NO_TENSORS and not isinstance(value, dict):
+            out[f"module.{key}"] = value
+    return out
+
+
+def check_resume_fits(cfg: DictConfig, ckpt: dict | None, module: DiffusionModule) -> None:
+    """Refuse a checkpoint whose tensors do not fit the module this config built (another model size, schedule
+    length, image size...), naming the settings that differ between the checkpoint and this run."""
+    if ckpt is None:
+        return
+    theirs, ours = ckpt["state_dict"], module.state_dict()
+    misfit = sorted(set(theirs) ^ set(ours)) or [k for k in ours if tuple(theirs[k].shape) != tuple(ours[k].shape)]
+    if not misfit:
+        return
+    then, now = _settings(ckpt["hyper_parameters"]), _settings(dict(module.hparams))
+    differ = [k for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k)]
+    if differ:
+        what = "settings that differ: " + "; ".join(f"{_SETTING.get(k, k)}={then.get(k)!r} there, {now.get(k)!r} here" for k in differ)
+    else:
+        k = misfit[0]
+        shape = {name: tuple(sd[k].shape) if k in sd else "absent" for name, sd in (("there", theirs), ("here", ours))}
+        what = f"{k} is {shape['there']} there, {shape['here']} here"
+    raise UsageError(f"ckpt_path={cfg.ckpt_path} does not fit this run's model ({what}): resume with the settings "
+                     "the checkpoint was trained with, or start a new run without ckpt_path")
