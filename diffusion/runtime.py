@@ -18,6 +18,11 @@ class UsageError(Exception):
     """A bad setting or input found before any work starts; the CLI prints it as one line and exits 2."""
 
 
+class TrainingFault(Exception):
+    """A fault that stops a run during the work (a non-finite loss, a checkpoint that cannot be written); the CLI
+    prints it as one line and exits 1. Checkpoints written before it are kept as they were."""
+
+
 def root_cause(exc: BaseException) -> BaseException:
     """Unwrap Hydra's InstantiationException chain down to the error the user's value caused."""
     while exc.__cause__ is not None and type(exc).__name__ == "InstantiationException":
@@ -315,16 +320,17 @@ def log_to_training_run(run_dir: str | Path, metrics: dict | None = None, images
 
 def exits_on_usage_error(fn):
     """CLI entry points: a UsageError becomes one line on stderr and exit status 2 (no traceback), and so does a
-    PermissionError (a folder or file the run may not write or read: it names the path)."""
+    PermissionError (a folder or file the run may not write or read: it names the path); a TrainingFault (a
+    fault during training: NaN loss, full disk) one line and exit status 1."""
     import functools
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except UsageError as err:
+        except (UsageError, TrainingFault) as err:
             print(f"error: {err}", file=sys.stderr)
-            sys.exit(2)
+            sys.exit(2 if isinstance(err, UsageError) else 1)
         except PermissionError as err:
             print(f"error: permission denied on {err.filename or err}: choose paths this user may write "
                   "(hydra.run.dir, paths.cache_dir) and read (data.root, ckpt)", file=sys.stderr)

@@ -15,9 +15,10 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffusion import preflight
+from diffusion.callbacks import wandb_run_id
 from diffusion.module import DiffusionModule
 from diffusion.runtime import (
     build_or_usage_error,
@@ -30,6 +31,7 @@ from diffusion.runtime import (
     resolved_config,
     save_run_config,
     share_run_stamp,
+    write_text_atomic,
 )
 
 log = logging.getLogger("diffusion.train")
@@ -61,6 +63,10 @@ def build_loggers(cfg: DictConfig) -> list:
                 conf.group = group
             if conf.get("name") is None:
                 conf.name = name
+            run_id = wandb_run_id(cfg.ckpt_path) if cfg.get("ckpt_path") and group is None else None
+            if run_id and conf.get("id") is None:  # resume (not a sweep's jobs): continue the checkpoint's W&B run
+                with open_dict(conf):
+                    conf.id = run_id
     return instantiate_group(loggers, "logger")
 
 
@@ -96,10 +102,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     best = getattr(trainer.checkpoint_callback, "best_model_path", None)
     if trainer.is_global_zero:
         if best:
-            log.info("best checkpoint %s; last %s", best, Path(best).parent / "last.ckpt")
+            log.info("best checkpoint %s; last %s", best, trainer.checkpoint_callback.last_model_path)
         summary = {"metrics": metrics, "global_step": trainer.global_step, "epoch": trainer.current_epoch,
                    "best_checkpoint": best or None, "parameters": n_params}
-        Path(cfg.paths.output_dir, "metrics.json").write_text(json.dumps(summary, indent=2))  # read by diffusion.report
+        write_text_atomic(Path(cfg.paths.output_dir, "metrics.json"), json.dumps(summary, indent=2))  # read by diffusion.report
     return metrics
 
 

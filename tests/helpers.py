@@ -34,6 +34,19 @@ class RankProbe(Callback):
         path.write_text(json.dumps(record))
 
 
+class NaNAtStep(Callback):
+    """Sets the network's first weight to NaN before optimizer step ``step``: that step's loss (and every later one)
+    is NaN, as in a run that diverged there (``+callbacks.nan._target_=tests.helpers.NaNAtStep +callbacks.nan.step=3``)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                next(pl_module.model.parameters()).fill_(float("nan"))
+
+
 class TinyFeatures(torch.nn.Module):
     """A fixed, small feature extractor standing in for Inception in FID/KID tests: uint8 images -> 16 features."""
 
