@@ -1,6 +1,7 @@
 """The training CLI as a user runs it: Hydra overrides, errors, sweeps, DDP, W&B offline, checkpoints and resume."""
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -246,13 +247,23 @@ def test_torchrun_two_nodes_agree_on_one_run_directory(tmp_path):
     overrides = [*FAST, "logger=none", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.num_nodes=2",
                  "trainer.strategy=ddp", PROBE, f"paths.log_dir={logs}"]
 
+    # torchrun starts both workers together once the nodes have met, so the clock alone could give them the same
+    # second: global rank 1's worker waits 2 s before it runs (a sitecustomize on its path), so that each rank's own
+    # ${now:} is another second and only the shared stamp can make them agree
+    delay = tmp_path / "delay"
+    delay.mkdir()
+    (delay / "sitecustomize.py").write_text(
+        "import os, time\nif os.environ.get('TORCHELASTIC_RUN_ID') and os.environ.get('RANK') == '1':\n    time.sleep(2.0)\n")
+
     def node(rank: int):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(rank), "--nproc-per-node",
                "1", "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "diffusion.train", *overrides]
-        return subprocess.Popen(cmd, cwd=REPO, env=clean_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        env = clean_env(tmp_path)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(delay), env.get("PYTHONPATH")) if p)
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     second = node(1)
-    time.sleep(2.5)  # the other node starts later, in another second of the clock
+    time.sleep(1.0)  # the other node starts later
     first = node(0)
     outputs = [p.communicate(timeout=240)[0] for p in (first, second)]
     assert first.returncode == 0 and second.returncode == 0, outputs[0][-3000:] + outputs[1][-3000:]
