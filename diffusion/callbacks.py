@@ -143,6 +143,20 @@ class ModelCheckpoint(LightningModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         return self.last_model_path or None
 
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        """Lightning's save, with a write fault on global rank 0 (``AtomicCheckpointIO``'s ``TrainingFault``: a full
+        disk, non-finite weights) raised on every rank: only rank 0 writes, and without this the other ranks would
+        wait in the save's barrier until the process group timed out. One broadcast per checkpoint."""
+        error = None
+        try:
+            super()._save_checkpoint(trainer, filepath)
+        except TrainingFault as err:
+            error = str(err)
+            trainer.strategy.barrier("Trainer.save_checkpoint")  # the barrier rank 0 skipped, where the others wait
+        error = trainer.strategy.broadcast(error, src=0)
+        if error is not None:
+            raise TrainingFault(error)
+
     @property
     def last_saved_step(self) -> int:
         return self._last_global_step_saved
@@ -222,18 +236,21 @@ class FiniteLoss(Callback):
     NaN checkpoints over good ones and a black final grid. The check reads the loss each training step returns.
     Reading a GPU tensor on the host waits for the GPU, so the flag stays on the device (the first step whose loss is
     not finite, updated without a sync) and is read every ``check_every_n_steps`` steps and before every validation,
-    checkpoint and the end of training; the error names the first bad step whichever step reads it. 1 (the default)
-    reads it every step: free on a CPU, and no extra wait on a GPU while the progress bar shows the loss (which reads
-    it every step); raise it on a GPU without the bar. In DDP the ranks gather their flags, so all stop together.
-    The stop is a one-line ``TrainingFault`` (exit status 1) naming the step and the last checkpoint kept.
+    checkpoint and the end of training; the error names the first bad step whichever step reads it. ``None`` (the
+    default) reads it every step in one process (free on a CPU, and no extra wait on a GPU while the progress bar
+    shows the loss, which reads it every step) and every ``trainer.log_every_n_steps`` steps in DDP, where a read is
+    a collective: the ranks gather their flags, so all stop together. The stop is a one-line ``TrainingFault`` (exit
+    status 1) naming the step and the last checkpoint kept.
     """
 
     NO_STEP = torch.iinfo(torch.int64).max
 
-    def __init__(self, check_every_n_steps: int = 1):
-        if isinstance(check_every_n_steps, bool) or not isinstance(check_every_n_steps, int) or check_every_n_steps < 1:
+    def __init__(self, check_every_n_steps: int | None = None):
+        if check_every_n_steps is not None and (isinstance(check_every_n_steps, bool) or
+                                                not isinstance(check_every_n_steps, int) or check_every_n_steps < 1):
             raise ValueError(f"callbacks.finite_loss.check_every_n_steps={check_every_n_steps!r} is invalid: "
-                             "it must be an integer >= 1")
+                             "it must be an integer >= 1 (or null: every step in one process, every "
+                             "trainer.log_every_n_steps steps in DDP)")
         self.check_every_n_steps = check_every_n_steps
         self._step = 0
         self._first_step: torch.Tensor | None = None  # on the loss's device
@@ -252,7 +269,8 @@ class FiniteLoss(Callback):
             new = ~torch.isfinite(loss) & (self._first_step == self.NO_STEP)
             self._first_step = torch.where(new, self._step, self._first_step)
             self._first_loss = torch.where(new, loss, self._first_loss)
-        if (self._step + 1) % self.check_every_n_steps == 0:
+        every = self.check_every_n_steps or (1 if trainer.world_size == 1 else max(1, trainer.log_every_n_steps))
+        if (self._step + 1) % every == 0:
             self.check(trainer)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:

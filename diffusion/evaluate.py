@@ -93,7 +93,7 @@ def nll(module: DiffusionModule, images: torch.Tensor, cfg: DictConfig, fabric: 
         "vb_bpd": (sums["vb"] / n).item(),
         "decoder_bpd": (sums["decoder"] / n).item(),
         "num_images": n,
-        "num_timesteps": k or T,
+        "num_timesteps": T if full else k,
         "estimator": "exact" if full else "stratified",  # exact: all T terms; stratified: L_T, L_0 exact + K middle
         "num_middle_terms": T - 1 if full else k,  # KL terms L_1..L_{T-1} evaluated per image
         "model_calls_per_image": T if full else k + 1,  # the middle terms and the decoder L_0

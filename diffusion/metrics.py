@@ -45,7 +45,7 @@ def inception(weights_path: str) -> nn.Module:
                                   antialias=False)
     except Exception as exc:  # noqa: BLE001 - a wrong or damaged weights file: one line naming it
         raise ValueError(f"fid.weights={weights_path} is not the Inception weights file {INCEPTION_FILE} "
-                         f"({type(exc).__name__}): download {INCEPTION_URL}") from exc
+                         f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]}): download {INCEPTION_URL}") from exc
 
 
 def _rgb(images: torch.Tensor) -> torch.Tensor:

@@ -59,6 +59,10 @@ def check_devices(devices, accelerator=None) -> None:
     if not ok:
         raise UsageError(f"trainer.devices={devices!r} is invalid: it must be {allowed}")
     gpus = accelerator in ("gpu", "cuda") or (accelerator in (None, "auto") and torch.cuda.is_available())
+    if not gpus and accelerator != "tpu" and not (devices == "auto" or (isinstance(devices, int) and devices >= 1)
+                                                  or (isinstance(devices, str) and devices.strip().isdigit())):
+        raise UsageError(f"trainer.devices={devices!r} is invalid on the CPU: it must be a positive number of processes "
+                         "or auto (-1 and device lists name GPUs)")
     if gpus and isinstance(devices, int) and not isinstance(devices, bool) and devices > torch.cuda.device_count():
         raise UsageError(f"trainer.devices={devices} is invalid: this machine has {torch.cuda.device_count()} GPU(s) "
                          "(trainer.accelerator=cpu runs that many processes on the CPU)")

@@ -333,7 +333,7 @@ def exits_on_usage_error(fn):
             sys.exit(2 if isinstance(err, UsageError) else 1)
         except PermissionError as err:
             print(f"error: permission denied on {err.filename or err}: choose paths this user may write "
-                  "(hydra.run.dir, paths.cache_dir) and read (data.root, ckpt)", file=sys.stderr)
+                  "(hydra.run.dir, paths.cache_dir) and read (data.root, ckpt / ckpt_path)", file=sys.stderr)
             sys.exit(2)
 
     return wrapper

@@ -155,7 +155,16 @@ def test_bad_optimizer_or_devices_refused_before_the_data(tmp_path, override, te
 
 
 def test_good_devices_pass():
-    for devices in (1, 2, -1, "auto", [0], "0,1", "2"):
+    for devices in (1, 2, "auto", "2"):
+        preflight.check_devices(devices, "cpu")
+    for devices in (-1, "auto", [0], "0,1"):  # GPU indices and "all of them" (no count to compare with the machine's)
+        preflight.check_devices(devices, "gpu")
+
+
+@pytest.mark.parametrize("devices", [-1, [0], "0,1"])
+def test_gpu_only_devices_are_refused_on_the_cpu(devices):
+    """Lightning's CPU accelerator takes a process count only; it would refuse these after the data and model."""
+    with pytest.raises(preflight.UsageError, match=r"trainer.devices=.* is invalid on the CPU: it must be a positive"):
         preflight.check_devices(devices, "cpu")
 
 
