@@ -362,12 +362,7 @@ class ResumableRun(Callback):
 WANDB_RUN_ID = "wandb_run_id"
 
 
-def wandb_run_id(ckpt_path) -> str | None:
-    """The W&B run id a checkpoint recorded (``ResumableRun``), or None (none recorded, or not a readable checkpoint:
-    resuming reports that itself)."""
-    try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=False)
-    except Exception:  # noqa: BLE001
-        return None
-    run_id = ckpt.get(WANDB_RUN_ID) if isinstance(ckpt, dict) else None
+def wandb_run_id(checkpoint: dict | None) -> str | None:
+    """The W&B run id a checkpoint recorded (``ResumableRun``), or None."""
+    run_id = checkpoint.get(WANDB_RUN_ID) if isinstance(checkpoint, dict) else None
     return run_id if isinstance(run_id, str) and run_id else None

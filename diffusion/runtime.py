@@ -266,7 +266,7 @@ def last_training_step(run_dir: str | Path) -> int | None:
     try:
         import torch
 
-        return int(torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"])
+        return int(torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", mmap=True, weights_only=False)["global_step"])
     except Exception:  # noqa: BLE001 - no usable checkpoint either
         return None
 

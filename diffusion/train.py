@@ -53,7 +53,8 @@ def build_module(cfg: DictConfig, channels: int, image_size: int) -> DiffusionMo
     )
 
 
-def build_loggers(cfg: DictConfig) -> list:
+def build_loggers(cfg: DictConfig, resume_run_id: str | None = None) -> list:
+    """The configured loggers; ``resume_run_id`` (the W&B run of the ``ckpt_path`` checkpoint) continues that run."""
     configure_wandb_mode(cfg)
     group, name = job_names()
     loggers = cfg.get("logger") or {}
@@ -63,7 +64,7 @@ def build_loggers(cfg: DictConfig) -> list:
                 conf.group = group
             if conf.get("name") is None:
                 conf.name = name
-            run_id = wandb_run_id(cfg.ckpt_path) if cfg.get("ckpt_path") and group is None else None
+            run_id = resume_run_id if group is None else None
             if run_id and conf.get("id") is None:  # resume (not a sweep's jobs): continue the checkpoint's W&B run
                 with open_dict(conf):
                     conf.id = run_id
@@ -79,9 +80,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     preflight.prepare_data(datamodule)
     module = build_or_usage_error("model/schedule/sampler", lambda: build_module(cfg, datamodule.channels, datamodule.image_size))
     preflight.check_resume_fits(cfg, resume, module)
+    resume_run_id = wandb_run_id(resume)
     del resume
     callbacks = instantiate_group(cfg.get("callbacks"), "callbacks")
-    loggers = build_loggers(cfg)
+    loggers = build_loggers(cfg, resume_run_id)
     if not loggers:  # Lightning refuses a LearningRateMonitor without a logger; there is nothing to monitor into
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     prepare_ddp_relaunch()
