@@ -16,23 +16,21 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image
 
-from diffusion.blur import BlurDiffusion
 from diffusion.grids import grid_image
 from diffusion.module import DiffusionModule
-from diffusion.runtime import UsageError, build_or_usage_error, exits_on_usage_error, require_ckpt
+from diffusion.samplers.registry import sampler_config, sampler_name
+from diffusion.samplers.registry import sampler_names as registered_names
+from diffusion.runtime import CONFIG_DIR, UsageError, build_or_usage_error, exits_on_usage_error, require_ckpt
 from diffusion.sample import resolve_device
-from diffusion.train import CONFIG_DIR
 
 log = logging.getLogger("diffusion.app")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is first imported: no usage reports
 
 
 def sampler_names(module: DiffusionModule) -> list[str]:
-    """The samplers that reverse this checkpoint's process, its trained one first."""
-    if isinstance(module.process, BlurDiffusion):
-        return ["cold"]
-    trained = "ddpm" if module.hparams.sampler["_target_"].endswith("DDPMSampler") else "ddim"
-    return [trained] + [name for name in ("ddim", "ddpm") if name != trained]
+    """The samplers that reverse this checkpoint's process (the registry's), its trained one first."""
+    trained = sampler_name(module.hparams.sampler)
+    return [trained] + [name for name in registered_names(module.process.kind) if name != trained]
 
 
 def to_pil(images: torch.Tensor, nrow: int) -> Image.Image:
@@ -43,8 +41,8 @@ def to_pil(images: torch.Tensor, nrow: int) -> Image.Image:
 def generate(module: DiffusionModule, sampler: str, steps: int, eta: float, seed: int, count: int,
              strip_images: int = 4, strip_points: int = 9) -> tuple[Image.Image, Image.Image, str]:
     """(grid of ``count`` samples, reverse-process strip of the first ``strip_images``, a one-line summary)."""
-    options = {"eta": float(eta)} if sampler == "ddim" else {}
-    chosen = module.named_sampler(sampler, int(steps), **options)  # DDPM ignores steps: it runs all T
+    options = {"eta": float(eta)} if "eta" in sampler_config(sampler) else {}  # the samplers that have an eta
+    chosen = module.named_sampler(sampler, int(steps), **options)
     start = time.perf_counter()
     generator = torch.Generator(device=module.device).manual_seed(int(seed))
     out = module.sample(int(count), sampler=chosen, generator=generator, return_trajectory=True,
@@ -53,8 +51,7 @@ def generate(module: DiffusionModule, sampler: str, steps: int, eta: float, seed
     grid = to_pil(out.samples.cpu(), nrow=max(1, round(int(count) ** 0.5)))
     strip = out.trajectory[:, :strip_images].transpose(0, 1)  # rows: images, columns: x_T ... x_0
     strip = to_pil(strip.reshape(-1, *strip.shape[2:]), nrow=out.trajectory.shape[0])
-    summary = (f"{count} images with {type(chosen).__name__}, {chosen.num_steps} steps, seed {seed}: "
-               f"{seconds:.1f} s on {module.device}")
+    summary = f"{count} images with {chosen.describe()}, seed {seed}: {seconds:.1f} s on {module.device}"
     return grid, strip, summary
 
 

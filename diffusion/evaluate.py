@@ -29,11 +29,9 @@ from tqdm.auto import tqdm
 
 from diffusion.metrics import fid_kid, inception, inception_weights
 from diffusion.module import DiffusionModule, to_model_range, to_uint8
-from diffusion.process import GaussianDiffusion
-from diffusion.runtime import (UsageError, build_or_usage_error, exits_on_usage_error, log_to_training_run, require_ckpt,
+from diffusion.runtime import (CONFIG_DIR, UsageError, build_or_usage_error, exits_on_usage_error, log_to_training_run, require_ckpt,
                                save_run_config)
 from diffusion.sample import draw, resolve_device
-from diffusion.train import CONFIG_DIR
 
 log = logging.getLogger("diffusion.evaluate")
 
@@ -121,7 +119,8 @@ def fid_and_kid(module: DiffusionModule, images: torch.Tensor, num_real: int, fe
     fake = to_uint8(draw(module, sampler, n, cfg.batch_size, cfg.seed + fabric.global_rank))
     out = fid_kid(images, fake, feature.to(module.device), wanted, cfg.fid.kid_subset_size, cfg.fid.kid_subsets, cfg.batch_size,
                   module.device, num_real=num_real, num_fake=n_total)
-    info = {"num_real": out["num_real"], "num_fake": out["num_fake"], "sampler": type(sampler).__name__, "num_steps": sampler.num_steps}
+    info = {"num_real": out["num_real"], "num_fake": out["num_fake"], "sampler": sampler.describe(), "num_steps": sampler.num_steps,
+            "nfe": sampler.nfe}
     result = {}
     if "fid" in out:
         result["fid"] = {"value": out["fid"], **info}
@@ -150,9 +149,9 @@ def evaluate(cfg: DictConfig) -> dict:
     if device.type == "cuda" and cfg.devices > torch.cuda.device_count():
         raise UsageError(f"devices={cfg.devices} is invalid: this machine has {torch.cuda.device_count()} GPU(s)")
     module = build_or_usage_error("ckpt", lambda: DiffusionModule.from_checkpoint(cfg.ckpt, ema=cfg.ema))
-    if "nll" in cfg.metrics and not isinstance(module.process, GaussianDiffusion):
-        raise UsageError(f"metrics=[nll] is invalid for {cfg.ckpt}: its blur process is deterministic and has no "
-                         "likelihood bound; use metrics=[fid,kid]")
+    if "nll" in cfg.metrics and not hasattr(module.process, "calc_bpd_loop"):
+        raise UsageError(f"metrics=[nll] is invalid for {cfg.ckpt}: its {module.process.kind} process is deterministic "
+                         "and has no likelihood bound; use metrics=[fid,kid]")
     k = cfg.nll.num_timesteps
     if "nll" in cfg.metrics and k is not None and (not isinstance(k, int) or not 1 <= k <= module.process.num_timesteps):
         raise UsageError(f"nll.num_timesteps={k} is invalid: it must be in [1, {module.process.num_timesteps}] (or null for all T)")

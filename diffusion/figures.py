@@ -24,7 +24,7 @@ import torch
 
 from diffusion.grids import GridLayout, grid_array, labelled_figure, readable_scale, save_new
 from diffusion.module import DiffusionModule, to_model_range
-from diffusion.runtime import UsageError, build_or_usage_error, log_to_training_run
+from diffusion.runtime import CONFIG_DIR, UsageError, build_or_usage_error, log_to_training_run
 
 
 def _new_path(path: Path) -> Path:
@@ -87,20 +87,18 @@ def forward_figure(overrides: list[str], n: int, columns: int, out: Path, seed: 
     (the image itself) to T, in the papers' numbering: column t shows ``q_sample(x_0, t - 1)`` (0-based timesteps)."""
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
+    from omegaconf import OmegaConf
 
-    from diffusion.blur import BlurDiffusion
-    from diffusion.module import build_process
-    from diffusion.train import CONFIG_DIR
+    from diffusion.processes import build_process
 
     if columns < 2:
         raise UsageError(f"columns={columns} is invalid: it must be >= 2 (t = 0 and t = T)")
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
     datamodule = build_or_usage_error("data", lambda: instantiate(cfg.data))
-    options = {k: cfg.module[k] for k in ("variance", "loss_type", "objective", "min_snr_gamma", "hybrid_lambda")}
     learn_sigma = bool(cfg.model.get("learn_sigma", False))
-    process = build_or_usage_error("schedule", lambda: build_process(instantiate(cfg.schedule), datamodule.channels,
-                                                                     **options, learn_sigma=learn_sigma))
+    process = build_or_usage_error("process", lambda: build_process(OmegaConf.to_container(cfg.process, resolve=True),
+                                                                    instantiate(cfg.schedule), datamodule.channels, learn_sigma))
     T, schedule = process.num_timesteps, schedule_name(cfg.schedule._target_)
     path = _new_path(out / f"forward_{schedule}_T{T}_{datamodule.name}_n{n}_cols{columns}_seed{seed}.png")
     build_or_usage_error("data", lambda: (datamodule.prepare_data(), datamodule.setup("fit")))
@@ -109,7 +107,7 @@ def forward_figure(overrides: list[str], n: int, columns: int, out: Path, seed: 
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(x0.shape, generator=g)  # one eps per image for every column
     cols = [x0 if t == 0 else process.q_sample(x0, torch.full((len(x0),), t - 1), noise) for t in times]
-    what = "D(x_0, t), blur" if isinstance(process, BlurDiffusion) else f"q(x_t | x_0), {schedule} schedule"
+    what = f"{process.describe()}, {schedule} schedule"
     title = f"forward process {what}, T={T}: {datamodule.name}, seed {seed}"
     return _save_rows(torch.stack(cols, dim=1), path, title, [f"t={t}" for t in times])
 

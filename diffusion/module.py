@@ -18,17 +18,14 @@ import torch
 from hydra.utils import instantiate
 from torchmetrics import MeanMetric
 
-from diffusion.blur import BlurDiffusion, BlurSchedule
 from diffusion.grids import grid_image, to_uint8  # noqa: F401 - to_uint8 is also imported from here
 from diffusion.models.speed import apply_speed_options, split_speed_options
-from diffusion.process import GaussianDiffusion
-from diffusion.samplers import Sampler
+from diffusion.processes.base import build_process
+from diffusion.samplers.base import Sampler
+from diffusion.samplers.registry import LEGACY_TARGETS, build_sampler, sampler_config
 from diffusion.timesteps import build_timestep_sampler
 
 NUM_QUARTILES = 4
-#: samplers by name, for the CLIs and the app: each reverses one process (``ColdSampler`` the blur one)
-SAMPLERS = {"ddim": "diffusion.samplers.DDIMSampler", "ddpm": "diffusion.samplers.DDPMSampler",
-            "cold": "diffusion.samplers.ColdSampler"}
 
 
 def to_model_range(images: torch.Tensor) -> torch.Tensor:
@@ -56,26 +53,30 @@ def build_optimizer(config: dict, params, device: torch.device, precision: str =
     return instantiate(config, params=params)
 
 
-def build_process(schedule, channels: int, variance: str = "fixed_small", loss_type: str = "mse", objective: str = "eps",
-                  min_snr_gamma: float | None = None, hybrid_lambda: float = 0.001, learn_sigma: bool = False):
-    """The forward process the schedule belongs to: Gaussian noise for a beta schedule, cold-diffusion blur for a
-    :class:`BlurSchedule` (``process=blur``: the network restores x_0). A network with ``learn_sigma`` gets the
-    learned-range variance. Options that mean nothing to the blur process are refused in one line, not ignored."""
-    if not isinstance(schedule, BlurSchedule):
-        if learn_sigma:
-            variance = "learned_range"
-        elif variance == "learned_range":
-            raise ValueError("variance=learned_range is invalid without model.learn_sigma=true (the network must output it)")
-        return GaussianDiffusion(schedule, variance=variance, loss_type=loss_type, objective=objective,
-                                 min_snr_gamma=min_snr_gamma, hybrid_lambda=hybrid_lambda)
-    if objective != "x0":
-        raise ValueError(f"module.objective={objective} is invalid for the blur process: it restores x0 "
-                         "(use process=blur, which sets module.objective=x0 and loss_type=l1)")
-    for name, value, default in (("min_snr_gamma", min_snr_gamma, None), ("variance", variance, "fixed_small"),
-                                 ("model.learn_sigma", learn_sigma, False)):
-        if value != default:
-            raise ValueError(f"{name}={value} is invalid for the blur process: it is deterministic (leave it at {default})")
-    return BlurDiffusion(schedule, channels, loss_type=loss_type)
+#: the process options that lived among the module's arguments before conf/process/ held them
+_LEGACY_PROCESS_KEYS = ("variance", "loss_type", "objective", "min_snr_gamma", "hybrid_lambda", "timestep_sampling")
+
+
+def upgrade_hyper_parameters(hparams: dict) -> dict:
+    """A checkpoint's hyper-parameters in today's layout: checkpoints written before ``conf/process/`` kept the
+    process options at the top level and named the sampler and blur schedule classes by their old paths."""
+    hparams = dict(hparams)
+    if "process" not in hparams:
+        old = {k: hparams.pop(k) for k in _LEGACY_PROCESS_KEYS if k in hparams}
+        blur = str(hparams["schedule"].get("_target_", "")).endswith("BlurSchedule")
+        if blur:
+            process = {"_target_": "diffusion.processes.BlurDiffusion", "loss_type": old.get("loss_type", "l1")}
+        else:
+            process = {"_target_": "diffusion.processes.GaussianDiffusion", **old}
+            if process.get("variance") == "learned_range":
+                process["variance"] = "fixed_small"  # the network's learn_sigma sets it
+        hparams["process"] = {**process, "_partial_": True}
+    schedule = dict(hparams["schedule"])
+    if schedule.get("_target_") == "diffusion.blur.BlurSchedule":
+        hparams["schedule"] = {**schedule, "_target_": "diffusion.processes.BlurSchedule"}
+    sampler = dict(hparams["sampler"])
+    hparams["sampler"] = {**sampler, "_target_": LEGACY_TARGETS.get(sampler["_target_"], sampler["_target_"])}
+    return hparams
 
 
 def read_checkpoint(path: str | Path, setting: str = "ckpt", map_location: str | torch.device = "cpu", mmap: bool = False) -> dict:
@@ -96,6 +97,7 @@ def read_checkpoint(path: str | Path, setting: str = "ckpt", map_location: str |
     if not hparams or not {"model", "schedule", "sampler"} <= set(hparams) or "state_dict" not in ckpt:
         raise ValueError(f"{setting}={path} is not a checkpoint of this framework (no model/schedule hyper-parameters): "
                          "pass a .ckpt file written by python -m diffusion.train")
+    ckpt["hyper_parameters"] = upgrade_hyper_parameters(hparams)
     return ckpt
 
 
@@ -108,14 +110,9 @@ class DiffusionModule(L.LightningModule):
         schedule: config of the noise schedule, e.g. ``diffusion.schedules.LinearSchedule``.
         sampler: config of the sampler used for sample grids (``_partial_``: it receives the process).
         optimizer: config of the optimizer (``_partial_``: it receives the parameters).
-        variance: reverse-process variance, ``fixed_small`` or ``fixed_large``; a network built with
-            ``learn_sigma=true`` always gets ``learned_range`` (Nichol & Dhariwal).
-        loss_type: ``mse`` (L_simple), ``l1``, ``huber`` or ``hybrid`` (L_simple + lambda L_vlb; learned variance).
-        objective: the network's target, ``eps``, ``x0`` or ``v``.
-        min_snr_gamma: Min-SNR-gamma loss weighting (null: none).
-        hybrid_lambda: lambda of the hybrid loss.
-        timestep_sampling: ``uniform`` or ``importance`` (Nichol & Dhariwal's sqrt(E[L_t^2]) resampling, for
-            ``loss_type=vlb``; :mod:`diffusion.timesteps`). Validation always draws uniformly.
+        process: config of the forward process (``conf/process/``, ``_partial_``: it receives the schedule, the
+            image channels and ``learn_sigma``): its variance, loss, objective and timestep sampling (``importance``
+            draws t by Nichol & Dhariwal's sqrt(E[L_t^2]); validation always draws uniformly).
         lr_warmup_steps: linear learning-rate warm-up from 0 over this many optimizer steps.
         num_samples: images in each sample grid.
         sample_every_n_epochs: generate a grid every N validation epochs (0: only at the end of training).
@@ -131,12 +128,7 @@ class DiffusionModule(L.LightningModule):
         schedule: dict,
         sampler: dict,
         optimizer: dict,
-        variance: str = "fixed_small",
-        loss_type: str = "mse",
-        objective: str = "eps",
-        min_snr_gamma: float | None = None,
-        hybrid_lambda: float = 0.001,
-        timestep_sampling: str = "uniform",
+        process: dict | None = None,
         lr_warmup_steps: int = 0,
         num_samples: int = 64,
         sample_every_n_epochs: int = 5,
@@ -147,10 +139,9 @@ class DiffusionModule(L.LightningModule):
         self.save_hyperparameters()
         network, speed = split_speed_options(model)
         self.model = apply_speed_options(instantiate(network), **speed)
-        self.process = build_process(instantiate(schedule), self.model.in_channels, variance, loss_type, objective,
-                                     min_snr_gamma, hybrid_lambda, bool(network.get("learn_sigma")))
+        self.process = build_process(process, instantiate(schedule), self.model.in_channels, network.get("learn_sigma"))
         self.sampler = self.build_sampler(sampler)
-        self.timestep_sampler = build_timestep_sampler(timestep_sampling, self.process.num_timesteps)
+        self.timestep_sampler = build_timestep_sampler(self.process.timestep_sampling, self.process.num_timesteps)
         self.quartile_loss = torch.nn.ModuleList(MeanMetric() for _ in range(NUM_QUARTILES))
         self._generator: torch.Generator | None = None
         self.has_ema = False  # set by from_checkpoint: whether the checkpoint held EMA weights
@@ -173,20 +164,16 @@ class DiffusionModule(L.LightningModule):
     # ----------------------------------------------------------------------------------------------- helpers
     def build_sampler(self, config: dict, **overrides: Any) -> Sampler:
         """Instantiate a sampler config (a ``_partial_`` taking the process) with optional overrides."""
-        return instantiate({**config, **overrides, "_partial_": False}, process=self.process)
+        return build_sampler(config, self.process, **overrides)
 
-    def named_sampler(self, name: str = "configured", num_steps: int | None = None, **options: Any) -> Sampler:
-        """``configured``: the sampler the model was trained with; ``ddim``, ``ddpm`` or ``cold``: that sampler with
-        clipping and its defaults (DDIM: 50 steps). ``num_steps`` changes the grid where the sampler has one."""
-        if name == "configured":
+    def named_sampler(self, name: str | None = None, num_steps: int | None = None, **options: Any) -> Sampler:
+        """``None``: the sampler the model was trained with; a name of the registry (``conf/sampler/``): that
+        sampler with its defaults. ``num_steps`` changes the grid; ``options`` any other setting."""
+        if name in (None, "configured"):
             config = dict(self.hparams.sampler)
-        elif name in SAMPLERS:
-            config = {"_target_": SAMPLERS[name], "clip_denoised": True, **({"num_steps": 50} if name == "ddim" else {})}
         else:
-            raise ValueError(f"sampler {name!r} is invalid: allowed values are configured, {', '.join(SAMPLERS)}")
-        if num_steps is not None and name != "ddpm" and ("num_steps" in config or name != "configured"):  # DDPM: all T
-            config["num_steps"] = num_steps
-        return self.build_sampler(config, **options)
+            config = sampler_config(name)
+        return self.build_sampler(config, **({"num_steps": num_steps} if num_steps is not None else {}), **options)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.model(x, t)
@@ -288,8 +275,7 @@ class DiffusionModule(L.LightningModule):
         images = self.sample(n, generator=g).samples
         image = grid_image(images, nrow=max(1, int(n**0.5)))
         when = f"epoch {epoch}" if epoch is not None else f"end of training, {self.current_epoch} epochs"
-        caption = (f"{name}: {when}, step {self.global_step}; {type(self.sampler).__name__}, "
-                   f"{self.sampler.num_steps} steps, seed {seed}")
+        caption = f"{name}: {when}, step {self.global_step}; {self.sampler.describe()}, seed {seed}"
         path = None
         if self._trainer is not None:
             path = Path(self.trainer.default_root_dir) / "samples" / f"{name}.png"

@@ -11,6 +11,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, read_write
 from omegaconf.errors import MissingMandatoryValue
 
+#: the Hydra configuration directory every CLI composes from
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
 log = logging.getLogger("diffusion")
 
 

@@ -20,8 +20,7 @@ from tqdm.auto import tqdm
 
 from diffusion.grids import grid_image
 from diffusion.module import DiffusionModule, to_uint8
-from diffusion.runtime import UsageError, build_or_usage_error, exits_on_usage_error, require_ckpt
-from diffusion.train import CONFIG_DIR
+from diffusion.runtime import CONFIG_DIR, UsageError, build_or_usage_error, exits_on_usage_error, require_ckpt
 
 log = logging.getLogger("diffusion.sample")
 

@@ -21,6 +21,7 @@ from diffusion import preflight
 from diffusion.callbacks import wandb_run_id
 from diffusion.module import DiffusionModule
 from diffusion.runtime import (
+    CONFIG_DIR,
     build_or_usage_error,
     check_resume_and_outputs,
     exits_on_usage_error,
@@ -36,7 +37,6 @@ from diffusion.runtime import (
 
 log = logging.getLogger("diffusion.train")
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
 def build_module(cfg: DictConfig, channels: int, image_size: int) -> DiffusionModule:
@@ -47,6 +47,7 @@ def build_module(cfg: DictConfig, channels: int, image_size: int) -> DiffusionMo
         schedule=OmegaConf.to_container(cfg.schedule, resolve=True),
         sampler=OmegaConf.to_container(cfg.sampler, resolve=True),
         optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
+        process=OmegaConf.to_container(cfg.process, resolve=True),
         seed=cfg.seed,
         data=OmegaConf.to_container(cfg.data, resolve=True) if "data" in cfg else None,
         **OmegaConf.to_container(cfg.module, resolve=True),

@@ -37,7 +37,7 @@ for name, sched in [("linear", LinearSchedule(T)), ("cosine", CosineSchedule(T))
 a.set(title="alpha_bar_t", xlabel="t"); b.set(title="beta_t", xlabel="t"); a.legend(); plt.show()'''),
         new_code_cell('''from diffusion.data import DigitsDataModule
 from diffusion.module import to_model_range
-from diffusion.process import GaussianDiffusion
+from diffusion.processes import GaussianDiffusion
 dm = DigitsDataModule(image_size=16); dm.setup()
 x0 = to_model_range(torch.stack([dm.train_set[i] for i in range(6)]))
 for name, sched in [("linear", LinearSchedule(T)), ("cosine", CosineSchedule(T))]:
@@ -71,7 +71,8 @@ module = DiffusionModule(
 trainer = L.Trainer(max_epochs=1 if FAST else 20, limit_train_batches=3 if FAST else None, logger=False,
                     callbacks=[EMA(decay=0.995)], default_root_dir=out, enable_checkpointing=False)
 trainer.fit(module, DigitsDataModule(image_size=16, batch_size=64))'''),
-        new_code_cell('''from diffusion.samplers import DDPMSampler, DDIMSampler
+        new_code_cell('''from diffusion.samplers.ddim import DDIMSampler
+from diffusion.samplers.ddpm import DDPMSampler
 n = 4 if FAST else 16
 for sampler in [DDPMSampler(module.process, clip_denoised=True), DDIMSampler(module.process, num_steps=50, clip_denoised=True)]:
     start = time.time()
@@ -89,7 +90,7 @@ print(module.hparams.schedule, module.hparams.sampler, sep="\\n")
 images = module.sample(4 if FAST else 16, generator=torch.Generator().manual_seed(0)).samples
 show(images, "samples (EMA weights)", nrow=4)'''),
         new_code_cell('''# the reverse process in 10 transitions (DDIM here; DDPMSampler for the ancestral chain)
-from diffusion.samplers import DDIMSampler
+from diffusion.samplers.ddim import DDIMSampler
 out = module.sample(4, sampler=DDIMSampler(module.process, num_steps=20 if FAST else 100, clip_denoised=True),
                     generator=torch.Generator().manual_seed(1), return_trajectory=True)
 picks = torch.linspace(0, out.trajectory.shape[0] - 1, 11).round().long()

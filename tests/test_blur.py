@@ -7,10 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffusion.blur import BlurDiffusion, BlurSchedule, dct_blur
+from diffusion.processes.blur import BlurDiffusion, BlurSchedule, dct_blur
 from diffusion.module import build_process
-from diffusion.process import GaussianDiffusion
-from diffusion.samplers import ColdSampler, DDIMSampler, DDPMSampler
+from diffusion.processes import GaussianDiffusion
+from diffusion.samplers.cold import ColdSampler
+from diffusion.samplers.ddim import DDIMSampler
+from diffusion.samplers.ddpm import DDPMSampler
 from diffusion.schedules import LinearSchedule
 from tests.conftest import FAST, run_train
 

@@ -7,8 +7,10 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from diffusion.blur import BlurSchedule
-from diffusion.samplers import ColdSampler, DDIMSampler, DDPMSampler
+from diffusion.processes.blur import BlurSchedule
+from diffusion.samplers.cold import ColdSampler
+from diffusion.samplers.ddim import DDIMSampler
+from diffusion.samplers.ddpm import DDPMSampler
 from diffusion.schedules import NoiseSchedule
 from diffusion.train import CONFIG_DIR, build_module
 

@@ -13,7 +13,7 @@ from torch import nn
 from diffusion.data import DigitsDataModule
 from diffusion.evaluate import nll
 from diffusion.module import to_model_range
-from diffusion.process import GaussianDiffusion, discretized_gaussian_log_likelihood, normal_kl
+from diffusion.processes.gaussian import GaussianDiffusion, discretized_gaussian_log_likelihood, normal_kl
 from diffusion.schedules import LinearSchedule
 from tests.oracles import PointOracle
 

@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from diffusion.models import UNet
-from diffusion.process import OBJECTIVES, GaussianDiffusion, to_x0_eps
-from diffusion.samplers import DDIMSampler, DDPMSampler
+from diffusion.objectives import OBJECTIVES, to_x0_eps
+from diffusion.processes import GaussianDiffusion
+from diffusion.samplers.ddim import DDIMSampler
+from diffusion.samplers.ddpm import DDPMSampler
 from diffusion.schedules import CosineSchedule, LinearSchedule
 from tests.conftest import FAST, run_train
 from tests.oracles import PointOracle

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from diffusion.process import GaussianDiffusion
+from diffusion.processes import GaussianDiffusion
 from diffusion.schedules import CosineSchedule, LinearSchedule
 from tests.oracles import PointOracle
 

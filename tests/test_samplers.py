@@ -5,8 +5,10 @@ import math
 import pytest
 import torch
 
-from diffusion.process import GaussianDiffusion
-from diffusion.samplers import DDIMSampler, DDPMSampler, make_timesteps
+from diffusion.processes import GaussianDiffusion
+from diffusion.samplers import make_timesteps
+from diffusion.samplers.ddim import DDIMSampler
+from diffusion.samplers.ddpm import DDPMSampler
 from diffusion.schedules import CosineSchedule, LinearSchedule
 from tests.oracles import GaussianOracle, PointOracle
 
@@ -32,10 +34,8 @@ def test_grid_first_last_and_previous_timesteps(process, spacing):
     first, second, last = EXPECTED_ENDS[spacing]
     assert len(ts) == 50 and ts[0] == first and ts[1] == second and ts[-1] == last
     assert all(a > b for a, b in zip(ts, ts[1:])) and 0 <= ts[-1] and ts[0] <= 999
-    assert sampler.prev_timesteps[first] == second
-    assert sampler.prev_timesteps[last] == -1
-    for a, b in zip(ts, ts[1:]):
-        assert sampler.prev_timesteps[a] == b
+    # the state after each step is at the next grid point (papers' 1-based t; 0 is x_0)
+    assert sampler.state_times == [t + 1 for t in ts] + [0]
 
 
 @pytest.mark.parametrize("spacing", list(EXPECTED_ENDS))
@@ -63,7 +63,7 @@ def test_deterministic_step_lands_on_previous_marginal(process, spacing):
     for i, t in enumerate(ts):
         prev = ts[i + 1] if i + 1 < len(ts) else None
         xt = abar[t].sqrt() * x0 + (1 - abar[t]).sqrt() * eps
-        out = sampler.step(eps, t, xt).prev_sample
+        out = sampler.step(eps, i, xt).prev_sample
         a_prev = abar[prev] if prev is not None else torch.tensor(1.0, dtype=torch.float64)
         torch.testing.assert_close(out, a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps, rtol=1e-6, atol=1e-6)
 
@@ -92,12 +92,19 @@ def test_ddim_eta1_full_grid_has_ddpm_step_moments(schedule):
     ddim = DDIMSampler(process, num_steps=schedule.T, eta=1.0, spacing="leading")
     assert ddim.timesteps == ddpm.timesteps
     x, eps = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4)
-    for t in [schedule.T - 1, schedule.T // 2, 3, 1, 0]:
-        m1, v1, x01 = ddpm.step_mean_variance(eps, t, x)
-        m2, v2, x02 = ddim.step_mean_variance(eps, t, x)
-        torch.testing.assert_close(m2, m1, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(torch.full_like(v1, v2), v1, rtol=1e-4, atol=1e-12)
-        torch.testing.assert_close(x02, x01, rtol=1e-4, atol=1e-4)
+    T = schedule.T
+    for t in [T - 1, T // 2, 3, 1, 0]:
+        i = T - 1 - t
+        out = process.p_mean_variance_from_output(eps, x, torch.full((3,), t))
+        x01, _ = ddim.predict_x0_eps(eps, x, ddim._abar[i] ** 0.5, (1 - ddim._abar[i]) ** 0.5)
+        m2 = ddim._abar_prev[i] ** 0.5 * x01 + max(1 - ddim._abar_prev[i] - ddim.sigma2(i), 0) ** 0.5 * eps
+        torch.testing.assert_close(m2, out.mean, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(torch.full_like(out.variance, ddim.sigma2(i)), out.variance, rtol=1e-4, atol=1e-12)
+        torch.testing.assert_close(x01, out.pred_x0, rtol=1e-4, atol=1e-4)
+        # and DDPM's step without its noise is that mean
+        no_noise = ddpm.step(eps, i, x, generator=None).prev_sample if t == 0 else None
+        if no_noise is not None:
+            torch.testing.assert_close(no_noise, out.mean)
 
 
 def _chain_moments(sampler, oracle, n=20_000, seed=0):
@@ -165,8 +172,8 @@ def test_set_timesteps_changes_the_grid(process):
     sampler = DDIMSampler(process, num_steps=50)
     sampler.set_timesteps(10)
     assert sampler.num_steps == 10 and sampler.timesteps[0] == 900
-    with pytest.raises(ValueError, match="not on this sampler's grid"):
-        sampler.step(torch.zeros(1), 901, torch.zeros(1))
+    with pytest.raises(ValueError, match="step index 10 is invalid"):
+        sampler.step(torch.zeros(1), 10, torch.zeros(1))
 
 
 @pytest.mark.parametrize(
@@ -176,7 +183,7 @@ def test_set_timesteps_changes_the_grid(process):
         (lambda p: DDIMSampler(p, num_steps=1001), "num_steps=1001"),
         (lambda p: DDIMSampler(p, eta=-1.0), "eta=-1.0"),
         (lambda p: DDIMSampler(p, spacing="cubic"), "spacing='cubic'"),
-        (lambda p: DDPMSampler(p, num_steps=50), "num_steps=50"),
+        (lambda p: DDPMSampler(p, num_steps=1001), "num_steps=1001"),
         (lambda p: DDPMSampler(p, variance="learned"), "variance='learned'"),
     ],
 )

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from diffusion.process import GaussianDiffusion
+from diffusion.processes import GaussianDiffusion
 from diffusion.schedules import LinearSchedule
 from diffusion.timesteps import LossSecondMomentSampler, build_timestep_sampler
 from tests.conftest import FAST, run_train

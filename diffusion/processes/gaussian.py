@@ -14,14 +14,15 @@ from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from diffusion.checks import check_choice
+from diffusion.objectives import OBJECTIVES, eps_from_x0, target_from_x0_eps, to_x0_eps
+from diffusion.processes.base import ForwardProcess, randn
 from diffusion.schedules import NoiseSchedule, ScheduleTable
+from diffusion.timesteps import TIMESTEP_SAMPLINGS
 
 VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned_range")
 LOSS_TYPES = ("mse", "l1", "huber", "hybrid", "vlb")
-OBJECTIVES = ("eps", "x0", "v")
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -29,26 +30,6 @@ Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 def extract(a: torch.Tensor, t: torch.Tensor, x_shape: torch.Size) -> torch.Tensor:
     """Gather ``a[t]`` per batch element and shape it to broadcast against ``x_shape``: (B, 1, 1, ...)."""
     return a.gather(0, t).reshape(t.shape[0], *((1,) * (len(x_shape) - 1)))
-
-
-def randn(shape, generator: torch.Generator | None = None, device=None, dtype=None) -> torch.Tensor:
-    """N(0, I) drawn on the generator's device (so a seeded draw is the same wherever it is used), then moved to
-    ``device`` (default: the generator's, or the CPU)."""
-    draw_on = generator.device if generator is not None else torch.device(device or "cpu")
-    return torch.randn(shape, generator=generator, device=draw_on, dtype=dtype).to(device or draw_on)
-
-
-def to_x0_eps(objective: str, output: torch.Tensor, xt: torch.Tensor, sqrt_abar, sqrt_one_minus_abar):
-    """(predicted x_0, predicted eps) from a network output under ``objective``; coefficients are floats or tensors.
-
-    x_t = sqrt(abar) x_0 + sqrt(1 - abar) eps, and v = sqrt(abar) eps - sqrt(1 - abar) x_0 (Salimans & Ho 2022),
-    so x_0 = sqrt(abar) x_t - sqrt(1 - abar) v and eps = sqrt(1 - abar) x_t + sqrt(abar) v.
-    """
-    if objective == "eps":
-        return (xt - sqrt_one_minus_abar * output) / sqrt_abar, output
-    if objective == "x0":
-        return output, (xt - sqrt_abar * output) / sqrt_one_minus_abar
-    return sqrt_abar * xt - sqrt_one_minus_abar * output, sqrt_one_minus_abar * xt + sqrt_abar * output
 
 
 class PMeanVariance(NamedTuple):
@@ -59,7 +40,7 @@ class PMeanVariance(NamedTuple):
     pred_eps: torch.Tensor
 
 
-class GaussianDiffusion(nn.Module):
+class GaussianDiffusion(ForwardProcess):
     """q(x_t | x_0), q(x_{t-1} | x_t, x_0), p(x_{t-1} | x_t) and the training losses.
 
     Args:
@@ -78,7 +59,13 @@ class GaussianDiffusion(nn.Module):
         min_snr_gamma: if set, weight each example's loss by min(SNR_t, gamma) / SNR_t (eps), min(SNR_t, gamma)
             (x0) or min(SNR_t, gamma) / (SNR_t + 1) (v) -- Hang et al. 2023, "Min-SNR weighting"; 5 is theirs.
         hybrid_lambda: lambda of the hybrid loss (0.001 in Nichol & Dhariwal).
+        timestep_sampling: how training draws t: ``uniform`` or ``importance`` (:mod:`diffusion.timesteps`).
+        channels: the images' channels (unused: every process takes it).
+        learn_sigma: whether the network outputs a variance too (``model.learn_sigma``): true makes the variance
+            ``learned_range``, false refuses ``learned_range``; None (library use): as ``variance`` says.
     """
+
+    kind = "gaussian"
 
     def __init__(
         self,
@@ -88,20 +75,31 @@ class GaussianDiffusion(nn.Module):
         objective: str = "eps",
         min_snr_gamma: float | None = None,
         hybrid_lambda: float = 0.001,
+        timestep_sampling: str = "uniform",
+        channels: int | None = None,
+        learn_sigma: bool | None = None,
     ):
         super().__init__()
+        if not isinstance(schedule, (NoiseSchedule, ScheduleTable)):
+            raise ValueError(f"process=gaussian needs a beta schedule (linear, cosine, ...), got {type(schedule).__name__}: "
+                             "for schedule=blur use process=blur")
+        if learn_sigma:
+            variance = "learned_range"
+        elif variance == "learned_range" and learn_sigma is not None:
+            raise ValueError("process.variance=learned_range is invalid without model.learn_sigma=true (the network must output it)")
+        self.timestep_sampling = check_choice("process.timestep_sampling", timestep_sampling, TIMESTEP_SAMPLINGS)
         table = schedule.table() if isinstance(schedule, NoiseSchedule) else schedule
-        self.variance = check_choice("variance", variance, VARIANCE_TYPES)
-        self.loss_type = check_choice("loss_type", loss_type, LOSS_TYPES)
-        self.objective = check_choice("objective", objective, OBJECTIVES)
+        self.variance = check_choice("process.variance", variance, VARIANCE_TYPES)
+        self.loss_type = check_choice("process.loss_type", loss_type, LOSS_TYPES)
+        self.objective = check_choice("process.objective", objective, OBJECTIVES)
         if loss_type == "hybrid" and variance != "learned_range":
-            raise ValueError("loss_type='hybrid' is invalid with a fixed variance: it trains a learned one (model.learn_sigma=true)")
+            raise ValueError("process.loss_type=hybrid is invalid with a fixed variance: it trains a learned one (model.learn_sigma=true)")
         if min_snr_gamma is not None and loss_type == "vlb":
-            raise ValueError(f"min_snr_gamma={min_snr_gamma} is invalid with loss_type='vlb': it weights the simple loss")
+            raise ValueError(f"process.min_snr_gamma={min_snr_gamma} is invalid with process.loss_type=vlb: it weights the simple loss")
         if min_snr_gamma is not None and (isinstance(min_snr_gamma, bool) or not isinstance(min_snr_gamma, (int, float)) or min_snr_gamma <= 0):
-            raise ValueError(f"min_snr_gamma={min_snr_gamma!r} is invalid: it must be a number > 0 (or null for no weighting)")
+            raise ValueError(f"process.min_snr_gamma={min_snr_gamma!r} is invalid: it must be a number > 0 (or null for no weighting)")
         if isinstance(hybrid_lambda, bool) or not isinstance(hybrid_lambda, (int, float)) or hybrid_lambda < 0:
-            raise ValueError(f"hybrid_lambda={hybrid_lambda!r} is invalid: it must be a number >= 0")
+            raise ValueError(f"process.hybrid_lambda={hybrid_lambda!r} is invalid: it must be a number >= 0")
         self.min_snr_gamma = None if min_snr_gamma is None else float(min_snr_gamma)
         self.hybrid_lambda = float(hybrid_lambda)
         for name, value in table.as_dict().items():
@@ -150,9 +148,25 @@ class GaussianDiffusion(nn.Module):
         ) * eps
 
     def predict_eps_from_x0(self, xt: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-        return (extract(self.sqrt_recip_alphas_cumprod, t, xt.shape) * xt - x0) / extract(
-            self.sqrt_recipm1_alphas_cumprod, t, xt.shape
-        )
+        """eps = (x_t - sqrt(alpha_bar_t) x_0) / sqrt(1 - alpha_bar_t)."""
+        return eps_from_x0(xt, x0, extract(self.sqrt_alphas_cumprod, t, xt.shape),
+                           extract(self.sqrt_one_minus_alphas_cumprod, t, xt.shape))
+
+    def alphas_cumprod_at(self, t: torch.Tensor) -> torch.Tensor:
+        """alpha_bar at integer or fractional timesteps (B,): a fractional t lies between the schedule's sigmas,
+        sigma = sqrt((1 - alpha_bar) / alpha_bar), interpolated linearly in log sigma -- the inverse of the
+        sigma -> t map of the Karras samplers (diffusers' ``_sigma_to_t``), so a network called at the t of a
+        sigma is asked about that sigma. Integer t is a table lookup."""
+        abar = self.alphas_cumprod
+        if not t.is_floating_point():
+            return abar.gather(0, t)
+        log_sigmas = (0.5 * ((1 - abar.double()) / abar.double()).log())
+        t = t.double().clamp(0, self.num_timesteps - 1)
+        low = t.floor().long().clamp(max=self.num_timesteps - 1)
+        high = (low + 1).clamp(max=self.num_timesteps - 1)
+        w = t - low
+        log_sigma = (1 - w) * log_sigmas.gather(0, low) + w * log_sigmas.gather(0, high)
+        return (1 / (1 + (2 * log_sigma).exp())).to(abar.dtype)
 
     # ----------------------------------------------------------------------------------------------- reverse
     def split_output(self, output: torch.Tensor, xt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -228,22 +242,18 @@ class GaussianDiffusion(nn.Module):
         abar = self.alphas_cumprod.gather(0, t)
         return abar / (1 - abar)
 
+    def describe(self) -> str:
+        return "q(x_t | x_0)"
+
     def sample_prior(self, shape, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
         """x_T ~ N(0, I), drawn on the generator's device and moved to ``device`` (default: the buffers')."""
         return randn(shape, generator, device if device is not None else self.betas.device)
 
     # ----------------------------------------------------------------------------------------------- training
-    def sample_timesteps(self, batch_size: int, device: torch.device, generator: torch.Generator | None = None):
-        """t ~ Uniform{0, ..., T-1}."""
-        return torch.randint(0, self.num_timesteps, (batch_size,), device=device, generator=generator)
-
     def training_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """What the network should output for (x_0, eps, t) under the objective."""
-        if self.objective == "eps":
-            return noise
-        if self.objective == "x0":
-            return x0
-        return extract(self.sqrt_alphas_cumprod, t, x0.shape) * noise - extract(self.sqrt_one_minus_alphas_cumprod, t, x0.shape) * x0
+        return target_from_x0_eps(self.objective, x0, noise, extract(self.sqrt_alphas_cumprod, t, x0.shape),
+                                  extract(self.sqrt_one_minus_alphas_cumprod, t, x0.shape))
 
     def loss_weight(self, t: torch.Tensor) -> torch.Tensor | None:
         """Min-SNR-gamma weights (Hang et al. 2023), expressed for the objective; None without weighting."""

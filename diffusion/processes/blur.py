@@ -20,10 +20,9 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from diffusion.checks import check_choice
-from diffusion.process import randn
+from diffusion.processes.base import ForwardProcess, randn
 
 BLUR_ROUTINES = ("incremental", "constant", "exponential")
 BLUR_LOSS_TYPES = ("l1", "mse")
@@ -100,27 +99,31 @@ def dct_blur(x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
     return _apply(x, rows, rows if w == h else _blur_matrices(w, sigma))
 
 
-class BlurDiffusion(nn.Module):
+class BlurDiffusion(ForwardProcess):
     """The Gaussian-blur forward process, its restoration loss and its prior (the same interface as
-    :class:`diffusion.process.GaussianDiffusion` where it makes sense: ``q_sample``, ``training_losses``,
+    :class:`diffusion.processes.base.ForwardProcess`: ``q_sample``, ``training_losses``,
     ``sample_timesteps``, ``sample_prior``).
 
     Args:
         schedule: a :class:`BlurSchedule`.
         channels: image channels (sizes the prior's statistics).
         loss_type: ``l1`` (the paper's) or ``mse`` between the restored and the clean image.
+        learn_sigma: must be false (the process is deterministic: there is no variance to learn).
 
     The prior of x_T is the one-component case of the paper's Gaussian mixture on channel means: a Gaussian with the
     mean and covariance of the channel means of the training images (which blurring keeps), accumulated from every
     batch the process trains on (``training_losses`` in training mode) and saved with the checkpoint.
     """
 
+    kind = "blur"
     objective = "x0"
 
-    def __init__(self, schedule: BlurSchedule, channels: int, loss_type: str = "l1"):
+    def __init__(self, schedule: BlurSchedule, channels: int, loss_type: str = "l1", learn_sigma: bool = False):
         super().__init__()
         if not isinstance(schedule, BlurSchedule):
             raise ValueError(f"process=blur needs schedule=blur (a BlurSchedule), got {type(schedule).__name__}")
+        if learn_sigma:
+            raise ValueError("model.learn_sigma=true is invalid for process=blur: it is deterministic (leave it at false)")
         self.loss_type = check_choice("loss_type (process=blur)", loss_type, BLUR_LOSS_TYPES)
         # A plain tensor, not a buffer: the EMA of the weights also averages buffers, and lerp(inf, inf) is nan. The
         # widths follow from the schedule, which the checkpoint's hyper-parameters rebuild.
@@ -153,10 +156,6 @@ class BlurDiffusion(nn.Module):
         return self.blur(x0, t + 1)
 
     # ----------------------------------------------------------------------------------------------- training
-    def sample_timesteps(self, batch_size: int, device: torch.device, generator: torch.Generator | None = None):
-        """t ~ Uniform{0, ..., T-1}."""
-        return torch.randint(0, self.num_timesteps, (batch_size,), device=device, generator=generator)
-
     def training_losses(self, model, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """Per-example ||R(D(x_0, t+1), t) - x_0|| (the paper's eq. 1, L1 by default); also updates the prior."""
         if self.training:
@@ -183,6 +182,9 @@ class BlurDiffusion(nn.Module):
         mean = self.prior_mean
         cov = (self.prior_second_moment - torch.outer(mean, mean)) * (n / (n - 1))
         return mean, cov
+
+    def describe(self) -> str:
+        return "D(x_0, t)"
 
     def sample_prior(self, shape, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
         """x_T: constant images whose channel means are drawn from the fitted Gaussian (the sampler may perturb them)."""

@@ -1,0 +1,88 @@
+"""The one list of samplers: the files of ``conf/sampler/``. A sampler is its class (one file of this package) plus
+``conf/sampler/<name>.yaml`` (its ``_target_`` and defaults); the train, sample, evaluate, compare, figures CLIs
+and the app all read this list, so adding a sampler edits nothing else.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from diffusion.samplers.base import Sampler
+
+SAMPLER_DIR = Path(__file__).resolve().parents[2] / "conf" / "sampler"
+#: the classes' paths before the samplers/ package (checkpoints written by earlier versions name them)
+LEGACY_TARGETS = {"diffusion.samplers.DDPMSampler": "diffusion.samplers.ddpm.DDPMSampler",
+                  "diffusion.samplers.DDIMSampler": "diffusion.samplers.ddim.DDIMSampler",
+                  "diffusion.samplers.ColdSampler": "diffusion.samplers.cold.ColdSampler"}
+
+__all__ = ["sampler_configs", "sampler_names", "sampler_config", "sampler_class", "sampler_name", "build_sampler",
+           "LEGACY_TARGETS"]
+
+
+@lru_cache(maxsize=1)
+def _configs() -> dict[str, dict]:
+    import yaml
+
+    return {f.stem: yaml.safe_load(f.read_text()) for f in sorted(SAMPLER_DIR.glob("*.yaml"))}
+
+
+def sampler_configs() -> dict[str, dict]:
+    """{name: the config of conf/sampler/<name>.yaml} (copies)."""
+    return {name: dict(cfg) for name, cfg in _configs().items()}
+
+
+def sampler_class(name: str) -> type[Sampler]:
+    from hydra.utils import get_class
+
+    return get_class(sampler_config(name)["_target_"])
+
+
+def sampler_names(kind: str | None = None) -> list[str]:
+    """Every sampler's name, or those that reverse the process ``kind`` (``gaussian``, ``blur``)."""
+    return [name for name in _configs() if kind is None or kind in sampler_class(name).reverses]
+
+
+def sampler_config(name: str, **overrides: Any) -> dict:
+    """The config of sampler ``name`` with ``overrides`` (None values are left at the file's default)."""
+    configs = _configs()
+    if name not in configs:
+        raise ValueError(f"sampler={name!r} is invalid: allowed values are {', '.join(configs)}")
+    config = dict(configs[name])
+    for key, value in overrides.items():
+        if value is not None:
+            config[key] = value
+    return config
+
+
+def sampler_name(config: dict) -> str:
+    """The registry name of a sampler config (a checkpoint's, say), from its ``_target_``."""
+    target = LEGACY_TARGETS.get(config.get("_target_"), config.get("_target_"))
+    for name, cfg in _configs().items():
+        if cfg["_target_"] == target:
+            return name
+    return str(target).rsplit(".", 1)[-1]
+
+
+def build_sampler(config: dict | str, process, **overrides: Any) -> Sampler:
+    """Instantiate a sampler (a name, or a config with ``_target_``) for ``process``, with ``overrides``.
+
+    Options a sampler does not take are refused in one line naming the sampler and what it takes."""
+    import inspect
+
+    from hydra.utils import get_class
+
+    if isinstance(config, str):
+        config = sampler_config(config)
+    config = {**config, **{k: v for k, v in overrides.items()}}
+    target = LEGACY_TARGETS.get(config["_target_"], config["_target_"])
+    cls = get_class(target)
+    options = {k: v for k, v in config.items() if not k.startswith("_")}
+    allowed = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "process")]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"sampler {sampler_name(config)} has no option {unknown[0]!r}: it takes {', '.join(allowed)}")
+    sampler = cls(process, **options)
+    sampler.name = sampler_name(config)
+    return sampler
