@@ -25,6 +25,7 @@ import torch
 from diffusion.grids import GridLayout, grid_array, labelled_figure, readable_scale, save_new
 from diffusion.module import DiffusionModule, to_model_range
 from diffusion.runtime import CONFIG_DIR, UsageError, build_or_usage_error, log_to_training_run
+from diffusion.samplers.registry import sampler_names
 
 
 def _new_path(path: Path) -> Path:
@@ -116,22 +117,14 @@ def _load(ckpt: str, ema: bool = True) -> DiffusionModule:
     return build_or_usage_error("ckpt", lambda: DiffusionModule.from_checkpoint(ckpt, ema=ema))
 
 
-def sampler_settings(sampler) -> str:
-    """``DDIMSampler, 50 steps, eta 0`` (the settings that change what a sampler draws)."""
-    eta = f", eta {sampler.eta:g}" if hasattr(sampler, "eta") else ""
-    return f"{type(sampler).__name__}, {sampler.num_steps} steps{eta}"
+def trajectory_times(sampler, points: int) -> list[str]:
+    """The papers' t of each state a trajectory of ``points`` keeps (``sampler.state_times``: x_T first, 0 for x_0),
+    as labels; a fractional t (the Karras samplers' sigmas fall between timesteps) with one decimal."""
+    return [f"{t:.1f}" if isinstance(t, float) and not t.is_integer() else f"{int(t)}"
+            for t in (sampler.state_times[i] for i in sorted(sampler.trajectory_indices(points)))]
 
 
-def trajectory_times(sampler, points: int) -> list[int]:
-    """The papers' t of each state a trajectory of ``points`` keeps: x_T is the input of the first step (0-based
-    timestep ``timesteps[0]``, t = timesteps[0] + 1), the state after step i is at ``prev_timesteps`` + 1 (0: x_0)."""
-    times = []
-    for i in sorted(sampler.trajectory_indices(points)):
-        times.append(sampler.timesteps[0] + 1 if i == 0 else sampler.prev_timesteps[sampler.timesteps[i - 1]] + 1)
-    return times
-
-
-def reverse_figure(ckpt: str, n: int, transitions: int, out: Path, sampler: str = "configured", num_steps: int | None = None, seed: int = 0) -> Path:
+def reverse_figure(ckpt: str, n: int, transitions: int, out: Path, sampler: str | None = None, num_steps: int | None = None, seed: int = 0) -> Path:
     """``n`` samples (rows) seen at ``transitions`` + 1 evenly spaced points of the reverse chain, x_T to x_0;
     each column is labelled with its t."""
     if transitions < 1:
@@ -139,13 +132,13 @@ def reverse_figure(ckpt: str, n: int, transitions: int, out: Path, sampler: str 
     module = _load(ckpt)
     chosen = build_or_usage_error("sampler", lambda: module.named_sampler(sampler, num_steps))
     times = trajectory_times(chosen, transitions + 1)
-    name = f"reverse_{type(chosen).__name__}_{chosen.num_steps}steps_{len(times) - 1}transitions"
+    name = f"reverse_{chosen.name}_{chosen.num_steps}steps_{len(times) - 1}transitions"
     path = _new_path(out / f"{name}_{Path(ckpt).stem}_n{n}_seed{seed}.png")
     out_ = module.sample(n, sampler=chosen, generator=torch.Generator().manual_seed(seed), return_trajectory=True,
                          progress=True, trajectory_points=transitions + 1)
     rows = out_.trajectory.transpose(0, 1)
     run_name = Path(ckpt).resolve().parent.parent.name  # <run>/checkpoints/<file>
-    title = f"reverse process: {sampler_settings(chosen)}; {run_name}/{Path(ckpt).name}, seed {seed}"
+    title = f"reverse process: {chosen.describe()}; {run_name}/{Path(ckpt).name}, seed {seed}"
     return _save_rows(rows, path, title, [f"t={t}" for t in times])
 
 
@@ -178,7 +171,7 @@ def progression_figure(run: str, n: int, out: Path, seed: int = 0) -> Path:
     rows, samplers = [], set()
     for _, _, paths in loaded:  # the same seed: the same x_T (N(0, I), or a blur model's prior draw) for every checkpoint
         module = _load(str(paths[0]))
-        samplers.add(sampler_settings(module.sampler))
+        samplers.add(module.sampler.describe())
         rows.append(module.sample(n, generator=torch.Generator().manual_seed(seed)).samples)
     title = f"samples of each checkpoint of {Path(run).resolve().name}: {'; '.join(sorted(samplers))}, seed {seed}"
     return _save_rows(torch.stack(rows), path, title, row_labels=[f"step {s}, epoch {e}" for s, e, _ in loaded])
@@ -197,7 +190,7 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--ckpt", required=True)
     p.add_argument("--n", type=int, default=4)
     p.add_argument("--transitions", type=int, default=10)
-    p.add_argument("--sampler", choices=["configured", "ddpm", "ddim", "cold"], default="configured")
+    p.add_argument("--sampler", choices=sampler_names(), default=None, help="default: the checkpoint's own")
     p.add_argument("--num-steps", type=int, default=None)
     p = sub.add_parser("progression", help="samples of every checkpoint of a run from the same noise")
     p.add_argument("--run", required=True)

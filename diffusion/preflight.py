@@ -123,10 +123,10 @@ _NO_TENSORS = ("sampler", "optimizer", "data", "seed", "num_samples", "sample_ev
 
 
 def _settings(hparams: dict) -> dict:
-    """The hyper-parameters that shape the module's tensors, keyed as they are set: model.*, schedule.*, module.*."""
+    """The hyper-parameters that shape the module's tensors, keyed as they are set: model.*, schedule.*, process.*, module.*."""
     out = {}
     for key, value in hparams.items():
-        if key in ("model", "schedule"):
+        if key in ("model", "schedule", "process"):
             out.update(_flat(key, dict(value)))
         elif key not in _NO_TENSORS and not isinstance(value, dict):
             out[f"module.{key}"] = value

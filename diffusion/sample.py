@@ -34,10 +34,19 @@ def resolve_device(name: str) -> torch.device:
 def load_for_sampling(cfg: DictConfig) -> tuple[DiffusionModule, object]:
     """The module (on its device) and the requested sampler; every bad value is a UsageError."""
     module = build_or_usage_error("ckpt", lambda: DiffusionModule.from_checkpoint(cfg.ckpt, ema=cfg.ema))
-    sampler = build_or_usage_error("sampler", lambda: module.build_sampler(OmegaConf.to_container(cfg.sampler, resolve=True)))
+    sampler = build_or_usage_error("sampler", lambda: chosen_sampler(module, cfg.sampler))
     if cfg.ema and not module.has_ema:
         log.warning("%s holds no EMA weights (trained without the EMA callback): sampling the raw weights", cfg.ckpt)
     return module.to(resolve_device(cfg.device)), sampler
+
+
+def chosen_sampler(module: DiffusionModule, config: DictConfig):
+    """``sampler=<name>`` (a config with ``_target_``) as configured; otherwise the checkpoint's own sampler with the
+    settings given (``sampler.num_steps=20``; null ones keep the checkpoint's)."""
+    config = OmegaConf.to_container(config, resolve=True)
+    if "_target_" in config:
+        return module.build_sampler(config)
+    return module.build_sampler(dict(module.hparams.sampler), **{k: v for k, v in config.items() if v is not None})
 
 
 def draw(module: DiffusionModule, sampler, n: int, batch_size: int, seed: int) -> torch.Tensor:
@@ -64,8 +73,8 @@ def sample(cfg: DictConfig) -> Path:
     nrow = cfg.nrow or max(1, int(math.sqrt(cfg.n)))
     grid_image(images, nrow=nrow).save(out / "grid.png")  # enlarged (nearest) to >= 64 px per image
     np.savez_compressed(out / "samples.npz", samples=to_uint8(images).permute(0, 2, 3, 1).numpy())
-    log.info("%d samples (%s, %d steps, %s weights) written to %s", cfg.n, type(sampler).__name__,
-             sampler.num_steps, "EMA" if cfg.ema and module.has_ema else "raw", out)
+    log.info("%d samples (%s, %s weights) written to %s", cfg.n, sampler.describe(),
+             "EMA" if cfg.ema and module.has_ema else "raw", out)
     return out
 
 

@@ -149,14 +149,14 @@ class Contender:
 
 def ours(module: DiffusionModule, x0, optimizer_cfg, autocast) -> tuple[Contender, dict]:
     model, process, sampler = module.model, module.process, module.sampler
-    t_grid = sampler.timesteps[len(sampler.timesteps) // 2]
+    middle = len(sampler.timesteps) // 2  # one step from the middle of the grid
 
     def sample_step(xt, t):
-        sampler.step(model(xt, t), t_grid, xt)
+        sampler.step(model(xt, t), middle, xt)
 
     contender = Contender("ours", model, model, lambda x0, t: process.training_losses(model, x0, t).mean(),
                           sample_step, x0, process.num_timesteps, optimizer_cfg, autocast)
-    samplers = {"ddim": sampler, "ddpm": module.build_sampler({"_target_": "diffusion.samplers.DDPMSampler"})}
+    samplers = {"ddim": sampler, "ddpm": module.named_sampler("ddpm", clip_denoised=False)}
     return contender, samplers
 
 

@@ -32,7 +32,7 @@ def test_generate_returns_the_grid_the_strip_and_a_summary(ckpt):
     cell = (16 + 2) * scale
     assert grid.size == (2 * scale + 2 * cell, 2 * scale + 3 * cell)  # 6 images: round(sqrt 6) = 2 per row, 3 rows
     assert strip.size == (2 * scale + 5 * cell, 2 * scale + 3 * cell)  # 3 images x 5 states (4 steps + x_T)
-    assert summary.startswith("6 images with DDIMSampler, 4 steps, seed 1")
+    assert summary.startswith("6 images with ddim, 4 steps, eta 0, seed 1")
     again, _, _ = generate(module, "ddim", steps=4, eta=0.0, seed=1, count=6, strip_images=3, strip_points=5)
     other, _, _ = generate(module, "ddim", steps=4, eta=0.0, seed=2, count=6, strip_images=3, strip_points=5)
     assert np.array_equal(np.asarray(grid), np.asarray(again)) and not np.array_equal(np.asarray(grid), np.asarray(other))
@@ -114,7 +114,7 @@ def test_the_page_generates_the_models_samples_in_headless_chromium(served_app, 
         width = page.locator("#grid img").evaluate("img => img.complete ? img.naturalWidth : 0")
         src = page.locator("#grid img").get_attribute("src")
         browser.close()
-    assert info.startswith("4 images with DDIMSampler, 5 steps, seed 3"), info
+    assert info.startswith("4 images with ddim, 5 steps, eta 0, seed 3"), info
     assert width > 0  # the image loaded and rendered
     shown = Image.open(io.BytesIO(urllib.request.urlopen(urllib.parse.urljoin(url, src)).read())).convert("RGB")
     expected, _, _ = generate(DiffusionModule.from_checkpoint(ckpt), "ddim", 5, 0.0, 3, 4)

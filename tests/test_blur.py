@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from diffusion.processes.blur import BlurDiffusion, BlurSchedule, dct_blur
-from diffusion.module import build_process
+from diffusion.processes import build_process
 from diffusion.processes import GaussianDiffusion
 from diffusion.samplers.cold import ColdSampler
 from diffusion.samplers.ddim import DDIMSampler
@@ -166,23 +166,27 @@ def test_the_prior_is_the_gaussian_of_the_training_images_channel_means():
 def test_samplers_refuse_the_other_process():
     blur = fitted_process(images())
     gaussian = GaussianDiffusion(LinearSchedule(T=50))
-    with pytest.raises(ValueError, match="use sampler=cold"):
+    with pytest.raises(ValueError, match=r"forward process \(blur\): it reverses process=gaussian; use sampler=cold$"):
         DDIMSampler(blur, num_steps=10)
     with pytest.raises(ValueError, match="use sampler=cold"):
         DDPMSampler(blur)
-    with pytest.raises(ValueError, match="use sampler=ddpm or sampler=ddim"):
+    with pytest.raises(ValueError, match=r"it reverses process=blur; use sampler=.*ddim.*ddpm"):
         ColdSampler(gaussian)
 
 
-@pytest.mark.parametrize("kwargs, text", [
-    ({"objective": "eps"}, "module.objective=eps is invalid for the blur process"),
-    ({"objective": "x0", "min_snr_gamma": 5}, "min_snr_gamma=5"),
-    ({"objective": "x0", "loss_type": "hybrid"}, "loss_type"),
-    ({"objective": "x0", "learn_sigma": True}, "model.learn_sigma=True"),
+@pytest.mark.parametrize("config, schedule, learn_sigma, text", [
+    ({"loss_type": "hybrid"}, BlurSchedule(T=10), False, r"loss_type \(process=blur\)='hybrid' is invalid"),
+    ({}, BlurSchedule(T=10), True, "model.learn_sigma=true is invalid for process=blur"),
+    ({}, LinearSchedule(T=10), False, "process=blur needs schedule=blur"),
 ])
-def test_options_that_mean_nothing_to_the_blur_process_are_refused(kwargs, text):
+def test_options_that_mean_nothing_to_the_blur_process_are_refused(config, schedule, learn_sigma, text):
     with pytest.raises(ValueError, match=text):
-        build_process(BlurSchedule(T=10), 1, **kwargs)
+        build_process({"_target_": "diffusion.processes.BlurDiffusion", **config}, schedule, 1, learn_sigma)
+
+
+def test_the_gaussian_process_refuses_the_blur_schedule():
+    with pytest.raises(ValueError, match="process=gaussian needs a beta schedule .* got BlurSchedule: for schedule=blur use process=blur"):
+        build_process(None, BlurSchedule(T=10), 1)
 
 
 # ----------------------------------------------------------------------------------------------- training
@@ -230,7 +234,7 @@ def test_process_blur_trains_samples_and_draws_figures_from_the_cli(tmp_path):
     from diffusion.figures import main
 
     reverse = main(["reverse", "--ckpt", str(ckpt), "--n", "2", "--transitions", "4", "--out", str(tmp_path / "f")])
-    assert reverse.name == "reverse_ColdSampler_3steps_3transitions_last_n2_seed0.png"  # the checkpoint's sampler: FAST's 3 steps
+    assert reverse.name == "reverse_cold_3steps_3transitions_last_n2_seed0.png"  # the checkpoint's sampler: FAST's 3 steps
     forward = main(["forward", "--n", "2", "--columns", "4", "--out", str(tmp_path / "f"), "data=digits", "process=blur"])
     assert forward.name == "forward_blur_T50_digits_n2_cols4_seed0.png"
     with pytest.raises(SystemExit):  # DDIM cannot reverse a blur: a one-line error, exit 2
@@ -239,7 +243,7 @@ def test_process_blur_trains_samples_and_draws_figures_from_the_cli(tmp_path):
 
     assert sampler_names(module) == ["cold"]  # the app offers the blur checkpoint its own sampler only
     grid, strip, summary = generate(module, "cold", steps=20, eta=0.0, seed=0, count=2, strip_images=2, strip_points=21)
-    assert summary.startswith("2 images with ColdSampler, 20 steps") and strip.size[0] > grid.size[0]
+    assert summary.startswith("2 images with cold, 20 steps") and strip.size[0] > grid.size[0]
     ev = run_train(f"ckpt={ckpt}", "metrics=[nll]", f"hydra.run.dir={tmp_path / 'e'}", tmp_path=tmp_path, module="diffusion.evaluate")
     assert ev.returncode == 2 and "no likelihood bound" in ev.stderr and "Traceback" not in ev.output, ev.output[-2000:]
 

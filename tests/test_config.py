@@ -75,7 +75,8 @@ def test_process_presets_pick_their_schedule_sampler_and_target():
     gaussian, blur = compose_cfg("process=gaussian"), compose_cfg("process=blur")
     assert gaussian.schedule._target_.endswith("LinearSchedule") and gaussian.sampler._target_.endswith("DDIMSampler")
     assert blur.schedule._target_.endswith("BlurSchedule") and blur.sampler._target_.endswith("ColdSampler")
-    assert (blur.module.objective, blur.module.loss_type) == ("x0", "l1")
+    assert blur.process._target_.endswith("BlurDiffusion") and blur.process.loss_type == "l1"
+    assert gaussian.process._target_.endswith("GaussianDiffusion") and gaussian.process.objective == "eps"
     assert compose_cfg("process=blur", "schedule.T=20").schedule.T == 20  # its choices stay overridable
 
 

@@ -132,9 +132,9 @@ def test_reverse_figure_columns_are_labelled_with_their_t(ckpt, tmp_path):
 
     path = main(["reverse", "--ckpt", str(ckpt), "--n", "2", "--transitions", "4", "--sampler", "ddim",
                  "--num-steps", "8", "--out", str(tmp_path)])
-    assert path.name == "reverse_DDIMSampler_8steps_4transitions_last_n2_seed0.png"
+    assert path.name == "reverse_ddim_8steps_4transitions_last_n2_seed0.png"
     meta = labels(path)
-    assert "DDIMSampler, 8 steps" in meta["Title"]
+    assert "ddim, 8 steps, eta 0" in meta["Title"]
     # DDIM 'leading', 8 steps of T=1000: 0-based timesteps 875, 750, ..., 0; kept: x_T and the states after steps
     # 2, 4, 6, 8, i.e. x at 0-based 875 (t=876), 625, 375, 125 (t = 0-based + 1) and x_0
     assert meta["Columns"] == "t=876 | t=626 | t=376 | t=126 | t=0"

@@ -154,7 +154,7 @@ def test_hybrid_loss_decreases_on_a_toy_set():
 def test_improved_ddpm_options_train_sample_and_evaluate_from_the_cli(tmp_path):
     out = tmp_path / "o"
     fast = [o for o in FAST if not o.startswith("sampler.")]  # DDPM runs all T=50 steps
-    proc = run_train(*fast, "model.learn_sigma=true", "module.loss_type=hybrid", "module.objective=v", "module.min_snr_gamma=5",
+    proc = run_train(*fast, "model.learn_sigma=true", "process.loss_type=hybrid", "process.objective=v", "process.min_snr_gamma=5",
                      "schedule.T=50", "sampler=ddpm", "logger=csv", f"hydra.run.dir={out}", tmp_path=tmp_path)
     assert proc.returncode == 0, proc.output[-3000:]
     assert (out / "samples" / "final.png").is_file()
@@ -168,9 +168,9 @@ def test_improved_ddpm_options_train_sample_and_evaluate_from_the_cli(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, text", [
-    (["module.loss_type=hybrid"], "loss_type='hybrid' is invalid with a fixed variance"),
-    (["module.objective=score"], "objective"),
-    (["module.min_snr_gamma=-1"], "min_snr_gamma=-1"),
+    (["process.loss_type=hybrid"], "process.loss_type=hybrid is invalid with a fixed variance"),
+    (["process.objective=score"], "objective"),
+    (["process.min_snr_gamma=-1"], "process.min_snr_gamma=-1"),
 ])
 def test_bad_objective_options_are_one_line(tmp_path, overrides, text):
     proc = run_train(*FAST, *overrides, f"hydra.run.dir={tmp_path / 'o'}", tmp_path=tmp_path)

@@ -80,12 +80,12 @@ COVERAGE = {
     "python -m diffusion.train data=fashion_mnist data.root=$HOME/data data.download=true": TRAIN,
     "python -m diffusion.train experiment=human64 data.root=$HOME/ffhq trainer.devices=4 trainer.strategy=ddp": (ONE_DEVICE, "tests/test_train.py::test_ddp_two_cpu_ranks"),
     # improved DDPM, objectives, attention, cold diffusion
-    "python -m diffusion.train model.learn_sigma=true module.loss_type=hybrid sampler=ddpm": TRAIN,
-    "python -m diffusion.train -m model.learn_sigma=true module.loss_type=vlb module.timestep_sampling=uniform,importance": (SWEEP, "tests/test_timesteps.py::test_timestep_sampling_choices"),
+    "python -m diffusion.train model.learn_sigma=true process.loss_type=hybrid sampler=ddpm": TRAIN,
+    "python -m diffusion.train -m model.learn_sigma=true process.loss_type=vlb process.timestep_sampling=uniform,importance": (SWEEP, "tests/test_timesteps.py::test_timestep_sampling_choices"),
     "python -m diffusion.train -m process=gaussian,blur": (SWEEP, "tests/test_blur.py::test_process_blur_trains_samples_and_draws_figures_from_the_cli"),
     "python -m diffusion.train -m process=blur schedule.routine=incremental,constant schedule.kernel_std=0.1,1.0": SWEEP,
     "python -m diffusion.sample ckpt=<blur run>/checkpoints/last.ckpt sampler=cold sampler.prior_noise_std=0.02": "tests/test_blur.py::test_process_blur_trains_samples_and_draws_figures_from_the_cli",
-    "python -m diffusion.train -m module.objective=eps,x0,v module.min_snr_gamma=null,5": (SWEEP, "tests/test_objectives.py::test_improved_ddpm_options_train_sample_and_evaluate_from_the_cli"),
+    "python -m diffusion.train -m process.objective=eps,x0,v process.min_snr_gamma=null,5": (SWEEP, "tests/test_objectives.py::test_improved_ddpm_options_train_sample_and_evaluate_from_the_cli"),
     'python -m diffusion.train -m model.block_attention=none,self,cbam model.skip_gates=false,true "model.attention_resolutions=[4],[8,4]"': (SWEEP, "tests/test_models.py::test_cbam_and_skip_gates_keep_shapes_and_train"),
     # sweeps, multi-GPU, resume
     "python -m diffusion.train -m schedule.T=500,750,1000 schedule.beta_end=0.01,0.02": (SWEEP, "tests/test_train.py::test_multirun_writes_one_directory_per_combination"),

@@ -41,7 +41,7 @@ def test_raw_weights_and_ddpm_sampler(ckpt, tmp_path):
     ddpm = sample_cli(tmp_path, f"ckpt={ckpt}", "n=2", "sampler=ddpm", f"hydra.run.dir={tmp_path / 'ddpm'}")
     for proc in (ema, raw, ddpm):
         assert proc.returncode == 0, proc.output[-3000:]
-    assert "raw weights" in raw.output and "DDPMSampler, 1000 steps" in ddpm.output
+    assert "raw weights" in raw.output and "ddpm, 1000 steps" in ddpm.output
     assert not np.array_equal(np.load(tmp_path / "ema" / "samples.npz")["samples"], np.load(tmp_path / "raw" / "samples.npz")["samples"])
 
 

@@ -69,7 +69,7 @@ def test_vlb_loss_is_T_times_the_vlb_term():
     xt = process.q_sample(x0, t, noise)
     expected = 20 * process.vb_terms_bpd(model(xt, t), x0, xt, t)
     torch.testing.assert_close(process.training_losses(model, x0, t, noise), expected)
-    with pytest.raises(ValueError, match="min_snr_gamma=5 is invalid with loss_type='vlb'"):
+    with pytest.raises(ValueError, match="process.min_snr_gamma=5 is invalid with process.loss_type=vlb"):
         GaussianDiffusion(LinearSchedule(T=20), loss_type="vlb", min_snr_gamma=5)
 
 
@@ -83,11 +83,11 @@ def test_timestep_sampling_choices():
 def test_vlb_with_importance_sampling_trains_from_the_cli(tmp_path):
     out = tmp_path / "o"
     proc = run_train(*FAST, "trainer.limit_train_batches=6", "schedule.T=4", "sampler.num_steps=2", "model.learn_sigma=true",
-                     "module.loss_type=vlb", "module.timestep_sampling=importance", "logger=csv",
+                     "process.loss_type=vlb", "process.timestep_sampling=importance", "logger=csv",
                      f"hydra.run.dir={out}", tmp_path=tmp_path)
     assert proc.returncode == 0, proc.output[-3000:]
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     counts = ckpt["current_model_state"]["timestep_sampler.loss_counts"]  # the raw state (state_dict holds the EMA's)
     # 6 batches of 64 drew every one of the 4 timesteps at least 10 times: the resampler is warm and saved
     assert counts.shape == (4,) and (counts == 10).all()
-    assert ckpt["hyper_parameters"]["timestep_sampling"] == "importance"
+    assert ckpt["hyper_parameters"]["process"]["timestep_sampling"] == "importance"

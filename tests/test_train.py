@@ -134,7 +134,7 @@ def test_wandb_sample_images_are_the_saved_grids_at_their_step(finished_run):
         caption, (media,) = record["samples/captions"][0], record["samples/filenames"]
         name = caption.split(":")[0]
         step, when = expected[name]
-        assert record["trainer/global_step"] == step and when in caption and "DDIMSampler, 3 steps" in caption, caption
+        assert record["trainer/global_step"] == step and when in caption and "ddim, 3 steps, eta 0" in caption, caption
         saved = np.asarray(Image.open(out / "samples" / f"{name}.png"))
         assert saved.shape == (4 * (2 * 18 + 2),) * 2 and saved.max() == 255  # 4 digits, enlarged 4 x
         assert np.array_equal(np.asarray(Image.open(run / "files" / media)), saved), name

@@ -62,4 +62,12 @@ def build_process(config: dict | None, schedule, channels: int, learn_sigma: boo
     from hydra.utils import instantiate
 
     config = config or {"_target_": "diffusion.processes.GaussianDiffusion"}
-    return instantiate({**config, "_partial_": False}, schedule=schedule, channels=channels, learn_sigma=bool(learn_sigma))
+    try:
+        return instantiate({**config, "_partial_": False}, schedule=schedule, channels=channels, learn_sigma=bool(learn_sigma))
+    except Exception as exc:  # Hydra wraps the constructor's one-line error: raise that one
+        cause = exc
+        while cause.__cause__ is not None and type(cause).__name__ == "InstantiationException":
+            cause = cause.__cause__
+        if cause is exc:
+            raise
+        raise cause from None

@@ -249,8 +249,9 @@ class Sampler:
         return SampleOutput(x)
 
     def describe(self) -> str:
-        """``DDIMSampler, 50 steps`` plus the settings that change what it draws (figure titles, captions)."""
-        return f"{type(self).__name__}, {self.num_steps} steps" + ("" if self.nfe == self.num_steps else f" ({self.nfe} NFE)")
+        """``ddim, 50 steps`` plus the settings that change what it draws (figure titles, captions)."""
+        name = getattr(self, "name", None) or type(self).__name__  # the registry's name (sampler=<name>)
+        return f"{name}, {self.num_steps} steps" + ("" if self.nfe == self.num_steps else f" ({self.nfe} NFE)")
 
     def noise_like(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         return randn(x.shape, generator, x.device, x.dtype)
