@@ -208,8 +208,8 @@ def sampler_overhead_pct(contender: Contender, samplers: dict, device, warmup: i
     eps, xt = torch.randn_like(contender.xt), contender.xt
     fns = {"network": contender.forward_only}
     for name, sampler in samplers.items():
-        t = sampler.timesteps[len(sampler.timesteps) // 2]
-        fns[name] = lambda sampler=sampler, t=t: sampler.step(eps, t, xt)
+        middle = len(sampler.timesteps) // 2
+        fns[name] = lambda sampler=sampler, i=middle: sampler.step(eps, i, xt)
     with torch.inference_mode():
         times = interleaved(fns, device, warmup, iters, repeats)
     return {f"{name}_pct": 100 * times[name] / times["network"] for name in samplers}

@@ -66,7 +66,7 @@ module = DiffusionModule(
     model={"_target_": "diffusion.models.UNet", "in_channels": 1, "image_size": 16, "base_channels": 8 if FAST else 16,
            "channel_mult": [1, 2, 4], "num_res_blocks": 1 if FAST else 2, "attention_resolutions": [4]},
     schedule={"_target_": "diffusion.schedules.LinearSchedule", "T": 1000},
-    sampler={"_target_": "diffusion.samplers.DDIMSampler", "num_steps": 50, "clip_denoised": True},
+    sampler={"_target_": "diffusion.samplers.ddim.DDIMSampler", "num_steps": 50, "clip_denoised": True},
     optimizer={"_target_": "torch.optim.AdamW", "lr": 2e-3}, lr_warmup_steps=100, sample_every_n_epochs=0)
 trainer = L.Trainer(max_epochs=1 if FAST else 20, limit_train_batches=3 if FAST else None, logger=False,
                     callbacks=[EMA(decay=0.995)], default_root_dir=out, enable_checkpointing=False)

@@ -18,7 +18,7 @@ PRESETS = {
     "mnist": ("mnist", {"data.dataset": "mnist", "data.image_size": 28}),
     "fashion_mnist": ("mnist", {"data.dataset": "fashion_mnist", "data.image_size": 28}),
     "cars128": ("folder", {"data.image_size": 128}),
-    "flowers64": ("folder", {"data.image_size": 64, "sampler._target_": "diffusion.samplers.DDIMSampler",
+    "flowers64": ("folder", {"data.image_size": 64, "sampler._target_": "diffusion.samplers.ddim.DDIMSampler",
                              "schedule._target_": "diffusion.schedules.ContinuousCosineSchedule",
                              "callbacks.ema.decay": 0.999}),
 }
