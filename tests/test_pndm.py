@@ -289,6 +289,19 @@ def test_state_resets_between_samples_and_trajectories(processes, name):
     assert torch.equal(first.samples, second.samples)
     assert first.trajectory.shape == (sampler.nfe + 1, 64, 1) and first.pred_x0.shape == (sampler.nfe, 64, 1)
     assert torch.equal(first.trajectory[-1], first.samples) and len(sampler.state_times) == sampler.nfe + 1
+    sampler.reset()
+    assert sampler.ets == [] and sampler._x_start is None
+
+
+def test_single_step_plms_does_not_reuse_an_earlier_runs_history(processes):
+    """num_steps=1 is one multistep call on an empty history (a DDIM step): left-over noises would make it AB2."""
+    process = processes["eps"]
+    sampler, model, x_T = PLMSSampler(process, num_steps=1), Nonlinear(process), noise(64)
+    fresh = sampler.sample(model, noise=x_T).samples
+    sampler.step(model(x_T * 2, torch.full((64,), 0)), 0, x_T * 2)  # an interrupted run
+    torch.testing.assert_close(sampler.sample(model, noise=x_T).samples, fresh, rtol=0, atol=0)
+    ddim = DDIMSampler(process, num_steps=1, clip_denoised=False).sample(model, noise=x_T).samples
+    torch.testing.assert_close(fresh, ddim)
 
 
 @pytest.mark.parametrize("name, nfe, num_steps", [("plms", 1, 1), ("plms", 2, 1), ("plms", 3, 2), ("plms", 51, 50),
