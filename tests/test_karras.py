@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from diffusion.processes import GaussianDiffusion
-from diffusion.samplers.karras import (EulerAncestralSampler, EulerSampler, HeunSampler, karras_sigmas, sigma_to_t)
+from diffusion.samplers.karras import EulerAncestralSampler, EulerSampler, HeunSampler, karras_sigmas, sigma_to_t
 from diffusion.schedules import LinearSchedule
 from tests.oracles import GaussianOracle
 
@@ -90,8 +90,8 @@ def test_matches_diffusers(processes, case, objective, model_name):
     p = processes[objective]
     ours_of, theirs_of = _cases()[case]
     ours = ours_of(p)
-    theirs = theirs_of(dict(trained_betas=p.betas.numpy(), prediction_type=PREDICTION_TYPE[objective],
-                            timestep_spacing="linspace"))
+    theirs = theirs_of({"trained_betas": p.betas.numpy(), "prediction_type": PREDICTION_TYPE[objective],
+                        "timestep_spacing": "linspace"})
     model = (GaussianOracle if model_name == "oracle" else Wavy)(p, MU, S)
     imposed = (ours.sigmas, [float(t) for t in ours.timesteps]) if case == "ancestral-karras" else None
     # same grid: our sigmas of every call (heun: repeated as diffusers') and timesteps
@@ -174,7 +174,8 @@ def test_convergence_order(processes, cls, order, sigmas):
     state x = x_VP / sqrt(alpha_bar)), i.e. at the VP state x_T / sqrt(1 + sigma_0^2) with alpha_bar_T =
     1 / (1 + sigma_0^2) (alpha_bar_{T-1}); the ODE takes that to ``ode_solution(x_T / sqrt(1 + sigma_0^2),
     alpha_bar_T, abar_0=1)``. (The samplers integrate to sigma_min and take D there, the step to sigma = 0: a bias
-    of order sigma_min^2 / s = 2e-4, below the errors at NFE 80, 1e-2.)"""
+    sigma_min^2 / (2 s) |z| = 1e-4 RMS, below Heun's 5e-3 at NFE 79.) Measured: Euler -0.97..-0.99, Heun
+    -2.17..-2.34 (steeper than 2 at NFE 10-20, before the asymptotic regime: hence the one-sided margin)."""
     p = processes["eps"]
     oracle = GaussianOracle(p, MU, S)
     z = noise_of(4096, dtype=torch.float64)
@@ -191,7 +192,7 @@ def test_convergence_order(processes, cls, order, sigmas):
         nfes.append(sampler.nfe)
         errors.append((out - exact).pow(2).mean().sqrt().item())
     slope = np.polyfit(np.log(nfes), np.log(errors), 1)[0]
-    assert abs(slope + order) < 0.4, f"{cls.__name__} {sigmas}: slope {slope:.2f}, errors {errors}"
+    assert order - 0.25 < -slope < order + 0.5, f"{cls.__name__} {sigmas}: slope {slope:.2f}, errors {errors}"
 
 
 # ----------------------------------------------------------------------------------------------- distributions

@@ -37,8 +37,8 @@ from diffusion.samplers.base import SPACINGS, Sampler, StepOutput, check_num_ste
 
 SIGMA_GRIDS = ("karras", "exponential", "schedule")
 
-__all__ = ["SIGMA_GRIDS", "schedule_sigmas", "karras_sigmas", "exponential_sigmas", "sigma_to_t", "KarrasSampler",
-           "EulerSampler", "EulerAncestralSampler", "HeunSampler"]
+__all__ = ["SIGMA_GRIDS", "EulerAncestralSampler", "EulerSampler", "HeunSampler", "KarrasSampler",
+           "exponential_sigmas", "karras_sigmas", "schedule_sigmas", "sigma_to_t"]
 
 
 # ----------------------------------------------------------------------------------------------- the sigma grid
@@ -145,7 +145,8 @@ class KarrasSampler(Sampler):
         return x0
 
     def describe(self) -> str:
-        grid = f"{self.sigma_grid} sigmas" + (f" rho {self.rho:g}" if self.sigma_grid == "karras" else "")
+        grid = f"{self.sigma_grid} sigmas" + {"karras": f" rho {self.rho:g}", "schedule": f" ({self.spacing})"}.get(
+            self.sigma_grid, "")
         return f"{super().describe()}, {grid}"
 
 
