@@ -26,7 +26,12 @@ CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first
 
 def test_generate_returns_the_grid_the_strip_and_a_summary(ckpt):
     module = DiffusionModule.from_checkpoint(ckpt)
-    assert sampler_names(module) == ["ddim", "ddpm"]  # the trained sampler first
+    from diffusion.samplers.registry import sampler_class, sampler_names as registered
+
+    names = sampler_names(module)
+    assert names[0] == "ddim" and sorted(names) == sorted(registered("gaussian"))  # the trained one first, then the registry's
+    assert "cold" not in names and {"euler", "heun", "plms"} <= set(names)
+    assert all("gaussian" in sampler_class(n).reverses for n in names)
     grid, strip, summary = generate(module, "ddim", steps=4, eta=0.0, seed=1, count=6, strip_images=3, strip_points=5)
     scale = 256 // 16
     cell = (16 + 2) * scale
