@@ -49,6 +49,12 @@ COVERAGE = {
     # sample, evaluate, draw, compare
     "python -m diffusion.sample ckpt=outputs/train/<run>/checkpoints/last.ckpt": "tests/test_sample.py::test_sample_cli_writes_grid_and_npz_reproducibly",
     "python -m diffusion.sample ckpt=... sampler=ddpm n=16 seed=1 ema=false": "tests/test_sample.py::test_raw_weights_and_ddpm_sampler",
+    # samplers
+    "python -m diffusion.sample ckpt=... sampler.num_steps=20": "tests/test_sample.py::test_readme_sampler_commands_draw_what_their_sampler_draws",
+    "python -m diffusion.sample ckpt=... sampler=dpmsolver++ sampler.num_steps=15": "tests/test_sample.py::test_readme_sampler_commands_draw_what_their_sampler_draws",
+    "python -m diffusion.sample ckpt=... sampler=heun sampler.num_steps=10 sampler.s_churn=40": "tests/test_sample.py::test_readme_sampler_commands_draw_what_their_sampler_draws",
+    "python -m diffusion.sample ckpt=... sampler=euler sampler.sigmas=exponential": "tests/test_sample.py::test_readme_sampler_commands_draw_what_their_sampler_draws",
+    "python -m diffusion.train sampler=plms sampler.num_steps=25": TRAIN,
     "python -m diffusion.evaluate ckpt=... metrics=[nll] max_images=256": "tests/test_evaluate.py::test_full_bound_reports_terms_per_quarter",
     "python -m diffusion.evaluate ckpt=... nll.num_timesteps=100": "tests/test_evaluate.py::test_nll_from_a_checkpoint_alone",
     "python -m diffusion.evaluate ckpt=... metrics=[fid,kid] fid.weights=$HOME/weights-inception-2015-12-05-6726825d.pth": ("tests/test_metrics.py::test_evaluate_fid_kid_cli_with_a_custom_feature_extractor", "tests/test_metrics.py::test_evaluate_fid_without_weights_fails_before_work", "tests/test_readme.py::test_fid_weights_path_reaches_the_weights_lookup"),

@@ -88,3 +88,46 @@ def test_from_checkpoint_ema_and_raw_differ(ckpt):
     assert ema.has_ema and not ema.training
     diffs = [not torch.equal(a, b) for a, b in zip(ema.model.parameters(), raw.model.parameters())]
     assert any(diffs)
+
+
+def _readme_sampler(process, name):
+    """The samplers of the README's sampler commands, built from their classes (not through the CLI's config)."""
+    if name == "own":
+        from diffusion.samplers.ddim import DDIMSampler  # the shared checkpoint trained with DDIM
+
+        return DDIMSampler(process, num_steps=20, clip_denoised=True), 20
+    if name == "dpmsolver++":
+        from diffusion.samplers.dpmsolver import DPMSolverSampler
+
+        return DPMSolverSampler(process, num_steps=15, clip_denoised=True), 15
+    from diffusion.samplers.karras import EulerSampler, HeunSampler
+
+    if name == "heun":
+        return HeunSampler(process, num_steps=10, s_churn=40, clip_denoised=True), 19
+    return EulerSampler(process, num_steps=20, sigmas="exponential", clip_denoised=True), 20
+
+
+@pytest.mark.parametrize("name, overrides", [
+    ("own", ["sampler.num_steps=20"]),
+    ("dpmsolver++", ["sampler=dpmsolver++", "sampler.num_steps=15"]),
+    ("heun", ["sampler=heun", "sampler.num_steps=10", "sampler.s_churn=40"]),
+    ("euler", ["sampler=euler", "sampler.sigmas=exponential"]),
+])
+def test_readme_sampler_commands_draw_what_their_sampler_draws(ckpt, tmp_path, name, overrides):
+    """The README's ``diffusion.sample ... sampler=...`` lines (run here in-process): the images written are the ones
+    that sampler class draws from the same seed, and the network is called as often as the README says."""
+    from hydra import compose, initialize_config_dir
+
+    from diffusion.grids import to_uint8
+    from diffusion.runtime import CONFIG_DIR
+    from diffusion.sample import draw, sample
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="sample", overrides=[f"ckpt={ckpt}", "n=3", *overrides])
+    cfg.paths.output_dir = str(tmp_path / "o")
+    written = np.load(sample(cfg) / "samples.npz")["samples"]
+    module = DiffusionModule.from_checkpoint(ckpt)
+    sampler, nfe = _readme_sampler(module.process, name)
+    assert sampler.nfe == nfe
+    expected = to_uint8(draw(module, sampler, 3, cfg.batch_size, cfg.seed)).permute(0, 2, 3, 1).numpy()
+    assert np.array_equal(written, expected) and written.std() > 0
