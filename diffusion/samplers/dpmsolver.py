@@ -9,7 +9,7 @@ solution (Prop. 4.1 of the paper)
     x_t = sigma_t / sigma_s x_s + sigma_t int_{lambda_s}^{lambda_t} e^lambda x_theta(x_lambda, lambda) d lambda,
 
 and its k-th order solvers integrate x_theta's Taylor polynomial in lambda around lambda_s exactly (section 4.1 of
-the paper, as DPM-Solver's eq. for the noise prediction, Lu et al. 2022a): order 1 (x_theta constant) is
+the paper; DPM-Solver, Lu et al. 2022a, does the same with the noise prediction): order 1 (x_theta constant) is
 DPM-Solver++1, which is DDIM; the multistep orders 2 and 3 estimate the lambda-derivatives of x_theta from the previous
 steps' predictions by divided differences (2M: Algorithm 2 of the paper; 3M: the same with a second divided
 difference). The SDE variant (sde-dpmsolver++, in the paper's code and diffusers) integrates the linear part of the
