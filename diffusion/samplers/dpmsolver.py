@@ -13,12 +13,15 @@ the paper; DPM-Solver, Lu et al. 2022a, does the same with the noise prediction)
 DPM-Solver++1, which is DDIM; the multistep orders 2 and 3 estimate the lambda-derivatives of x_theta from the previous
 steps' predictions by divided differences (2M: Algorithm 2 of the paper; 3M: the same with a second divided
 difference). The SDE variant (sde-dpmsolver++, in the paper's code and diffusers) integrates the linear part of the
-reverse SDE exactly in the same variables and adds sigma_t sqrt(1 - e^{-2h}) z.
+reverse SDE exactly in the same variables and adds sigma_t sqrt(1 - e^{-2h}) z. UniPC (:class:`UniPCSampler`) is the
+same family: DPM-Solver++'s first-order update plus divided differences, with a corrector.
 """
 
 from __future__ import annotations
 
 import math
+
+import torch
 
 from diffusion.checks import check_choice
 from diffusion.processes.gaussian import GaussianDiffusion
@@ -26,6 +29,7 @@ from diffusion.samplers.base import SPACINGS, Sampler, StepOutput, check_num_ste
 
 ALGORITHM_TYPES = ("dpmsolver++", "sde-dpmsolver++")
 SOLVER_TYPES = ("midpoint", "heun")
+UNIPC_SOLVER_TYPES = ("bh2", "bh1")
 ORDERS = (1, 2, 3)
 #: below this many steps the last steps use lower orders (diffusers' ``lower_order_final`` threshold)
 LOWER_ORDER_FINAL_BELOW = 15
@@ -180,3 +184,104 @@ class DPMSolverSampler(Sampler):
     def describe(self) -> str:
         solver = f"{self.algorithm_type} order {self.order}" + (f" ({self.solver_type})" if self.order == 2 else "")
         return f"{super().describe()}, {solver}, {self.spacing}"
+
+
+class UniPCSampler(DPMSolverSampler):
+    """UniPC, Zhao et al. (2023), "UniPC: A Unified Predictor-Corrector Framework for Fast Sampling of Diffusion
+    Models": the data-prediction multistep predictor UniP-p with the corrector UniC-p, on DPM-Solver++'s grid and
+    in diffusers' ``UniPCMultistepScheduler`` conventions (``predict_x0=True``).
+
+    With hh = -h (data prediction), hphi_1 = e^{hh} - 1 and B(h) = e^{hh} - 1 (``bh2``) or hh (``bh1``), the
+    differences D_k = (m_k - m_0) / r_k of the data predictions at the earlier log-SNRs, r_k = (lambda_k - lambda_s)/h,
+    enter with weights a solving R a = g (R_{jk} = r_k^(j-1), g_j = j! hphi_(j+1) / B(h), hphi_(j+1) = hphi_j / hh - 1/j!,
+    Zhao et al. section 3):
+
+        UniP-p:  x~_t = sigma_t/sigma_s x_s - alpha_t hphi_1 m_0 - alpha_t B(h) sum_{k<p} a_k D_k    (a = 1/2 at p = 2)
+        UniC-p:  x_t^c = the same from x_s with the new point's D_p = x_theta(x~_t, t) - m_0 added (r_p = 1;
+                 a = 1/2 at p = 1), its order p + 1.
+
+    The corrector costs no network call: at call i the network's answer at the predicted x~_{t_i} corrects it, and
+    the predictor continues from the corrected state (the state returned after a call is the uncorrected
+    prediction; the next call corrects it). The warm-up uses the history there is; ``lower_order_final`` tapers the
+    order as the steps run out (min(order, steps left), diffusers' rule for UniPC at any step count); the step to
+    x_0 is of order 1 and returns the last data prediction, so the last correction does not reach the output.
+    """
+
+    def __init__(self, process: GaussianDiffusion, num_steps: int | None = 20, order: int = 2, solver_type: str = "bh2",
+                 lower_order_final: bool = True, spacing: str = "linspace", clip_denoised: bool = False):
+        check_choice("sampler solver_type", solver_type, UNIPC_SOLVER_TYPES)
+        self._last: tuple | None = None  # (corrected x_s, order) of the last predictor step
+        super().__init__(process, num_steps=num_steps, order=order, lower_order_final=lower_order_final,
+                         spacing=spacing, clip_denoised=clip_denoised)
+        self.solver_type = solver_type
+
+    stochastic = False
+
+    def reset(self) -> None:
+        super().reset()
+        self._last = None
+
+    def step_order(self, i: int) -> int:
+        n = self.nfe
+        if i == n - 1:
+            return 1
+        order = min(self.order, n - i) if self.lower_order_final else self.order
+        return min(order, i + 1)
+
+    def _weights(self, h: float, order: int) -> tuple[float, list[float]]:
+        """(B(h), [g_1, ..., g_order]) for a step of log-SNR length h."""
+        hh = -h
+        hphi_1 = math.expm1(hh)
+        B_h = math.expm1(hh) if self.solver_type == "bh2" else hh
+        g, hphi_k, factorial = [], hphi_1 / hh - 1.0, 1
+        for j in range(1, order + 1):
+            g.append(hphi_k * factorial / B_h)
+            factorial *= j + 1
+            hphi_k = hphi_k / hh - 1.0 / factorial
+        return B_h, g
+
+    @staticmethod
+    def _solve(rks: list[float], g: list[float]) -> list[float]:
+        """a with sum_k r_k^(j-1) a_k = g_j, j = 1..len(rks) (a small Vandermonde system, float64)."""
+        R = torch.tensor([[r ** j for r in rks] for j in range(len(rks))], dtype=torch.float64)
+        return torch.linalg.solve(R, torch.tensor(g[: len(rks)], dtype=torch.float64)).tolist()
+
+    def _update(self, x, i_s: int, i_t: int, history: list, new: object | None, order: int):
+        """UniP-order from grid point i_s to i_t (``new`` None) or UniC-order (``new`` = x_theta at i_t)."""
+        alpha_t, sigma_t = self._alpha[i_t], self._sigma[i_t]
+        sigma_s, lambda_s, lambda_t = self._sigma[i_s], self._lambda[i_s], self._lambda[i_t]
+        _, _, m0 = history[-1]
+        h = lambda_t - lambda_s
+        x_t = (sigma_t / sigma_s) * x - (alpha_t * math.expm1(-h)) * m0  # = DPM-Solver++1
+        if new is None and order == 1:
+            return x_t
+        past = history[-order:-1][::-1]  # the p - 1 earlier points, latest first
+        rks = [(lam - lambda_s) / h for _, lam, _ in past]
+        D = [(m - m0) / r for (_, _, m), r in zip(past, rks)]
+        B_h, g = self._weights(h, order)
+        if new is None:  # UniP: a = 1/2 at order 2 (the paper's code), else R[:p-1, :p-1] a = g[:p-1]
+            a = [0.5] if order == 2 else self._solve(rks, g)
+            return x_t - (alpha_t * B_h) * sum(ak * Dk for ak, Dk in zip(a, D))
+        a = [0.5] if order == 1 else self._solve(rks + [1.0], g)  # UniC: the new point at r = 1
+        res = sum((ak * Dk for ak, Dk in zip(a[:-1], D)), a[-1] * (new - m0))
+        return x_t - (alpha_t * B_h) * res
+
+    def step(self, model_output, i, x, generator=None) -> StepOutput:
+        i = self._check_index(i)
+        if i == 0:
+            self._history, self._last = [], None
+        elif not self._history or self._history[-1][0] != i - 1:
+            raise ValueError(f"step index {i} is invalid here: the multistep state holds step "
+                             f"{self._history[-1][0] if self._history else 'none'}; take the steps in order "
+                             "(0, 1, ...) after reset()")
+        m, _ = self.predict_x0_eps(model_output, x, self._alpha[i], self._sigma[i])
+        if self._last is not None:  # UniC: correct x~_{t_i} with the network's answer there
+            x_prev, last_order = self._last
+            x = self._update(x_prev, i - 1, i, self._history, m, last_order)
+        self._history = (self._history + [(i, self._lambda[i], m)])[-self.order:]
+        order = self.step_order(i)
+        self._last = (x, order)
+        return StepOutput(self._update(x, i, i + 1, self._history, None, order), m)
+
+    def describe(self) -> str:
+        return f"{Sampler.describe(self)}, UniPC order {self.order} ({self.solver_type}), {self.spacing}"
