@@ -70,7 +70,7 @@ class DPMSolverSampler(Sampler):
         self.order = int(order)
         self.algorithm_type = check_choice("sampler algorithm_type", algorithm_type, ALGORITHM_TYPES)
         self.solver_type = check_choice("sampler solver_type", solver_type, SOLVER_TYPES)
-        if not isinstance(lower_order_final, bool):
+        if type(lower_order_final) is not bool:
             raise ValueError(f"sampler lower_order_final={lower_order_final!r} is invalid: it must be true or false")
         self.lower_order_final = lower_order_final
         self.spacing = check_choice("sampler spacing", spacing, SPACINGS)
