@@ -9,7 +9,8 @@ import torch
 from diffusion.module import DiffusionModule
 
 DATA = Path(__file__).parent / "data" / "legacy"
-CASES = [("gauss", "configured"), ("gauss", "ddpm"), ("gauss", "ddim"), ("blur", "configured"), ("blur", "cold"),
+CASES = [("gauss", "configured"), ("gauss", "ddim"),  # gauss-ddpm (1000 calls, 23 s) adds nothing to learned-ddpm
+         ("blur", "configured"), ("blur", "cold"),
          ("learned", "configured"), ("learned", "ddpm"), ("learned", "ddim")]
 
 

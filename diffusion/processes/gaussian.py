@@ -141,12 +141,6 @@ class GaussianDiffusion(ForwardProcess):
         log_var = extract(self.posterior_log_variance_clipped, t, xt.shape)
         return mean, var, log_var
 
-    def predict_x0_from_eps(self, xt: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """Invert q_sample: x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)."""
-        return extract(self.sqrt_recip_alphas_cumprod, t, xt.shape) * xt - extract(
-            self.sqrt_recipm1_alphas_cumprod, t, xt.shape
-        ) * eps
-
     def predict_eps_from_x0(self, xt: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         """eps = (x_t - sqrt(alpha_bar_t) x_0) / sqrt(1 - alpha_bar_t)."""
         return eps_from_x0(xt, x0, extract(self.sqrt_alphas_cumprod, t, xt.shape),
