@@ -41,8 +41,9 @@ def to_pil(images: torch.Tensor, nrow: int) -> Image.Image:
 def generate(module: DiffusionModule, sampler: str, steps: int, eta: float, seed: int, count: int,
              strip_images: int = 4, strip_points: int = 9) -> tuple[Image.Image, Image.Image, str]:
     """(grid of ``count`` samples, reverse-process strip of the first ``strip_images``, a one-line summary)."""
-    options = {"eta": float(eta)} if "eta" in sampler_config(sampler) else {}  # the samplers that have an eta
-    chosen = module.named_sampler(sampler, int(steps), **options)
+    own = sampler == sampler_name(module.hparams.sampler)  # the trained sampler keeps its own settings
+    options = {"eta": float(eta)} if "eta" in own_config(module, sampler) else {}  # the samplers that have an eta
+    chosen = module.named_sampler(None if own else sampler, int(steps), **options)
     start = time.perf_counter()
     generator = torch.Generator(device=module.device).manual_seed(int(seed))
     out = module.sample(int(count), sampler=chosen, generator=generator, return_trajectory=True,
@@ -53,6 +54,15 @@ def generate(module: DiffusionModule, sampler: str, steps: int, eta: float, seed
     strip = to_pil(strip.reshape(-1, *strip.shape[2:]), nrow=out.trajectory.shape[0])
     summary = f"{count} images with {chosen.describe()}, seed {seed}: {seconds:.1f} s on {module.device}"
     return grid, strip, summary
+
+
+def own_config(module: DiffusionModule, name: str) -> dict:
+    """The config the page builds ``name`` from: the checkpoint's for its trained sampler, else the registry's."""
+    return dict(module.hparams.sampler) if name == sampler_name(module.hparams.sampler) else sampler_config(name)
+
+
+def default_eta(module: DiffusionModule, name: str) -> float:
+    return float(own_config(module, name).get("eta", 0.0))
 
 
 def build_app(module: DiffusionModule, ckpt: str = "", max_count: int = 64, strip_images: int = 4, strip_points: int = 9):
@@ -75,10 +85,10 @@ def build_app(module: DiffusionModule, ckpt: str = "", max_count: int = 64, stri
         with gr.Row():
             with gr.Column(scale=1):
                 sampler = gr.Dropdown(names, value=names[0], label="sampler", elem_id="sampler")
-                steps = gr.Slider(1, T, value=min(trained_steps, T), step=1, label="steps (DDPM always runs all T)",
-                                  elem_id="steps")
-                eta = gr.Slider(0.0, 1.0, value=0.0, step=0.1, label="eta (DDIM: 0 deterministic, 1 DDPM-like)",
-                                elem_id="eta")
+                steps = gr.Slider(1, T, value=min(trained_steps, T), step=1, label="steps (network calls: heun 2 per "
+                                  "step, plms + 1, pndm + 9)", elem_id="steps")
+                eta = gr.Slider(0.0, 1.0, value=default_eta(module, names[0]), step=0.1, interactive="eta" in own_config(module, names[0]),
+                                label="eta (DDIM, Euler ancestral: 0 deterministic, 1 fresh noise every step)", elem_id="eta")
                 seed = gr.Number(value=0, precision=0, label="seed", elem_id="seed")
                 count = gr.Slider(1, max_count, value=min(16, max_count), step=1, label="images", elem_id="count")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
@@ -87,6 +97,9 @@ def build_app(module: DiffusionModule, ckpt: str = "", max_count: int = 64, stri
                 strip = gr.Image(label="reverse process: x_T (left) to x_0 (right)", type="pil", format="png",
                                  elem_id="strip")
                 info = gr.Textbox(label="run", interactive=False, elem_id="info")
+        # a sampler's own eta (its yaml's, or the checkpoint's for its trained sampler); fixed where it has none
+        sampler.change(lambda name: gr.update(value=default_eta(module, name), interactive="eta" in own_config(module, name)),
+                       sampler, eta)
         button.click(run, [sampler, steps, eta, seed, count], [grid, strip, info])
     return demo
 

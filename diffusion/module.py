@@ -57,6 +57,10 @@ def build_optimizer(config: dict, params, device: torch.device, precision: str =
 _LEGACY_PROCESS_KEYS = ("variance", "loss_type", "objective", "min_snr_gamma", "hybrid_lambda", "timestep_sampling")
 
 
+def _has_legacy_targets(schedule: dict, sampler: dict) -> bool:
+    return schedule.get("_target_") == "diffusion.blur.BlurSchedule" or sampler.get("_target_") in LEGACY_TARGETS
+
+
 def upgrade_hyper_parameters(hparams: dict) -> dict:
     """A checkpoint's hyper-parameters in today's layout: checkpoints written before ``conf/process/`` kept the
     process options at the top level and named the sampler and blur schedule classes by their old paths."""
@@ -65,7 +69,8 @@ def upgrade_hyper_parameters(hparams: dict) -> dict:
         old = {k: hparams.pop(k) for k in _LEGACY_PROCESS_KEYS if k in hparams}
         blur = str(hparams["schedule"].get("_target_", "")).endswith("BlurSchedule")
         if blur:
-            process = {"_target_": "diffusion.processes.BlurDiffusion", "loss_type": old.get("loss_type", "l1")}
+            process = {"_target_": "diffusion.processes.BlurDiffusion", "loss_type": old.get("loss_type", "l1"),
+                       "timestep_sampling": old.get("timestep_sampling", "uniform")}
         else:
             process = {"_target_": "diffusion.processes.GaussianDiffusion", **old}
             if process.get("variance") == "learned_range":
@@ -134,9 +139,21 @@ class DiffusionModule(L.LightningModule):
         sample_every_n_epochs: int = 5,
         seed: int = 0,
         data: dict | None = None,
+        **legacy: Any,
     ):
         super().__init__()
-        self.save_hyperparameters()
+        if legacy or process is None or _has_legacy_targets(schedule, sampler):
+            # hyper-parameters of a checkpoint written before conf/process/ (Lightning's load_from_checkpoint passes
+            # them as they were saved): today's layout, so that such a checkpoint is read as it was trained
+            unknown = sorted(set(legacy) - set(_LEGACY_PROCESS_KEYS))
+            if unknown:
+                raise TypeError(f"DiffusionModule got an unexpected argument {unknown[0]!r}")
+            upgraded = upgrade_hyper_parameters({"schedule": schedule, "sampler": sampler, **legacy,
+                                                 **({"process": process} if process is not None else {})})
+            schedule, sampler, process = upgraded["schedule"], upgraded["sampler"], upgraded["process"]
+        self.save_hyperparameters({"model": model, "schedule": schedule, "sampler": sampler, "optimizer": optimizer,
+                                   "process": process, "lr_warmup_steps": lr_warmup_steps, "num_samples": num_samples,
+                                   "sample_every_n_epochs": sample_every_n_epochs, "seed": seed, "data": data})
         network, speed = split_speed_options(model)
         self.model = apply_speed_options(instantiate(network), **speed)
         self.process = build_process(process, instantiate(schedule), self.model.in_channels, network.get("learn_sigma"))

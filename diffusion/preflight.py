@@ -140,10 +140,17 @@ def check_resume_fits(cfg: DictConfig, ckpt: dict | None, module: DiffusionModul
         return
     theirs, ours = ckpt["state_dict"], module.state_dict()
     misfit = sorted(set(theirs) ^ set(ours)) or [k for k in ours if tuple(theirs[k].shape) != tuple(ours[k].shape)]
-    if not misfit:
-        return
     then, now = _settings(ckpt["hyper_parameters"]), _settings(dict(module.hparams))
     differ = [k for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k)]
+    # same shapes, another meaning: the checkpoint's schedule buffers would replace this run's schedule, and a
+    # network trained for one target would be trained on another
+    meaning = [k for k in differ if k.startswith("schedule.") or k in ("process.objective", "process.variance")]
+    if not misfit and meaning:
+        raise UsageError(f"ckpt_path={cfg.ckpt_path} was trained with other settings that keep the tensors' shapes ("
+                         + "; ".join(f"{k}={then.get(k)!r} there, {now.get(k)!r} here" for k in meaning)
+                         + "): resume with the checkpoint's settings, or start a new run without ckpt_path")
+    if not misfit:
+        return
     if differ:
         what = "settings that differ: " + "; ".join(f"{_SETTING.get(k, k)}={then.get(k)!r} there, {now.get(k)!r} here" for k in differ)
     else:

@@ -149,14 +149,13 @@ class Contender:
 
 def ours(module: DiffusionModule, x0, optimizer_cfg, autocast) -> tuple[Contender, dict]:
     model, process, sampler = module.model, module.process, module.sampler
-    middle = len(sampler.timesteps) // 2  # one step from the middle of the grid
-
-    def sample_step(xt, t):
-        sampler.step(model(xt, t), middle, xt)
+    def sample_step(xt, t):  # one step (the first, from a fresh state: any sampler, multistep ones included)
+        sampler.reset()
+        sampler.step(model(xt, t), 0, xt)
 
     contender = Contender("ours", model, model, lambda x0, t: process.training_losses(model, x0, t).mean(),
                           sample_step, x0, process.num_timesteps, optimizer_cfg, autocast)
-    samplers = {"ddim": sampler, "ddpm": module.named_sampler("ddpm", clip_denoised=False)}
+    samplers = {sampler.name: sampler, "ddpm": module.named_sampler("ddpm", clip_denoised=False)}
     return contender, samplers
 
 
@@ -208,8 +207,8 @@ def sampler_overhead_pct(contender: Contender, samplers: dict, device, warmup: i
     eps, xt = torch.randn_like(contender.xt), contender.xt
     fns = {"network": contender.forward_only}
     for name, sampler in samplers.items():
-        middle = len(sampler.timesteps) // 2
-        fns[name] = lambda sampler=sampler, i=middle: sampler.step(eps, i, xt)
+        # the first step, from a fresh state (a multistep sampler refuses a middle step without its history)
+        fns[name] = lambda sampler=sampler: (sampler.reset(), sampler.step(eps, 0, xt))
     with torch.inference_mode():
         times = interleaved(fns, device, warmup, iters, repeats)
     return {f"{name}_pct": 100 * times[name] / times["network"] for name in samplers}

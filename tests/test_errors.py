@@ -87,6 +87,15 @@ def test_resume_with_another_model_size_names_the_setting(ckpt, tmp_path):
     same = compose_cfg(*FAST, "logger=none", f"ckpt_path={ckpt}", "trainer.max_epochs=5", f"paths.output_dir={tmp_path}")
     resume = preflight.check_settings(same)
     preflight.check_resume_fits(same, resume, build_module(same, channels=1, image_size=16))  # no error
+    # same shapes, other meaning: the checkpoint's betas would silently replace this run's, and an eps network
+    # would be trained as a v one
+    for override, text in (("schedule.beta_end=0.01", "schedule.beta_end=0.02 there, 0.01 here"),
+                           ("process.objective=v", "process.objective='eps' there, 'v' here")):
+        other = compose_cfg(*FAST, "logger=none", f"ckpt_path={ckpt}", "trainer.max_epochs=5", override,
+                            f"paths.output_dir={tmp_path}")
+        with pytest.raises(UsageError, match="keep the tensors' shapes") as err:
+            preflight.check_resume_fits(other, resume, build_module(other, channels=1, image_size=16))
+        assert text in str(err.value)
 
 
 def test_resume_past_the_checkpoints_progress(ckpt, tmp_path):

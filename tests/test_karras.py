@@ -39,13 +39,14 @@ def noise_of(n, seed=0, dtype=torch.float32):
     return torch.randn(n, 1, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
-def diffusers_sample(scheduler, model, noise, num_steps, generator=None, grid=None):
-    """The diffusers pipeline loop: latents * init_noise_sigma, then scale_model_input / model / step."""
+def diffusers_sample(scheduler, model, noise, num_steps, generator=None, grid=None, init=None):
+    """The diffusers pipeline loop: latents * init_noise_sigma (``init``: ours, the same starting state), then
+    scale_model_input / model / step."""
     scheduler.set_timesteps(num_steps)
     if grid is not None:  # impose our grid (a scheduler without that grid option)
         scheduler.sigmas = torch.tensor(grid[0], dtype=torch.float32)
         scheduler.timesteps = torch.tensor(grid[1], dtype=torch.float32)
-    x = noise * scheduler.init_noise_sigma
+    x = noise * (scheduler.init_noise_sigma if init is None else init)
     for t in scheduler.timesteps:
         out = model(scheduler.scale_model_input(x, t), t.float().expand(x.shape[0]))
         extra = {"generator": generator} if generator is not None else {}
@@ -101,7 +102,8 @@ def test_matches_diffusers(processes, case, objective, model_name):
         np.testing.assert_allclose(ours.call_sigmas, theirs.sigmas.double().numpy(), rtol=2e-4, atol=0)
         np.testing.assert_allclose([float(t) for t in ours.timesteps], theirs.timesteps.double().numpy(), rtol=0,
                                    atol=1e-2 if "schedule" not in case else 0)  # the same 1e-4 in sigma
-        assert float(theirs.init_noise_sigma) == pytest.approx(ours.init_noise_sigma, rel=2e-5)
+        # diffusers starts at sigma_0 (linspace/trailing) or sqrt(sigma_0^2 + 1); ours always at the latter
+        assert ours.init_noise_sigma == pytest.approx(math.sqrt(float(theirs.sigmas[0]) ** 2 + 1), rel=2e-5)
     if "schedule" in case:
         assert all(isinstance(t, int) for t in ours.timesteps)
     else:
@@ -109,14 +111,14 @@ def test_matches_diffusers(processes, case, objective, model_name):
     noise = noise_of(1024)
     a = ours.sample(model, noise=noise, generator=torch.Generator().manual_seed(1)).samples
     seeded = (lambda: None) if case.startswith("heun") else (lambda: torch.Generator().manual_seed(1))
-    b = diffusers_sample(theirs, model, noise, ours.num_steps, seeded(), grid=imposed)
+    b = diffusers_sample(theirs, model, noise, ours.num_steps, seeded(), grid=imposed, init=ours.init_noise_sigma)
     assert a.dtype == b.dtype == torch.float32
     if model_name == "oracle":  # on diffusers' own grid: a true denoiser barely feels its sigma_min error
         torch.testing.assert_close(a, b, atol=2e-5, rtol=0)
     # on our grid imposed (the 1e-4 of diffusers' sigma_min, divided by sigma_min = 0.01 in Heun's correction,
     # moves the wavy model's x0 samples by 3e-4): the step arithmetic, the draws, the objectives alike
     imposed = (ours.call_sigmas, [float(t) for t in ours.timesteps])
-    b = diffusers_sample(theirs, model, noise, ours.num_steps, seeded(), grid=imposed)
+    b = diffusers_sample(theirs, model, noise, ours.num_steps, seeded(), grid=imposed, init=ours.init_noise_sigma)
     torch.testing.assert_close(a, b, atol=2e-5, rtol=0)
 
 
@@ -129,7 +131,7 @@ def test_heun_clip_denoised_matches_diffusers_clip_sample(processes):
     theirs = HeunDiscreteScheduler(trained_betas=p.betas.numpy(), use_karras_sigmas=True, clip_sample=True)
     noise = noise_of(1024)
     a = ours.sample(oracle, noise=noise).samples
-    b = diffusers_sample(theirs, oracle, noise, 10)
+    b = diffusers_sample(theirs, oracle, noise, 10, init=ours.init_noise_sigma)
     torch.testing.assert_close(a, b, atol=2e-5, rtol=0)
     unclipped = HeunSampler(p, 10).sample(oracle, noise=noise).samples
     assert unclipped.abs().max() > 1.5 and a.abs().max() <= 1.0
@@ -371,3 +373,17 @@ def test_legacy_checkpoint_samples_with_heun():
     assert out.samples.abs().max() <= 1.0  # clip_denoised: true in conf/sampler/heun.yaml
     assert res.trajectory.shape == (10, 3, *module.image_shape) and torch.isfinite(res.trajectory).all()
     torch.testing.assert_close(res.samples, out.samples, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("spacing", ["linspace", "leading"])
+def test_the_network_first_sees_the_prior_draw_on_a_short_schedule(spacing):
+    """sigma_max = 1.32 for linear T = 100: a start at sigma_0 (diffusers' under linspace) would hand the network
+    noise of std 0.8; ours starts at sqrt(sigma_0^2 + 1), so the first input is the N(0, I) draw itself."""
+    from diffusion.processes import GaussianDiffusion
+    from diffusion.schedules import LinearSchedule
+
+    p = GaussianDiffusion(LinearSchedule(T=100))
+    z = torch.randn(8, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    for sampler in (EulerSampler(p, 10, spacing=spacing), HeunSampler(p, 5, spacing=spacing, sigmas="schedule")):
+        x_T = sampler.initial_state(None, z, None, None)
+        torch.testing.assert_close(sampler.scale_model_input(x_T, 0), z, rtol=1e-6, atol=1e-6)

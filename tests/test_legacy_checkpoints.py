@@ -35,3 +35,14 @@ def test_old_hyper_parameters_map_to_the_process_config():
     assert learned.process.variance == "learned_range" and learned.hparams.process["loss_type"] == "hybrid"
     blur = DiffusionModule.from_checkpoint(DATA / "blur.ckpt")
     assert blur.process.kind == "blur" and blur.hparams.schedule["_target_"] == "diffusion.processes.BlurSchedule"
+
+
+@pytest.mark.parametrize("name", ["gauss", "blur"])
+def test_lightning_load_from_checkpoint_reads_old_checkpoints_as_trained(expected, name):
+    """Lightning's own loader passes the saved hyper-parameters to __init__ as they were: the old layout is upgraded
+    there too (a v-objective network must not be read as an eps one, a blur schedule must not be looked up at its
+    old path)."""
+    module = DiffusionModule.load_from_checkpoint(DATA / f"{name}.ckpt", map_location="cpu").eval()
+    assert module.process.objective == {"gauss": "v", "blur": "x0"}[name]
+    out = module.sample(3, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out.samples, expected[f"{name}/configured"], rtol=0, atol=1e-5)

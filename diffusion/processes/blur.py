@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from diffusion.checks import check_choice
 from diffusion.processes.base import ForwardProcess, randn
+from diffusion.timesteps import TIMESTEP_SAMPLINGS
 
 BLUR_ROUTINES = ("incremental", "constant", "exponential")
 BLUR_LOSS_TYPES = ("l1", "mse")
@@ -109,6 +110,7 @@ class BlurDiffusion(ForwardProcess):
         channels: image channels (sizes the prior's statistics).
         loss_type: ``l1`` (the paper's) or ``mse`` between the restored and the clean image.
         learn_sigma: must be false (the process is deterministic: there is no variance to learn).
+        timestep_sampling: how training draws t: ``uniform`` or ``importance`` (:mod:`diffusion.timesteps`).
 
     The prior of x_T is the one-component case of the paper's Gaussian mixture on channel means: a Gaussian with the
     mean and covariance of the channel means of the training images (which blurring keeps), accumulated from every
@@ -118,8 +120,10 @@ class BlurDiffusion(ForwardProcess):
     kind = "blur"
     objective = "x0"
 
-    def __init__(self, schedule: BlurSchedule, channels: int, loss_type: str = "l1", learn_sigma: bool = False):
+    def __init__(self, schedule: BlurSchedule, channels: int, loss_type: str = "l1", learn_sigma: bool = False,
+                 timestep_sampling: str = "uniform"):
         super().__init__()
+        self.timestep_sampling = check_choice("process.timestep_sampling", timestep_sampling, TIMESTEP_SAMPLINGS)
         if not isinstance(schedule, BlurSchedule):
             raise ValueError(f"process=blur needs schedule=blur (a BlurSchedule), got {type(schedule).__name__}")
         if learn_sigma:

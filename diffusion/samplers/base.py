@@ -8,6 +8,7 @@ or by hand, exactly what :meth:`Sampler.sample` does::
     x = sampler.init_noise_sigma * process.sample_prior(shape, g)
     sampler.reset()                                        # multistep state starts empty on every call
     for i, t in enumerate(sampler.timesteps):              # one entry per network call (int or float t)
+        t = torch.full((x.shape[0],), t)                    # long, or float for a fractional t
         out = model(sampler.scale_model_input(x, i), t)    # the network sees x in its training scale
         x = sampler.step(out, i, x, g).prev_sample
 
@@ -35,13 +36,19 @@ SPACINGS = ("leading", "trailing", "linspace", "quadratic")
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-__all__ = ["Sampler", "StepOutput", "SampleOutput", "make_timesteps", "check_num_steps", "check_number", "SPACINGS", "Model"]
+__all__ = ["Sampler", "StepOutput", "SampleOutput", "make_timesteps", "check_num_steps", "check_nfe", "check_number", "SPACINGS", "Model"]
 
 
 def check_num_steps(num_steps, T: int, name: str = "sampler num_steps") -> int:
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= T:
         raise ValueError(f"{name}={num_steps!r} is invalid: it must be an integer in [1, T={T}]")
     return num_steps
+
+
+def check_nfe(nfe) -> int:
+    if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
+        raise ValueError(f"nfe={nfe!r} is invalid: it must be an integer >= 1 (network calls per sample)")
+    return nfe
 
 
 def check_number(name: str, value, low: float = 0.0, low_open: bool = False) -> float:
@@ -122,7 +129,6 @@ class Sampler:
         self.clip_denoised = bool(clip_denoised)
         self.timesteps: list[int | float] = []
         self.state_times: list[float] = []
-        self._t_batch: torch.Tensor | None = None  # reused timestep tensor: no allocation per call
         self.set_timesteps(self.T if num_steps is None else num_steps)
 
     @property
@@ -142,7 +148,7 @@ class Sampler:
     @classmethod
     def steps_for_nfe(cls, nfe: int) -> int:
         """The ``num_steps`` that costs ``nfe`` network calls (one call per step unless a family says otherwise)."""
-        return nfe
+        return check_nfe(nfe)
 
     def set_timesteps(self, num_steps: int) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -183,11 +189,9 @@ class Sampler:
         return i
 
     def _timestep_tensor(self, t: int | float, x: torch.Tensor) -> torch.Tensor:
-        dtype = torch.float32 if isinstance(t, float) else torch.long
-        buf = self._t_batch
-        if buf is None or buf.shape[0] != x.shape[0] or buf.device != x.device or buf.dtype != dtype:
-            buf = self._t_batch = torch.empty(x.shape[0], dtype=dtype, device=x.device)
-        return buf.fill_(t)
+        """(B,) of ``t``: long for a grid timestep, float32 for a fractional one (a new tensor per call: a model
+        wrapper may keep it)."""
+        return torch.full((x.shape[0],), t, dtype=torch.float32 if isinstance(t, float) else torch.long, device=x.device)
 
     def trajectory_indices(self, points: int | None = None) -> set[int]:
         """Which states of the chain a trajectory keeps: 0 is x_T, i the state after call i (all, or ``points``

@@ -26,6 +26,9 @@ class DDPMSampler(Sampler):
     def __init__(self, process: GaussianDiffusion, num_steps: int | None = None, variance: str | None = None,
                  spacing: str = "leading", clip_denoised: bool = False):
         self.variance = None if variance is None else check_choice("sampler variance", variance, VARIANCE_TYPES)
+        if self.variance == "learned_range" and not process.learned_variance:
+            raise ValueError("sampler variance=learned_range is invalid: this network has no learned variance "
+                             "(model.learn_sigma=false); use fixed_small or fixed_large")
         self.spacing = check_choice("sampler spacing", spacing, SPACINGS)
         super().__init__(process, num_steps=num_steps, clip_denoised=clip_denoised)
 

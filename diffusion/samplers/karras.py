@@ -33,7 +33,7 @@ import math
 import torch
 
 from diffusion.checks import check_choice
-from diffusion.samplers.base import SPACINGS, Sampler, StepOutput, check_num_steps, check_number, make_timesteps
+from diffusion.samplers.base import check_nfe, SPACINGS, Sampler, StepOutput, check_num_steps, check_number, make_timesteps
 
 SIGMA_GRIDS = ("karras", "exponential", "schedule")
 
@@ -126,10 +126,12 @@ class KarrasSampler(Sampler):
 
     @property
     def init_noise_sigma(self) -> float:
-        """diffusers' choice (EulerDiscreteScheduler): sigma_0 under linspace/trailing spacing, else
-        sqrt(sigma_0^2 + 1) (sigma_0, the grid's first sigma, is sigma_max but on some schedule grids)."""
+        """sqrt(sigma_0^2 + 1): x_T is the VP prior draw exactly (the network's first input is that N(0, I) draw),
+        on every schedule. diffusers' EulerDiscreteScheduler (and k-diffusion) start from sigma_0 under linspace or
+        trailing spacing, smaller by sqrt(1 + 1 / sigma_0^2): 1 + 2e-5 for the linear T = 1000 schedule (sigma_max =
+        157), but 20% for linear T = 100 (sigma_max = 1.32): the network would start from noise of std 0.8."""
         s = self.sigmas[0]
-        return s if self.spacing in ("linspace", "trailing") else math.sqrt(s * s + 1)
+        return math.sqrt(s * s + 1)
 
     def scale_model_input(self, x: torch.Tensor, i: int) -> torch.Tensor:
         """x / sqrt(sigma_i^2 + 1): the VP state the network was trained on; at i = nfe (sigma = 0) x itself."""
@@ -249,7 +251,7 @@ class HeunSampler(KarrasSampler):
     @classmethod
     def steps_for_nfe(cls, nfe: int) -> int:
         """N steps cost 2N - 1 calls: the most steps within ``nfe`` calls."""
-        return max(1, (nfe + 1) // 2)
+        return (check_nfe(nfe) + 1) // 2
 
     @property
     def stochastic(self) -> bool:

@@ -17,7 +17,7 @@ LEGACY_TARGETS = {"diffusion.samplers.DDPMSampler": "diffusion.samplers.ddpm.DDP
                   "diffusion.samplers.DDIMSampler": "diffusion.samplers.ddim.DDIMSampler",
                   "diffusion.samplers.ColdSampler": "diffusion.samplers.cold.ColdSampler"}
 
-__all__ = ["sampler_configs", "sampler_names", "sampler_config", "sampler_class", "sampler_name", "build_sampler",
+__all__ = ["sampler_names", "sampler_config", "sampler_class", "sampler_name", "build_sampler",
            "LEGACY_TARGETS"]
 
 
@@ -26,11 +26,6 @@ def _configs() -> dict[str, dict]:
     import yaml
 
     return {f.stem: yaml.safe_load(f.read_text()) for f in sorted(SAMPLER_DIR.glob("*.yaml"))}
-
-
-def sampler_configs() -> dict[str, dict]:
-    """{name: the config of conf/sampler/<name>.yaml} (copies)."""
-    return {name: dict(cfg) for name, cfg in _configs().items()}
 
 
 def sampler_class(name: str) -> type[Sampler]:
