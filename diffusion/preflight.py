@@ -15,6 +15,7 @@ import re
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from diffusion.processes.gaussian import RETIRED_BUFFERS
 from diffusion.module import DiffusionModule, build_optimizer, read_checkpoint
 from diffusion.runtime import UsageError, build_or_usage_error, is_rank_zero, root_cause
 
@@ -138,7 +139,8 @@ def check_resume_fits(cfg: DictConfig, ckpt: dict | None, module: DiffusionModul
     length, image size...), naming the settings that differ between the checkpoint and this run."""
     if ckpt is None:
         return
-    theirs, ours = ckpt["state_dict"], module.state_dict()
+    retired = {f"process.{name}" for name in RETIRED_BUFFERS}  # old checkpoints' unused tables: dropped on load
+    theirs, ours = {k: v for k, v in ckpt["state_dict"].items() if k not in retired}, module.state_dict()
     misfit = sorted(set(theirs) ^ set(ours)) or [k for k in ours if tuple(theirs[k].shape) != tuple(ours[k].shape)]
     then, now = _settings(ckpt["hyper_parameters"]), _settings(dict(module.hparams))
     differ = [k for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k)]

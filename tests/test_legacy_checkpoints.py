@@ -46,3 +46,20 @@ def test_lightning_load_from_checkpoint_reads_old_checkpoints_as_trained(expecte
     assert module.process.objective == {"gauss": "v", "blur": "x0"}[name]
     out = module.sample(3, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(out.samples, expected[f"{name}/configured"], rtol=0, atol=1e-5)
+
+
+def test_an_old_run_resumes(tmp_path):
+    """A whole last.ckpt of the old layout (process options among the module's, since-retired schedule buffers,
+    the EMA callback's state) resumes: one more epoch, the v objective kept; resuming it as eps is refused."""
+    from tests.conftest import run_train
+
+    small = ["trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "model.base_channels=4",
+             "model.channel_mult=[1,2]", "model.num_res_blocks=1", "module.num_samples=4", "logger=none",
+             "final_samples=false", "module.sample_every_n_epochs=0", "sampler.num_steps=3", "schedule=cosine",
+             f"ckpt_path={DATA / 'gauss_full.ckpt'}", "trainer.max_epochs=2"]
+    refused = run_train(*small, f"hydra.run.dir={tmp_path / 'eps'}", tmp_path=tmp_path)
+    assert refused.returncode == 2 and "process.objective='v' there, 'eps' here" in refused.stderr
+    proc = run_train(*small, "process.objective=v", f"hydra.run.dir={tmp_path / 'v'}", tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.output[-2000:]
+    resumed = torch.load(tmp_path / "v" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert (resumed["epoch"], resumed["global_step"]) == (1, 4) and resumed["hyper_parameters"]["process"]["objective"] == "v"

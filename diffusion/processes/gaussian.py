@@ -22,6 +22,11 @@ from diffusion.schedules import NoiseSchedule, ScheduleTable
 from diffusion.timesteps import TIMESTEP_SAMPLINGS
 
 VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned_range")
+#: the schedule table's entries this process reads (buffers: in every checkpoint, moved with the module)
+BUFFERS = ("betas", "alphas_cumprod", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
+           "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2")
+#: table entries earlier versions kept as buffers although nothing read them: dropped from old checkpoints on load
+RETIRED_BUFFERS = ("alphas", "alphas_cumprod_prev", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod")
 LOSS_TYPES = ("mse", "l1", "huber", "hybrid", "vlb")
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -102,11 +107,16 @@ class GaussianDiffusion(ForwardProcess):
             raise ValueError(f"process.hybrid_lambda={hybrid_lambda!r} is invalid: it must be a number >= 0")
         self.min_snr_gamma = None if min_snr_gamma is None else float(min_snr_gamma)
         self.hybrid_lambda = float(hybrid_lambda)
-        for name, value in table.as_dict().items():
-            self.register_buffer(name, value.clone())
+        for name in BUFFERS:
+            self.register_buffer(name, getattr(table, name).clone())
         # fixed_large uses beta_t, with beta~_1 at t = 0 so that log-variances stay finite (improved-diffusion).
         large = torch.cat([table.posterior_variance[1:2], table.betas[1:]]) if table.T > 1 else table.betas.clone()
         self.register_buffer("large_variance", large)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in RETIRED_BUFFERS:  # checkpoints written before they were retired still load (strictly)
+            state_dict.pop(prefix + name, None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def learned_variance(self) -> bool:
