@@ -60,7 +60,7 @@ class Row:
     kid_std: float | None = None
     seconds_per_image: float | None = None
     status: str = "ok"  # ok | skipped
-    stochastic: bool = False
+    stochastic: bool | None = None
     settings: str = ""  # sampler.describe()
     note: str = ""
 
@@ -150,7 +150,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def draw_from_noise(module, sampler, noise_batches, step_seed: int, desc: str) -> tuple[torch.Tensor, float]:
+def draw_from_noise(module, sampler, noise_batches, step_seed: int, desc: str, total: int | None = None) -> tuple[torch.Tensor, float]:
     """uint8 images from each starting-noise batch, and the seconds the sampling took (the network's calls and the
     sampler's steps, not the noise draws)."""
     from diffusion.grids import to_uint8
@@ -158,7 +158,7 @@ def draw_from_noise(module, sampler, noise_batches, step_seed: int, desc: str) -
     device = module.device
     generator = torch.Generator(device=device).manual_seed(step_seed)
     images, seconds = [], 0.0
-    for noise in tqdm(list(noise_batches), desc=desc, unit="batch", leave=False):
+    for noise in tqdm(noise_batches, desc=desc, total=total, unit="batch", leave=False):
         noise = noise.to(device)
         _sync(device)
         start = time.perf_counter()
@@ -232,7 +232,7 @@ def _table(rows: list[Row], names: list[str], nfes: list[int], cell) -> list[str
 def markdown(rows: list[Row], names: list[str], nfes: list[int], about: dict) -> str:
     lines = [f"# {about['metric']} against NFE", "", about["sentence"], "",
              *_table(rows, names, nfes, lambda r: _fmt(r.value)), "",
-             f"KID on the same features (x 1000, lower is better):", "",
+             "KID on the same features (x 1000, lower is better):", "",
              *_table(rows, names, nfes, lambda r: _fmt(None if r.kid is None else 1000 * r.kid, 3)), "",
              "Seconds per image (sampling only):", "",
              *_table(rows, names, nfes, lambda r: _fmt(r.seconds_per_image, 3))]
@@ -263,7 +263,8 @@ def plot(rows: list[Row], names: list[str], about: dict):
         done = sorted((r for r in rows if r.sampler == name and r.status == "ok"), key=lambda r: r.nfe)
         if not done:
             continue
-        style = dict(marker="o", linestyle="--" if done[0].stochastic else "-", label=name + (" (stochastic)" if done[0].stochastic else ""))
+        stochastic = bool(done[0].stochastic)
+        style = {"marker": "o", "linestyle": "--" if stochastic else "-", "label": name + (" (stochastic)" if stochastic else "")}
         quality_ax.plot([r.nfe for r in done], [r.value for r in done], **style)
         time_ax.plot([r.nfe for r in done], [r.seconds_per_image for r in done], **style)
     from matplotlib.ticker import NullFormatter, ScalarFormatter
@@ -311,10 +312,10 @@ def compare(cfg: DictConfig) -> list[Row]:
     """Check every input, then run every sampler at every NFE and write the tables, the plot and the grids."""
     from diffusion.grids import save_new
     from diffusion.metrics import inception, inception_weights
-    from diffusion.metrics.classifier import check_labels, set_up_datamodule, split_images, trained_classifier
+    from diffusion.metrics.classifier import check_labels, check_options, set_up_datamodule, split_images, trained_classifier
     from diffusion.module import DiffusionModule
-    from diffusion.samplers.registry import sampler_names
     from diffusion.sample import resolve_device
+    from diffusion.samplers.registry import sampler_names
 
     names, nfes = check_inputs(cfg)
     feature = None
@@ -333,8 +334,9 @@ def compare(cfg: DictConfig) -> list[Row]:
     data_cfg = cfg.get("data") or module.hparams.get("data")
     if not data_cfg:
         raise UsageError(f"ckpt={cfg.ckpt} stores no data config: pass data=<option> (and its data.root)")
+    options = OmegaConf.to_container(cfg.classifier, resolve=True)
     if cfg.metric == "fd_classifier":
-        build_or_usage_error("metric", lambda: check_labels(data_cfg))
+        build_or_usage_error("metric", lambda: (check_labels(data_cfg), check_options(options)))
     save_run_config(cfg)  # every check passed: record the config (a refused run leaves the directory as it was)
 
     out = Path(cfg.paths.output_dir)
@@ -345,7 +347,6 @@ def compare(cfg: DictConfig) -> list[Row]:
         raise UsageError(f"split={cfg.split} holds {len(real)} images: a Frechet distance needs >= 2 (use split=train)")
     about = {"metric": cfg.metric, "ckpt": ckpt_label(cfg.ckpt), "n": cfg.n, "seed": cfg.seed, "device": device.type}
     if cfg.metric == "fd_classifier":
-        options = OmegaConf.to_container(cfg.classifier, resolve=True)
         feature, info = build_or_usage_error("classifier", lambda: trained_classifier(
             data_cfg, cfg.paths.cache_dir, device, datamodule=datamodule, **options))
         about["classifier_accuracy"] = info["accuracy"]
@@ -378,7 +379,7 @@ def compare(cfg: DictConfig) -> list[Row]:
             row.note = f"{name} cannot spend exactly {k} NFE: {sampler.num_steps} steps spend {sampler.nfe}"
             log.info("%s", row.note)
         noise = starting_noise(module.process, shape, cfg.n, cfg.batch_size, cfg.seed)
-        fake, seconds = draw_from_noise(module, sampler, noise, cfg.seed + 1, desc=f"{name}, NFE {sampler.nfe}")
+        fake, seconds = draw_from_noise(module, sampler, noise, cfg.seed + 1, f"{name}, NFE {sampler.nfe}", math.ceil(cfg.n / cfg.batch_size))
         scores = quality(real, fake, feature, cfg, device)
         row.value, row.kid, row.kid_std, row.seconds_per_image = scores["fid"], scores["kid"], scores["kid_std"], seconds / cfg.n
         rows.append(row)

@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from diffusion.metrics import fid_kid, inception, inception_weights
-from diffusion.metrics.classifier import check_labels, trained_classifier
+from diffusion.metrics.classifier import check_labels, check_options, trained_classifier
 from diffusion.module import DiffusionModule, to_model_range, to_uint8
 from diffusion.runtime import (CONFIG_DIR, UsageError, build_or_usage_error, exits_on_usage_error, log_to_training_run, require_ckpt,
                                save_run_config)
@@ -186,7 +186,8 @@ def evaluate(cfg: DictConfig) -> dict:
     if cfg.fid.num_steps is not None:
         build_or_usage_error("fid", lambda: module.build_sampler(dict(module.hparams.sampler), num_steps=cfg.fid.num_steps))
     if "fd_classifier" in cfg.metrics:
-        build_or_usage_error("fd_classifier", lambda: check_labels(data_config(cfg, module)))
+        build_or_usage_error("fd_classifier", lambda: (check_labels(data_config(cfg, module)),
+                                                       check_options(OmegaConf.to_container(cfg.classifier, resolve=True))))
     save_run_config(cfg)  # every check passed: record the config (a refused run leaves the directory as it was)
     # prepared once, here: ranks never race to build a data cache or to train the classifier
     images, datamodule = evaluation_images(cfg, module, with_datamodule=True)

@@ -49,7 +49,7 @@ def read_csv(path):
 
 def first_table(markdown: str) -> dict:
     """{(sampler, NFE column): cell} of the first Markdown table."""
-    lines = [line for line in markdown.split("\n\n") if line.startswith("| sampler")][0].splitlines()
+    lines = next(block for block in markdown.split("\n\n") if block.startswith("| sampler")).splitlines()
     nfes = [int(h.split()[1]) for h in lines[0].strip("|").split("|")[1:]]
     cells = {}
     for line in lines[2:]:
@@ -71,7 +71,7 @@ def grid_pixels(path) -> np.ndarray:
 
 
 def test_csv_and_markdown_hold_every_sampler_at_every_nfe(run, module):
-    out, rows = run
+    out, _ = run
     table = read_csv(out / "compare.csv")
     assert [(r["sampler"], int(r["target_nfe"])) for r in table] == [(s, k) for s in ("ddim", "ddpm") for k in (2, 4, 1001)]
     assert list(table[0])[:8] == ["sampler", "target_nfe", "num_steps", "nfe", "fd_classifier", "kid", "kid_std", "seconds_per_image"]
@@ -111,7 +111,7 @@ def test_each_grid_is_what_its_sampler_draws_from_the_shared_noise(run, module):
         sampler = module.named_sampler(name, num_steps=k)
         assert name != "ddim" or sampler.eta == 0
 
-        def draw(x):
+        def draw(x, sampler=sampler):
             return to_uint8(sampler.sample(module.model, noise=x, generator=torch.Generator().manual_seed(1)).samples)
 
         figure = grid_pixels(out / "grids" / f"{name}_nfe{k}.png")
@@ -148,6 +148,7 @@ def test_no_samplers_named_means_every_sampler_that_reverses_the_process(ckpt, c
     (["batch_size=0"], "batch_size=0 is invalid"),
     (["ckpt=/nonexistent.ckpt"], "ckpt=/nonexistent.ckpt does not exist"),
     (["fid.weights=/none.pth", "metric=fid"], "/none.pth"),
+    (["classifier.epochs=0"], "classifier.epochs=0 is invalid"),
 ])
 def test_bad_input_is_one_line_before_any_work(ckpt, classifier_cache, tmp_path, overrides, text):
     with pytest.raises(UsageError) as err:
@@ -176,3 +177,39 @@ def test_compare_cli_writes_the_comparison_and_a_second_run_changes_nothing(ckpt
     with pytest.raises(UsageError, match="already holds compare.csv"):
         compare(config(ckpt, classifier_cache, out, "samplers=[ddim,ddpm]", "nfe=[2]", "n=4"))
     assert snapshot(out) == before
+
+
+def _script():
+    import importlib.util
+
+    from tests.conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("compare_samplers", REPO / "experiments" / "compare_samplers.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def test_readme_script_asks_for_the_readme_comparison_and_never_writes_over_docs(tmp_path, monkeypatch):
+    script = _script()
+    args = script.overrides("x.ckpt", ["n=256", "device=cuda"])
+    assert args == ["ckpt=x.ckpt", "samplers=[ddim,dpmsolver++,heun,euler,ddpm]", "nfe=[5,10,20,50,100]", "n=256",
+                    "batch_size=500", "seed=0", "device=cuda"]
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "compare_samplers.md").write_text("the old table")
+    monkeypatch.setattr(script.subprocess, "run", lambda *a, **k: pytest.fail("compare ran although docs/ holds a table"))
+    with pytest.raises(SystemExit, match="compare_samplers.md exists"):
+        script.main(["x.ckpt", "--docs", str(docs)])
+    assert (docs / "compare_samplers.md").read_text() == "the old table"
+
+
+@pytest.mark.slow
+def test_readme_script_publishes_the_runs_plot_and_table(ckpt, classifier_cache, tmp_path):
+    script = _script()
+    docs, out = tmp_path / "docs", tmp_path / "run"
+    docs.mkdir()
+    script.main([str(ckpt), "samplers=[ddim]", "nfe=[2]", "n=4", "batch_size=4", f"paths.cache_dir={classifier_cache}",
+                 "--docs", str(docs), "--out", str(out)])
+    for name, target in script.PUBLISHED.items():
+        assert (docs / target).read_bytes() == (out / name).read_bytes()

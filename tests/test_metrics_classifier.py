@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from diffusion.data import TorchvisionDataModule
-from diffusion.metrics import fid_kid
 from diffusion.metrics import classifier as clf
+from diffusion.metrics import fid_kid
 from diffusion.module import DiffusionModule, read_checkpoint, to_uint8
 
 

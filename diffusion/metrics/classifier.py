@@ -48,8 +48,8 @@ LOADER_KEYS = ("batch_size", "num_workers", "download", "decode_workers", "hflip
 #: the accuracy below which the metric's value is flagged as unreliable (a warning)
 LOW_ACCURACY = 0.9
 
-__all__ = ["LeNet", "PenultimateFeatures", "trained_classifier", "train_classifier", "accuracy", "classifier_spec",
-           "check_labels", "set_up_datamodule", "labelled_datamodule", "split_images", "DEFAULTS"]
+__all__ = ["DEFAULTS", "LeNet", "PenultimateFeatures", "accuracy", "check_labels", "check_options", "classifier_spec",
+           "labelled_datamodule", "set_up_datamodule", "split_images", "train_classifier", "trained_classifier"]
 
 
 class LeNet(nn.Module):
@@ -204,7 +204,8 @@ def classifier_spec(data_cfg, options: dict) -> dict:
     return {"version": VERSION, "data": data, "training": dict(sorted(options.items()))}
 
 
-def _options(options: dict) -> dict:
+def check_options(options: dict) -> dict:
+    """The training options with their defaults filled in; ValueError (one line) for an unknown or bad one."""
     unknown = sorted(set(options) - set(DEFAULTS))
     if unknown:
         raise ValueError(f"classifier.{unknown[0]} is not an option: the classifier takes {', '.join(DEFAULTS)}")
@@ -258,7 +259,7 @@ def trained_classifier(data_cfg, cache_dir: str | Path, device: torch.device | s
     call trained it, ...}``. Read from ``cache_dir`` when an entry for these settings exists; otherwise trained on
     ``device`` and cached. ``datamodule``: the set-up data module of ``data_cfg``, if the caller has one.
     ValueError (one line) for a data source without labels or a bad option."""
-    options = _options(options)
+    options = check_options(options)
     spec = classifier_spec(data_cfg, options)
     from diffusion.data.cache import cache_key
 
