@@ -6,7 +6,9 @@ terms (L_T prior, the sum of L_{t-1}, the L_0 decoder) and the loss per timestep
 the T - 1 KL terms between them from K stratified timesteps drawn independently for each image (K + 1 network
 evaluations per image): unbiased, with a ``bpd_stderr`` that includes the timestep sampling
 (:meth:`GaussianDiffusion.calc_bpd_loop`). ``fid``/``kid``:
-generated samples against the same images (:mod:`diffusion.metrics`). Results are printed and written to
+generated samples against the same images (:mod:`diffusion.metrics`). ``fd_classifier``: the Frechet distance and KID
+on the features of a small classifier trained on the data's training split, offline
+(:mod:`diffusion.metrics.classifier`; trained once, cached in ``paths.cache_dir``). Results are printed and written to
 ``results.json`` in the output directory.
 
 ``devices=N`` evaluates on N ranks (DDP, launched by Lightning Fabric): every rank takes every N-th image, generates
@@ -28,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from diffusion.metrics import fid_kid, inception, inception_weights
+from diffusion.metrics.classifier import check_labels, check_options, trained_classifier
 from diffusion.module import DiffusionModule, to_model_range, to_uint8
 from diffusion.runtime import (CONFIG_DIR, UsageError, build_or_usage_error, exits_on_usage_error, log_to_training_run, require_ckpt,
                                save_run_config)
@@ -35,21 +38,31 @@ from diffusion.sample import draw, resolve_device
 
 log = logging.getLogger("diffusion.evaluate")
 
-METRICS = ("nll", "fid", "kid")
+METRICS = ("nll", "fid", "kid", "fd_classifier")
+#: the metrics computed on generated samples
+SAMPLE_METRICS = ("fid", "kid", "fd_classifier")
 
 
-def evaluation_images(cfg: DictConfig, module: DiffusionModule) -> torch.Tensor:
-    """The first ``max_images`` uint8 images of the chosen split of the data the model was trained on."""
+def data_config(cfg: DictConfig, module: DiffusionModule):
+    """``data=`` when given, else the data config the checkpoint was trained on."""
     data_cfg = cfg.get("data") or module.hparams.get("data")
     if not data_cfg:
         raise UsageError(f"ckpt={cfg.ckpt} stores no data config: pass data=<option> (and its data.root)")
+    return data_cfg
+
+
+def evaluation_images(cfg: DictConfig, module: DiffusionModule, with_datamodule: bool = False):
+    """The first ``max_images`` uint8 images of the chosen split of the data the model was trained on (and the
+    set-up data module, ``with_datamodule``)."""
+    data_cfg = data_config(cfg, module)
     datamodule = build_or_usage_error("data", lambda: instantiate(data_cfg))
     build_or_usage_error("data", lambda: (datamodule.prepare_data(), datamodule.setup("fit")))
     dataset = datamodule.val_set if cfg.split == "val" else datamodule.train_set
     n = len(dataset) if cfg.max_images is None else min(cfg.max_images, len(dataset))
     if n == 0:
         raise UsageError(f"split={cfg.split} holds no images (data val_fraction is 0?): use split=train")
-    return torch.stack([dataset[i] for i in range(n)])
+    images = torch.stack([dataset[i] for i in range(n)])
+    return (images, datamodule) if with_datamodule else images
 
 
 def nll(module: DiffusionModule, images: torch.Tensor, cfg: DictConfig, fabric: Fabric) -> dict:
@@ -108,19 +121,34 @@ def feature_extractor(cfg: DictConfig):
     return inception(inception_weights(cfg.fid.weights))
 
 
-def fid_and_kid(module: DiffusionModule, images: torch.Tensor, num_real: int, feature, cfg: DictConfig, fabric: Fabric) -> dict:
-    """This rank's real images and its share of ``fid.num_samples`` generated ones; the metrics sync across ranks."""
-    wanted = [m for m in ("fid", "kid") if m in cfg.metrics]
+def generated(module: DiffusionModule, num_real: int, cfg: DictConfig, fabric: Fabric) -> tuple[torch.Tensor, dict]:
+    """This rank's share of ``fid.num_samples`` generated uint8 images (one draw for every sample metric), and the
+    sampler that drew them."""
     n_total = cfg.fid.num_samples or num_real
     n = len(range(fabric.global_rank, n_total, fabric.world_size))
     sampler = module.sampler
     if cfg.fid.num_steps is not None:
         sampler = module.build_sampler(dict(module.hparams.sampler), num_steps=cfg.fid.num_steps)
     fake = to_uint8(draw(module, sampler, n, cfg.batch_size, cfg.seed + fabric.global_rank))
+    return fake, {"num_real": num_real, "num_fake": n_total, "sampler": sampler.describe(), "num_steps": sampler.num_steps,
+                  "nfe": sampler.nfe}
+
+
+def fd_classifier(module: DiffusionModule, images: torch.Tensor, fake: torch.Tensor, info: dict, classifier, cfg: DictConfig) -> dict:
+    """The Frechet distance and KID on the classifier's features (this rank's shards; the states sync across ranks)."""
+    feature, about = classifier
+    out = fid_kid(images, fake, feature.to(module.device), ("fid", "kid"), cfg.fid.kid_subset_size, cfg.fid.kid_subsets,
+                  cfg.batch_size, module.device, num_real=info["num_real"], num_fake=info["num_fake"])
+    return {"value": out["fid"], "kid": out["kid"], "kid_std": out["kid_std"], "kid_subset_size": out["kid_subset_size"],
+            "classifier_accuracy": about["accuracy"], "classifier_train_accuracy": about["train_accuracy"],
+            "classifier": about["path"], "features": about["features"], **info}
+
+
+def fid_and_kid(module: DiffusionModule, images: torch.Tensor, fake: torch.Tensor, info: dict, feature, cfg: DictConfig) -> dict:
+    """This rank's real images and its share of the generated ones; the metrics sync across ranks."""
+    wanted = [m for m in ("fid", "kid") if m in cfg.metrics]
     out = fid_kid(images, fake, feature.to(module.device), wanted, cfg.fid.kid_subset_size, cfg.fid.kid_subsets, cfg.batch_size,
-                  module.device, num_real=num_real, num_fake=n_total)
-    info = {"num_real": out["num_real"], "num_fake": out["num_fake"], "sampler": sampler.describe(), "num_steps": sampler.num_steps,
-            "nfe": sampler.nfe}
+                  module.device, num_real=info["num_real"], num_fake=info["num_fake"])
     result = {}
     if "fid" in out:
         result["fid"] = {"value": out["fid"], **info}
@@ -157,12 +185,21 @@ def evaluate(cfg: DictConfig) -> dict:
         raise UsageError(f"nll.num_timesteps={k} is invalid: it must be in [1, {module.process.num_timesteps}] (or null for all T)")
     if cfg.fid.num_steps is not None:
         build_or_usage_error("fid", lambda: module.build_sampler(dict(module.hparams.sampler), num_steps=cfg.fid.num_steps))
+    if "fd_classifier" in cfg.metrics:
+        build_or_usage_error("fd_classifier", lambda: (check_labels(data_config(cfg, module)),
+                                                       check_options(OmegaConf.to_container(cfg.classifier, resolve=True))))
     save_run_config(cfg)  # every check passed: record the config (a refused run leaves the directory as it was)
-    images = evaluation_images(cfg, module)  # prepared once, here: ranks never race to build a data cache
+    # prepared once, here: ranks never race to build a data cache or to train the classifier
+    images, datamodule = evaluation_images(cfg, module, with_datamodule=True)
+    classifier = None
+    if "fd_classifier" in cfg.metrics:
+        options = OmegaConf.to_container(cfg.classifier, resolve=True)
+        classifier = build_or_usage_error("classifier", lambda: trained_classifier(
+            data_config(cfg, module), cfg.paths.cache_dir, device, datamodule=datamodule, **options))
     resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))  # spawned ranks have no Hydra context
     strategy = "ddp_spawn" if cfg.devices > 1 else "auto"
     fabric = Fabric(accelerator=device.type, devices=cfg.devices, strategy=strategy)
-    results = fabric.launch(evaluate_rank, resolved, module, images, feature)
+    results = fabric.launch(evaluate_rank, resolved, module, images, feature, classifier)
     if cfg.get("wandb_run"):
         flat = {}
         for metric, values in results.items():
@@ -173,7 +210,7 @@ def evaluate(cfg: DictConfig) -> dict:
     return results
 
 
-def evaluate_rank(fabric: Fabric, cfg: DictConfig, module: DiffusionModule, all_images: torch.Tensor, feature) -> dict:
+def evaluate_rank(fabric: Fabric, cfg: DictConfig, module: DiffusionModule, all_images: torch.Tensor, feature, classifier=None) -> dict:
     """One rank's share: every ``world_size``-th image; metric states are reduced so that every rank computes."""
     if not logging.getLogger().handlers:  # a spawned rank: Hydra's logging setup stayed in the parent
         logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
@@ -184,8 +221,12 @@ def evaluate_rank(fabric: Fabric, cfg: DictConfig, module: DiffusionModule, all_
     try:
         if "nll" in cfg.metrics:
             results["nll"] = nll(module, images, cfg, fabric)
-        if feature is not None:
-            results.update(fid_and_kid(module, images, len(all_images), feature, cfg, fabric))
+        if set(SAMPLE_METRICS) & set(cfg.metrics):
+            fake, info = generated(module, len(all_images), cfg, fabric)
+            if feature is not None:
+                results.update(fid_and_kid(module, images, fake, info, feature, cfg))
+            if classifier is not None:
+                results["fd_classifier"] = fd_classifier(module, images, fake, info, classifier, cfg)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     if fabric.global_rank == 0:

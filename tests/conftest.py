@@ -64,3 +64,15 @@ def finished_run(tmp_path_factory):
 def ckpt(finished_run):
     """The last checkpoint of the shared short run."""
     return finished_run[0] / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="session")
+def classifier_cache(ckpt, tmp_path_factory):
+    """A cache directory (``paths.cache_dir``) holding the fd_classifier classifier of the shared run's data, trained
+    once for the session (~15 s on a CPU): the metric and compare tests read it instead of training their own."""
+    from diffusion.metrics.classifier import trained_classifier
+    from diffusion.module import read_checkpoint
+
+    cache = tmp_path_factory.mktemp("classifier_cache")
+    trained_classifier(read_checkpoint(ckpt)["hyper_parameters"]["data"], cache)
+    return cache

@@ -65,6 +65,8 @@ COVERAGE = {
     "python -m diffusion.figures reverse --ckpt ... --sampler ddpm --transitions 10 --out figures/": "tests/test_figures.py::test_reverse_figure_columns_are_labelled_with_their_t",
     "python -m diffusion.figures progression --run outputs/train/<run> --out figures/": "tests/test_figures.py::test_progression_rows_are_the_checkpoints_by_step",
     "python -m diffusion.report outputs/train/multirun/<date_time>": "tests/test_report.py::test_report_on_a_2x2_sweep",
+    'python -m diffusion.compare ckpt=... "samplers=[ddim,dpmsolver++,heun,euler,ddpm]" "nfe=[5,10,20,50,100]"': "tests/test_compare.py::test_compare_cli_writes_the_comparison_and_a_second_run_changes_nothing",
+    "python -m diffusion.evaluate ckpt=... metrics=[fd_classifier]": "tests/test_metrics_classifier.py::test_evaluate_offers_fd_classifier",
     "python -m diffusion.app ckpt=...": ("tests/test_app.py::test_the_page_generates_the_models_samples_in_headless_chromium", "tests/test_app.py::test_generate_returns_the_grid_the_strip_and_a_summary"),
     'pip install -e ".[app]"': EXTRA,
     "python -m diffusion.app ckpt=outputs/train/<run>/checkpoints/last.ckpt": "tests/test_app.py::test_the_page_generates_the_models_samples_in_headless_chromium",
@@ -109,7 +111,7 @@ COVERAGE = {
 RUNNERS = {TRAIN, ONE_DEVICE, SWEEP, CI, EXTRA}
 #: the Hydra CLIs and the config each composes
 HYDRA_CONFIGS = {"diffusion.train": "config", "diffusion.sample": "sample", "diffusion.evaluate": "evaluate",
-                 "diffusion.app": "app", "experiments/benchmark.py": "config"}
+                 "diffusion.compare": "compare", "diffusion.app": "app", "experiments/benchmark.py": "config"}
 #: appended to a command that runs here: one batch, a narrow network, one image in the final grid
 SMALL = ["trainer.fast_dev_run=true", "data.batch_size=2", "model.base_channels=8", "module.num_samples=1", "logger=none"]
 

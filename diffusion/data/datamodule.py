@@ -55,6 +55,8 @@ class ImageDataModule(L.LightningDataModule):
     channels: int = 3
     #: shown in logs and cache names
     name: str = "images"
+    #: whether :meth:`load_labels` gives every image's class (the classifier-feature metric trains on them)
+    has_labels: bool = False
 
     def __init__(
         self,
@@ -81,6 +83,17 @@ class ImageDataModule(L.LightningDataModule):
 
     def load_images(self) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def load_labels(self) -> np.ndarray | None:
+        """Each image's class (int64, aligned with :meth:`load_images`), or None for a source without classes."""
+        return None
+
+    def split_labels(self, split: str) -> np.ndarray:
+        """The labels of the ``train`` or ``val`` split's images, in the split's order (after :meth:`setup`)."""
+        labels = self.load_labels()
+        if labels is None:
+            raise ValueError(f"data {self.name} has no class labels")
+        return np.asarray(labels)[(self.train_set if split == "train" else self.val_set).indices]
 
     def num_val(self, num_images: int) -> int:
         return int(round(num_images * self.val_fraction))

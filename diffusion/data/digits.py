@@ -22,9 +22,15 @@ class DigitsDataModule(ImageDataModule):
 
     channels = 1
     name = "digits"
+    has_labels = True
 
     def load_images(self) -> np.ndarray:
         from sklearn.datasets import load_digits
 
         images = resize_uint8(torch.tensor(load_digits().images, dtype=torch.float32)[:, None] / 16.0, self.image_size)
         return images[: self.limit].numpy()
+
+    def load_labels(self) -> np.ndarray:
+        from sklearn.datasets import load_digits
+
+        return load_digits().target[: self.limit].astype(np.int64)

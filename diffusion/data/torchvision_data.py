@@ -23,6 +23,7 @@ class TorchvisionDataModule(ImageDataModule):
     """The training split of a torchvision grey-scale dataset, optionally only some ``classes``, resized."""
 
     channels = 1
+    has_labels = True
 
     def __init__(
         self,
@@ -63,13 +64,19 @@ class TorchvisionDataModule(ImageDataModule):
         if self.download:
             self._torchvision(download=True)  # rank 0 only
 
-    def load_images(self) -> np.ndarray:
+    def _kept(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The images and labels of ``classes`` (all by default), the first ``limit`` of them."""
         ds = self._torchvision(download=False)
         images, labels = ds.data, torch.as_tensor(ds.targets)
         if self.classes is not None:
             keep = torch.isin(labels, torch.tensor(self.classes))
-            images = images[keep]
+            images, labels = images[keep], labels[keep]
             if len(images) == 0:
                 raise ValueError(f"data classes={self.classes} match no image of {DATASETS[self.dataset]}")
-        images = images[: self.limit, None]
-        return resize_uint8(images, self.image_size).numpy()
+        return images[: self.limit], labels[: self.limit]
+
+    def load_images(self) -> np.ndarray:
+        return resize_uint8(self._kept()[0][:, None], self.image_size).numpy()
+
+    def load_labels(self) -> np.ndarray:
+        return self._kept()[1].numpy().astype(np.int64)
