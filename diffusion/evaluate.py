@@ -34,7 +34,7 @@ from diffusion.metrics.classifier import check_labels, check_options, trained_cl
 from diffusion.module import DiffusionModule, to_model_range, to_uint8
 from diffusion.runtime import (CONFIG_DIR, UsageError, build_or_usage_error, exits_on_usage_error, log_to_training_run, require_ckpt,
                                save_run_config)
-from diffusion.sample import draw, resolve_device
+from diffusion.sample import chosen_sampler, draw, resolve_device
 
 log = logging.getLogger("diffusion.evaluate")
 
@@ -121,14 +121,21 @@ def feature_extractor(cfg: DictConfig):
     return inception(inception_weights(cfg.fid.weights))
 
 
+def generation_sampler(module: DiffusionModule, cfg: DictConfig):
+    """The sampler the sample metrics draw with: ``sampler=<name>`` or the checkpoint's own, ``fid.num_steps`` steps
+    if set."""
+    config = OmegaConf.to_container(cfg.sampler, resolve=True) if cfg.get("sampler") is not None else {}
+    if cfg.fid.num_steps is not None:
+        config["num_steps"] = cfg.fid.num_steps
+    return chosen_sampler(module, OmegaConf.create(config))
+
+
 def generated(module: DiffusionModule, num_real: int, cfg: DictConfig, fabric: Fabric) -> tuple[torch.Tensor, dict]:
     """This rank's share of ``fid.num_samples`` generated uint8 images (one draw for every sample metric), and the
     sampler that drew them."""
     n_total = cfg.fid.num_samples or num_real
     n = len(range(fabric.global_rank, n_total, fabric.world_size))
-    sampler = module.sampler
-    if cfg.fid.num_steps is not None:
-        sampler = module.build_sampler(dict(module.hparams.sampler), num_steps=cfg.fid.num_steps)
+    sampler = generation_sampler(module, cfg)
     fake = to_uint8(draw(module, sampler, n, cfg.batch_size, cfg.seed + fabric.global_rank))
     return fake, {"num_real": num_real, "num_fake": n_total, "sampler": sampler.describe(), "num_steps": sampler.num_steps,
                   "nfe": sampler.nfe}
@@ -183,8 +190,8 @@ def evaluate(cfg: DictConfig) -> dict:
     k = cfg.nll.num_timesteps
     if "nll" in cfg.metrics and k is not None and (not isinstance(k, int) or not 1 <= k <= module.process.num_timesteps):
         raise UsageError(f"nll.num_timesteps={k} is invalid: it must be in [1, {module.process.num_timesteps}] (or null for all T)")
-    if cfg.fid.num_steps is not None:
-        build_or_usage_error("fid", lambda: module.build_sampler(dict(module.hparams.sampler), num_steps=cfg.fid.num_steps))
+    if {"fid", "kid", "fd_classifier"} & set(cfg.metrics):
+        build_or_usage_error("sampler", lambda: generation_sampler(module, cfg))
     if "fd_classifier" in cfg.metrics:
         build_or_usage_error("fd_classifier", lambda: (check_labels(data_config(cfg, module)),
                                                        check_options(OmegaConf.to_container(cfg.classifier, resolve=True))))

@@ -148,5 +148,12 @@ def test_evaluate_offers_fd_classifier(ckpt, classifier_cache, tmp_path, caplog)
         evaluate(cfg)
     result = json.loads((tmp_path / "o" / "results.json").read_text())["fd_classifier"]
     assert result["value"] > 0 and result["kid_subset_size"] == 24 and result["num_fake"] == 24
-    assert result["classifier_accuracy"] > 0.95 and result["sampler"].startswith("DDIMSampler, 3 steps") and result["nfe"] == 3
+    assert result["classifier_accuracy"] > 0.95 and result["sampler"].startswith("ddim, 3 steps") and result["nfe"] == 3
     assert "classifier read from" in caplog.text
+    # sampler=<name> draws the sample metrics' images with another sampler of the registry
+    cfg = compose_job("evaluate", [f"ckpt={ckpt}", "metrics=[fd_classifier]", "max_images=24", "sampler=heun",
+                                   "sampler.num_steps=2", "fid.kid_subsets=5", f"paths.cache_dir={classifier_cache}"])
+    cfg.paths.output_dir = str(tmp_path / "heun")
+    evaluate(cfg)
+    heun = json.loads((tmp_path / "heun" / "results.json").read_text())["fd_classifier"]
+    assert heun["sampler"].startswith("heun, 2 steps (3 NFE)") and heun["nfe"] == 3 and heun["value"] != result["value"]
