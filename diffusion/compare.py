@@ -267,17 +267,18 @@ def plot(rows: list[Row], names: list[str], about: dict):
         style = {"marker": "o", "linestyle": "--" if stochastic else "-", "label": name + (" (stochastic)" if stochastic else "")}
         quality_ax.plot([r.nfe for r in done], [r.value for r in done], **style)
         time_ax.plot([r.nfe for r in done], [r.seconds_per_image for r in done], **style)
-    from matplotlib.ticker import NullFormatter, ScalarFormatter
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
     done = [r for r in rows if r.status == "ok"]
     values, times = [r.value for r in done], [r.seconds_per_image for r in done]
-    ticks = sorted({r.nfe for r in done})
+    ticks = sorted({r.target_nfe for r in done})  # the NFEs asked for (a point sits at the NFE it spent)
     for ax, ylabel, ys in ((quality_ax, f"{about['metric']} (lower is better)", values), (time_ax, "seconds per image", times)):
         ax.set_xscale("log")
-        ax.set_xticks(ticks, [str(t) for t in ticks])  # the NFEs measured, in plain numbers
+        ax.set_xticks(ticks, [str(t) for t in ticks])  # in plain numbers
         ax.xaxis.set_minor_formatter(NullFormatter())
         if ys and min(ys) > 0 and max(ys) > 10 * min(ys):  # a log axis only where the values span a decade
             ax.set_yscale("log")
+            ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))  # 0.1, 0.2, 0.5, 1, ...
             ax.yaxis.set_major_formatter(ScalarFormatter())
             ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("NFE (network evaluations per image, log scale)")
@@ -302,9 +303,12 @@ def grid_figure(images: torch.Tensor, name: str, sampler, target_nfe: int, seed:
     nrow = max(1, math.ceil(math.sqrt(k)))
     side = max(images.shape[-2:])
     layout = GridLayout.of(k, side, nrow, scale=readable_scale(side))
+    import textwrap
+
     nfe_text = f"NFE {sampler.nfe}" + ("" if sampler.nfe == target_nfe else f" (asked {target_nfe})")
-    title = f"{name}, {nfe_text}: {sampler.describe()}\nstarting noises 0-{k - 1} of seed {seed}"
-    return labelled_figure(grid_array(images, nrow=nrow), layout, title)
+    width = max(32, layout.width // 7)  # characters of ~7 px that fit over the grid
+    lines = [f"{name}, {nfe_text}", *textwrap.wrap(sampler.describe(), width), f"starting noises 0-{k - 1} of seed {seed}"]
+    return labelled_figure(grid_array(images, nrow=nrow), layout, "\n".join(lines))
 
 
 # ----------------------------------------------------------------------------------------------- the comparison
@@ -349,7 +353,6 @@ def compare(cfg: DictConfig) -> list[Row]:
     if cfg.metric == "fd_classifier":
         feature, info = build_or_usage_error("classifier", lambda: trained_classifier(
             data_cfg, cfg.paths.cache_dir, device, datamodule=datamodule, **options))
-        about["classifier_accuracy"] = info["accuracy"]
         accuracy = "no validation images" if info["accuracy"] is None else f"validation accuracy {100 * info['accuracy']:.2f}%"
         measure = f"{DESCRIPTION['fd_classifier']} ({accuracy}; `{info['path']}`)"
     else:

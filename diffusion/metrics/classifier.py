@@ -56,7 +56,7 @@ class LeNet(nn.Module):
     """A LeNet-like CNN on uint8 (or [-1, 1] float) images of any size: conv5-ReLU-pool, conv5-ReLU-pool, average
     pooling to 4 x 4, ``num_features`` ReLU units (the features), a linear layer to the classes."""
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 32, num_features: int = 128):
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 16, num_features: int = 64):
         super().__init__()
         self.in_channels, self.num_classes, self.num_features = in_channels, num_classes, num_features
         self.features = nn.Sequential(
