@@ -57,8 +57,14 @@ def test_an_old_run_resumes(tmp_path):
              "model.channel_mult=[1,2]", "model.num_res_blocks=1", "module.num_samples=4", "logger=none",
              "final_samples=false", "module.sample_every_n_epochs=0", "sampler.num_steps=3", "schedule=cosine",
              f"ckpt_path={DATA / 'gauss_full.ckpt'}", "trainer.max_epochs=2"]
-    refused = run_train(*small, f"hydra.run.dir={tmp_path / 'eps'}", tmp_path=tmp_path)
-    assert refused.returncode == 2 and "process.objective='v' there, 'eps' here" in refused.stderr
+    from diffusion import preflight
+    from diffusion.runtime import UsageError
+    from diffusion.train import build_module
+    from tests.test_errors import compose_cfg
+
+    eps = compose_cfg(*small, f"paths.output_dir={tmp_path / 'eps'}")  # as the CLI composes it, without objective=v
+    with pytest.raises(UsageError, match="process.objective='v' there, 'eps' here"):
+        preflight.check_resume_fits(eps, preflight.check_settings(eps), build_module(eps, channels=1, image_size=16))
     proc = run_train(*small, "process.objective=v", f"hydra.run.dir={tmp_path / 'v'}", tmp_path=tmp_path)
     assert proc.returncode == 0, proc.output[-2000:]
     resumed = torch.load(tmp_path / "v" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)

@@ -38,10 +38,11 @@ def test_sample_cli_writes_grid_and_npz_reproducibly(ckpt, tmp_path):
 def test_raw_weights_and_ddpm_sampler(ckpt, tmp_path):
     ema = sample_cli(tmp_path, f"ckpt={ckpt}", "n=2", "sampler.num_steps=4", f"hydra.run.dir={tmp_path / 'ema'}")
     raw = sample_cli(tmp_path, f"ckpt={ckpt}", "n=2", "sampler.num_steps=4", "ema=false", f"hydra.run.dir={tmp_path / 'raw'}")
-    ddpm = sample_cli(tmp_path, f"ckpt={ckpt}", "n=2", "sampler=ddpm", f"hydra.run.dir={tmp_path / 'ddpm'}")
+    ddpm = sample_cli(tmp_path, f"ckpt={ckpt}", "n=2", "sampler=ddpm", "sampler.num_steps=20",  # small: the README's runs all T
+                      f"hydra.run.dir={tmp_path / 'ddpm'}")
     for proc in (ema, raw, ddpm):
         assert proc.returncode == 0, proc.output[-3000:]
-    assert "raw weights" in raw.output and "ddpm, 1000 steps" in ddpm.output
+    assert "raw weights" in raw.output and "ddpm, 20 steps" in ddpm.output
     assert not np.array_equal(np.load(tmp_path / "ema" / "samples.npz")["samples"], np.load(tmp_path / "raw" / "samples.npz")["samples"])
 
 
@@ -55,8 +56,23 @@ def test_raw_weights_and_ddpm_sampler(ckpt, tmp_path):
     ],
 )
 def test_sample_bad_input(ckpt, tmp_path, overrides, text):
-    proc = sample_cli(tmp_path, f"ckpt={ckpt}", *overrides, f"hydra.run.dir={tmp_path / 'o'}")
-    assert proc.returncode == 2 and text in proc.stderr and "Traceback" not in proc.output
+    """In-process (the CLI's exit 2 and one stderr line: the first case, and tests/test_errors.py); every bad value is a
+    one-line UsageError raised before anything is written."""
+    from hydra import compose, initialize_config_dir
+
+    from diffusion.runtime import CONFIG_DIR, UsageError
+    from diffusion.sample import sample
+
+    if overrides == ["sampler.num_steps=5000"]:
+        proc = sample_cli(tmp_path, f"ckpt={ckpt}", *overrides, f"hydra.run.dir={tmp_path / 'o'}")
+        assert proc.returncode == 2 and text in proc.stderr and "Traceback" not in proc.output
+    else:
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            cfg = compose(config_name="sample", overrides=[f"ckpt={ckpt}", *overrides])
+        cfg.paths.output_dir = str(tmp_path / "o")
+        with pytest.raises(UsageError) as err:
+            sample(cfg)
+        assert text in str(err.value) and "\n" not in str(err.value)
     assert not (tmp_path / "o" / "samples.npz").exists()
 
 
