@@ -13,3 +13,10 @@ def check_choice(name: str, value, allowed) -> str:
     if value not in allowed:
         raise ValueError(f"{name}={value!r} is invalid: allowed values are {', '.join(allowed)}")
     return value
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """Unwrap Hydra's InstantiationException chain down to the error the user's value caused."""
+    while exc.__cause__ is not None and type(exc).__name__ == "InstantiationException":
+        exc = exc.__cause__
+    return exc

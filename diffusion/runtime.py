@@ -11,6 +11,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, read_write
 from omegaconf.errors import MissingMandatoryValue
 
+from diffusion.checks import root_cause  # noqa: F401 - also imported from here
+
 #: the Hydra configuration directory every CLI composes from
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
@@ -25,12 +27,6 @@ class TrainingFault(Exception):
     """A fault that stops a run during the work (a non-finite loss, a checkpoint that cannot be written); the CLI
     prints it as one line and exits 1. Checkpoints written before it are kept as they were."""
 
-
-def root_cause(exc: BaseException) -> BaseException:
-    """Unwrap Hydra's InstantiationException chain down to the error the user's value caused."""
-    while exc.__cause__ is not None and type(exc).__name__ == "InstantiationException":
-        exc = exc.__cause__
-    return exc
 
 
 #: the rank variables of Lightning's DDP re-launch (LOCAL_RANK, NODE_RANK), torchrun (RANK, GROUP_RANK) and SLURM

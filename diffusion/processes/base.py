@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from diffusion.checks import root_cause
+
 __all__ = ["ForwardProcess", "build_process", "randn"]
 
 
@@ -65,9 +67,7 @@ def build_process(config: dict | None, schedule, channels: int, learn_sigma: boo
     try:
         return instantiate({**config, "_partial_": False}, schedule=schedule, channels=channels, learn_sigma=bool(learn_sigma))
     except Exception as exc:  # Hydra wraps the constructor's one-line error: raise that one
-        cause = exc
-        while cause.__cause__ is not None and type(cause).__name__ == "InstantiationException":
-            cause = cause.__cause__
+        cause = root_cause(exc)
         if cause is exc:
             raise
         raise cause from None

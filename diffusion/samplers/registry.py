@@ -70,7 +70,7 @@ def build_sampler(config: dict | str, process, **overrides: Any) -> Sampler:
 
     if isinstance(config, str):
         config = sampler_config(config)
-    config = {**config, **{k: v for k, v in overrides.items()}}
+    config = {**config, **overrides}
     target = LEGACY_TARGETS.get(config["_target_"], config["_target_"])
     cls = get_class(target)
     options = {k: v for k, v in config.items() if not k.startswith("_")}
