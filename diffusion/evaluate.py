@@ -244,6 +244,12 @@ def evaluate_rank(fabric: Fabric, cfg: DictConfig, module: DiffusionModule, all_
             if isinstance(values, dict):
                 log.info("%s: %s", metric, ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()))
         log.info("results written to %s", out_dir / "results.json")
+    if fabric.world_size > 1:  # leave together and close the process group: a rank exiting with gloo's threads still
+        import torch.distributed as dist  # running aborts (SIGABRT, "terminate called without an active exception")
+
+        fabric.barrier()
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return results
 
 
