@@ -32,19 +32,21 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from diffusion.models.blocks import group_norm  # noqa: E402
 from diffusion.models.speed import apply_speed_options, split_speed_options  # noqa: E402
 from diffusion.module import DiffusionModule, build_optimizer  # noqa: E402
+from diffusion.runtime import UsageError  # noqa: E402
 from diffusion.train import CONFIG_DIR, build_module  # noqa: E402
 
 MATCH_TOLERANCE = 0.10
@@ -239,6 +241,88 @@ def _autocast(precision: str, device: torch.device):
 
 
 # --------------------------------------------------------------------------------------------- main
+@dataclass
+class Setup:
+    """What :func:`measure` times: the composed config, the module training would build, and the contenders
+    (``ours`` and, unless left out, ``diffusers``) on one synthetic batch ``x0``."""
+
+    cfg: DictConfig
+    device: torch.device
+    datamodule: object
+    module: DiffusionModule
+    x0: torch.Tensor
+    contenders: dict
+    samplers: dict
+    info: dict  # the result's header: config, device, versions
+
+
+def build(overrides: list[str], batch: int | None = None, device: str | torch.device = "cpu", with_diffusers: bool = True) -> Setup:
+    """Compose the training config from ``overrides`` and build both contenders on a random batch.
+
+    Raises UsageError when diffusers is missing or its matched model is more than MATCH_TOLERANCE apart."""
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=list(overrides))
+    device = torch.device(device)
+    batch = batch or cfg.data.batch_size
+    datamodule = instantiate(cfg.data)  # the network's channels and size follow the data, as in training
+    channels, size = datamodule.channels, datamodule.image_size
+    module = build_module(cfg, channels=channels, image_size=size).to(device)
+    model_cfg, speed = split_speed_options(OmegaConf.to_container(cfg.model, resolve=True))
+    optimizer_cfg = OmegaConf.to_container(cfg.optimizer, resolve=True)
+    autocast = _autocast(cfg.trainer.precision, device)
+    torch.manual_seed(0)
+    x0 = torch.rand(batch, channels, size, size, device=device) * 2 - 1
+
+    contenders = {}
+    contenders["ours"], samplers = ours(module, x0, optimizer_cfg, autocast)
+    info: dict = {
+        "config": {"overrides": list(overrides), "batch": batch, "image_size": size, "channels": channels,
+                   "precision": cfg.trainer.precision, **{k: speed.get(k, False) for k in ("channels_last", "compile")},
+                   "gradient_checkpointing": bool(model_cfg.get("gradient_checkpointing", False))},
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+        else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "torch": torch.__version__,
+    }
+    if with_diffusers:
+        try:
+            import diffusers
+        except ImportError:
+            raise UsageError('diffusers is not installed: pip install -e ".[bench]" (or pass --no-diffusers)') from None
+        matched = diffusers_config(model_cfg, channels, size)
+        # diffusers' own training example (train_unconditional.py) builds torch.optim.AdamW with PyTorch's defaults
+        theirs_optimizer = {k: v for k, v in optimizer_cfg.items() if k not in ("fused", "foreach")}
+        contenders["diffusers"] = theirs(matched, module.process, x0, theirs_optimizer, autocast, speed, module.sampler.num_steps)
+        ratio = contenders["diffusers"].params / contenders["ours"].params
+        if abs(ratio - 1) > MATCH_TOLERANCE:
+            raise UsageError(f"diffusers' matched UNet2DModel has {ratio:.2f}x our parameters: more than {MATCH_TOLERANCE:.0%} apart")
+        info["diffusers_version"] = diffusers.__version__
+        info["diffusers_config"] = matched
+    return Setup(cfg, device, datamodule, module, x0, contenders, samplers, info)
+
+
+def measure(setup: Setup, warmup: int = 2, iters: int = 3, repeats: int = 5, loader: bool = True) -> dict:
+    """Peak memory, training and one-step sampling throughput of each contender, the sampler overhead and (with
+    ``loader``) the data loader's images/s: the dict benchmark.json holds."""
+    contenders, device, batch = setup.contenders, setup.device, setup.x0.shape[0]
+    result = {**setup.info, "config": {**setup.info["config"], "warmup": warmup, "iters": iters, "repeats": repeats}}
+    measured = {name: {"params": c.params, "peak_memory_mb": peak_memory_mb([c.train_step, c.sample_step], device)}
+                for name, c in contenders.items()}
+    train = interleaved({n: c.train_step for n, c in contenders.items()}, device, warmup, iters, repeats)
+    sample = interleaved({n: c.sample_step for n, c in contenders.items()}, device, warmup, iters, repeats)
+    for name in contenders:
+        measured[name].update({
+            "train_images_per_s": batch / train[name], "train_step_ms": train[name] * 1e3,
+            "sample_images_per_s_per_step": batch / sample[name], "sample_step_ms": sample[name] * 1e3,
+        })
+        result[name] = {k: measured[name][k] for k in FIELDS}
+    if "diffusers" in result:
+        result["ratio_ours_to_diffusers"] = {k: result["ours"][k] / result["diffusers"][k] for k in FIELDS}
+    result["sampler_overhead"] = sampler_overhead_pct(contenders["ours"], setup.samplers, device, warmup, iters, repeats)
+    if loader:
+        result["data_loader_images_per_s"] = benchmark_loader(setup.datamodule, batches=10)
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for python -m diffusion.train")
@@ -252,62 +336,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=None, help="directory to write benchmark.json into")
     args = parser.parse_args(argv)
 
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=args.overrides)
-    device = torch.device(args.device)
-    batch = args.batch or cfg.data.batch_size
-    datamodule = instantiate(cfg.data)  # the network's channels and size follow the data, as in training
-    channels, size = datamodule.channels, datamodule.image_size
-    module = build_module(cfg, channels=channels, image_size=size).to(device)
-    model_cfg, speed = split_speed_options(OmegaConf.to_container(cfg.model, resolve=True))
-    optimizer_cfg = OmegaConf.to_container(cfg.optimizer, resolve=True)
-    autocast = _autocast(cfg.trainer.precision, device)
-    torch.manual_seed(0)
-    x0 = torch.rand(batch, channels, size, size, device=device) * 2 - 1
+    try:
+        setup = build(args.overrides, args.batch, args.device, with_diffusers=not args.no_diffusers)
+    except UsageError as err:
+        parser.exit(2, f"{err}\n")
+    result = measure(setup, args.warmup, args.iters, args.repeats, loader=not args.no_loader)
 
-    contenders = {}
-    contenders["ours"], samplers = ours(module, x0, optimizer_cfg, autocast)
-    result: dict = {
-        "config": {"overrides": args.overrides, "batch": batch, "image_size": size, "channels": channels,
-                   "precision": cfg.trainer.precision, **{k: speed.get(k, False) for k in ("channels_last", "compile")},
-                   "gradient_checkpointing": bool(model_cfg.get("gradient_checkpointing", False)),
-                   "warmup": args.warmup, "iters": args.iters, "repeats": args.repeats},
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda"
-        else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-        "torch": torch.__version__,
-    }
-    if not args.no_diffusers:
-        try:
-            import diffusers
-        except ImportError:
-            parser.exit(2, 'diffusers is not installed: pip install -e ".[bench]" (or pass --no-diffusers)\n')
-        matched = diffusers_config(model_cfg, channels, size)
-        # diffusers' own training example (train_unconditional.py) builds torch.optim.AdamW with PyTorch's defaults
-        theirs_optimizer = {k: v for k, v in optimizer_cfg.items() if k not in ("fused", "foreach")}
-        contenders["diffusers"] = theirs(matched, module.process, x0, theirs_optimizer, autocast, speed, module.sampler.num_steps)
-        ratio = contenders["diffusers"].params / contenders["ours"].params
-        if abs(ratio - 1) > MATCH_TOLERANCE:
-            parser.exit(2, f"diffusers' matched UNet2DModel has {ratio:.2f}x our parameters: more than {MATCH_TOLERANCE:.0%} apart\n")
-        result["diffusers_version"] = diffusers.__version__
-        result["diffusers_config"] = matched
-
-    measured = {name: {"params": c.params, "peak_memory_mb": peak_memory_mb([c.train_step, c.sample_step], device)}
-                for name, c in contenders.items()}
-    train = interleaved({n: c.train_step for n, c in contenders.items()}, device, args.warmup, args.iters, args.repeats)
-    sample = interleaved({n: c.sample_step for n, c in contenders.items()}, device, args.warmup, args.iters, args.repeats)
-    for name in contenders:
-        measured[name].update({
-            "train_images_per_s": batch / train[name], "train_step_ms": train[name] * 1e3,
-            "sample_images_per_s_per_step": batch / sample[name], "sample_step_ms": sample[name] * 1e3,
-        })
-        result[name] = {k: measured[name][k] for k in FIELDS}
-    if "diffusers" in result:
-        result["ratio_ours_to_diffusers"] = {k: result["ours"][k] / result["diffusers"][k] for k in FIELDS}
-    result["sampler_overhead"] = sampler_overhead_pct(contenders["ours"], samplers, device, args.warmup, args.iters, args.repeats)
-    if not args.no_loader:
-        result["data_loader_images_per_s"] = benchmark_loader(datamodule, batches=10)
-
-    print_table(result, cfg)
+    print_table(result, setup.cfg)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "benchmark.json").write_text(json.dumps(result, indent=2))
