@@ -1,37 +1,13 @@
-"""Test-only pieces loaded by training subprocesses through ``+callbacks.probe._target_=tests.helpers.RankProbe``."""
+"""Test-only pieces loaded by training subprocesses (``+callbacks.nan._target_=tests.helpers.NaNAtStep``); the DDP
+probe lives in the package (diffusion.callbacks.RankProbe, also used by experiments/gpu_check.py) and is re-exported here."""
 
-import hashlib
 import json
 from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from diffusion.callbacks import EMA
-
-
-def state_hash(state: dict) -> str:
-    h = hashlib.sha256()
-    for k in sorted(state):
-        h.update(k.encode())
-        h.update(state[k].detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-class RankProbe(Callback):
-    """Writes ``probe_rank<R>.json`` into the run directory when training ends: who trained, and the EMA weights' hash."""
-
-    def on_train_end(self, trainer, pl_module):
-        ema = next(c for c in trainer.callbacks if isinstance(c, EMA))
-        record = {
-            "global_rank": trainer.global_rank,
-            "world_size": trainer.world_size,
-            "global_step": trainer.global_step,
-            "T": pl_module.process.num_timesteps,
-            "ema_hash": state_hash(ema.average_state_dict()),
-        }
-        path = Path(trainer.default_root_dir) / f"probe_rank{trainer.global_rank}.json"
-        path.write_text(json.dumps(record))
+from diffusion.callbacks import RankProbe, state_hash  # noqa: F401 - tests.helpers.RankProbe in the tests' overrides
 
 
 class NaNAtStep(Callback):
