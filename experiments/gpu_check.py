@@ -1,7 +1,10 @@
 """The GPU check: what this framework does on a GPU machine, measured in one command, written as one JSON + one table.
 
-    python experiments/gpu_check.py --out outputs/gpu_check            # a GPU machine: about 8 minutes on one H200
-    python experiments/gpu_check.py --device cpu --quick --out DIR     # tiny settings on a CPU (the CI's run, ~20 s)
+    python experiments/gpu_check.py --out outputs/gpu_check            # a GPU machine (budget: 8 minutes on one H200)
+    python experiments/gpu_check.py --device cpu --quick --out DIR     # tiny settings on a CPU (the CI's run)
+
+Most of a GPU run is torch.compile's first compilation of each network (training and inference graphs, ours and
+diffusers', two configurations); inductor's on-disk cache makes a second run on the same machine faster.
 
 It writes DIR/gpu_check.json (every number, the settings and the machine) and DIR/gpu_check.md (the table for the
 README, headed by the machine: GPU name, count and memory, driver, CUDA, torch, CPU), rewritten after each part so
@@ -10,18 +13,19 @@ table with its error and the others still run):
 
 1. **benchmark**: training and one-step sampling throughput and peak memory of this framework's UNet against
    diffusers' ``UNet2DModel`` of matched size (experiments/benchmark.py's ``build`` and ``measure``) with
-   ``trainer.precision=bf16-mixed model.compile=true model.channels_last=true``, on the digits default (batch 64)
-   and on a larger preset (``--larger``, default dog32 at its batch of 32, on generated images).
+   ``trainer.precision=bf16-mixed model.compile=true model.channels_last=true`` (16-mixed on a GPU without
+   bfloat16), on the digits default (batch 64) and on a larger preset (``--larger``, default dog32 at its batch
+   of 32, on generated images).
 2. **sampling**: DDIM-50 images/s of the whole chain (``DiffusionModule.sample``; diffusers' ``DDIMScheduler``
    loop on its model) for the same two configurations, reusing their compiled networks.
 3. **memory**: the human64 preset's peak CUDA memory (``torch.cuda.max_memory_allocated``) of one training step at
    its configured batch (16), after one warm-up step (the optimizer's state exists), with and without
-   ``model.gradient_checkpointing=true``, in 32-true and bf16-mixed, on random images of its size.
+   ``model.gradient_checkpointing=true``, in 32-true and bf16-mixed, on random images of its size (no compile).
 4. **ddp**: a real ``python -m diffusion.train`` run on every visible GPU (``trainer.strategy=ddp``, NCCL; digits
    default, bf16-mixed, channels_last, no compile so that start-up stays short), with
    ``diffusion.callbacks.RankProbe``: each rank's EMA weights hash (equal on all ranks or not) and images/s.
 
-``--device cpu --quick`` runs the same parts on tiny networks (base 8 channels, batch 4 / 2, DDIM-5, one iteration)
+``--device cpu --quick`` runs the same parts on tiny networks (base 8 channels, batch 4 / 1, DDIM-5, one iteration)
 in float32 with channels_last and without compile (inductor's C++ build on a CPU takes minutes; bf16 is slow on
 most CPUs; the memory part still runs both precisions), DDP as 2 gloo CPU ranks started in the background while
 the other parts run (to fit CI's time), memory as the process's peak resident set size (RSS), which holds the
@@ -37,6 +41,7 @@ import json
 import os
 import platform
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -56,7 +61,7 @@ import benchmark as bench  # noqa: E402
 from diffusion.runtime import UsageError, exits_on_usage_error  # noqa: E402
 
 PARTS = ("benchmark", "sampling", "memory", "ddp")
-GPU_SPEED = ["trainer.precision=bf16-mixed", "model.compile=true", "model.channels_last=true"]
+GPU_SPEED = ["model.compile=true", "model.channels_last=true"]  # and trainer.precision=bf16-mixed (see gpu_precision)
 CPU_SPEED = ["model.channels_last=true"]  # no compile (minutes of C++ on a CPU), float32 (bf16 is slow on most CPUs)
 TINY = ["model.base_channels=8", "model.time_emb_dim=32"]
 PROBE = "+callbacks.probe._target_=diffusion.callbacks.RankProbe"
@@ -65,15 +70,21 @@ SAMPLE_STEPS = 50
 
 
 # --------------------------------------------------------------------------------------------- the plan
+def gpu_precision() -> str:
+    """bf16-mixed; 16-mixed on a GPU without bfloat16 (before Ampere), where bf16 would be emulated or refused."""
+    return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+
+
 def make_plan(device: str, quick: bool, larger: str, images: Path) -> dict:
     """Every setting of the check: which configurations each part runs, with which batch and how many iterations."""
     cuda = device == "cuda"
     tiny = TINY if quick else []
-    speed = GPU_SPEED if cuda else CPU_SPEED
+    precision = gpu_precision() if cuda else "bf16-mixed"
+    speed = [f"trainer.precision={precision}", *GPU_SPEED] if cuda else CPU_SPEED
     folder = [f"data.root={images}"]
     gpus = torch.cuda.device_count() if cuda else 0
     if cuda:  # every visible GPU, NCCL; bf16 and channels_last as above, no compile (each rank would compile)
-        ddp = ["trainer.accelerator=gpu", f"trainer.devices={gpus}", "trainer.precision=bf16-mixed",
+        ddp = ["trainer.accelerator=gpu", f"trainer.devices={gpus}", f"trainer.precision={precision}",
                "model.channels_last=true", "trainer.max_epochs=3", "trainer.limit_train_batches=20"]
     else:  # 2 CPU ranks, gloo; 3 steps
         ddp = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_epochs=1", "trainer.limit_train_batches=3",
@@ -92,7 +103,7 @@ def make_plan(device: str, quick: bool, larger: str, images: Path) -> dict:
         "memory": {
             "config": ["experiment=human64", *folder, *tiny, *(["model.num_res_blocks=1"] if quick else [])],
             "batch": 1 if quick else None,
-            "precisions": ["32-true", "bf16-mixed"],
+            "precisions": ["32-true", precision],
             "kind": "cuda_max_allocated" if cuda else "peak_rss",
         },
         # on a CPU the DDP run overlaps the other parts (their tiny numbers are no measurements anyway), to fit CI's time
@@ -242,11 +253,12 @@ def memory_part(plan: dict, precision: str, checkpointing: bool) -> dict:
     step = setup.contenders["ours"].train_step
     step()  # the optimizer's state and the allocator's pools exist before the measured step
     bench._sync(setup.device)
-    resident = torch.cuda.memory_allocated(setup.device) / 2**20 if setup.device.type == "cuda" else None
+    # between steps: weights, their gradients and the optimizer's state
+    between = torch.cuda.memory_allocated(setup.device) / 2**20 if setup.device.type == "cuda" else None
     peak = bench.peak_memory_mb([step], setup.device)
     return {"precision": precision, "gradient_checkpointing": checkpointing, "batch": setup.x0.shape[0],
             "image_size": setup.info["config"]["image_size"], "params": setup.contenders["ours"].params,
-            "peak_memory_mb": peak, "resident_before_step_mb": resident, "kind": settings["kind"]}
+            "peak_memory_mb": peak, "allocated_between_steps_mb": between, "kind": settings["kind"]}
 
 
 def summarize_ddp(probes: list[dict], world_size: int) -> dict:
@@ -287,14 +299,24 @@ class DdpRun:
         env = {**os.environ, "PYTHONUNBUFFERED": "1",
                "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
         print(f"    {self.settings['world_size']} ranks: {shlex.join(self.cmd[1:])}\n    log: {self.log}", flush=True)
-        with open(self.log, "w") as f:
-            self.proc = subprocess.Popen(self.cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+        with open(self.log, "w") as f:  # a session of its own: stop() ends the ranks Lightning starts along with it
+            self.proc = subprocess.Popen(self.cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
         self.started = time.perf_counter()
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        """End the run's process group (the launching rank and the ranks it started), if it is still running."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(self.proc.pid, sig)
+                self.proc.wait(timeout=wait)
+                return
+            except ProcessLookupError:
+                return
+            except subprocess.TimeoutExpired:
+                continue
 
     def result(self) -> dict:
         if self.proc is None:
@@ -303,8 +325,7 @@ class DdpRun:
         try:
             returncode = self.proc.wait(timeout=max(1.0, timeout - (time.perf_counter() - self.started)))
         except subprocess.TimeoutExpired:
-            self.proc.kill()  # the launching rank; Lightning's launcher takes the other ranks down with it
-            self.proc.wait()
+            self.stop()
             raise RuntimeError(f"the DDP run took more than {timeout} s (log: {self.log})") from None
         if returncode != 0:
             raise RuntimeError(f"the DDP run exited {returncode} (log: {self.log}): ...{self.log.read_text()[-1500:]}")

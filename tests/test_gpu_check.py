@@ -141,3 +141,25 @@ def test_a_used_output_directory_is_refused_and_kept(quick_check, capsys):
         gpu_check.main(["--device", "cpu", "--quick", "--out", str(out)])
     assert exit_.value.code == 2 and "is not an empty directory" in capsys.readouterr().err
     assert snapshot(out) == before
+
+
+def test_gpu_plan_and_machine_line(monkeypatch, tmp_path):
+    """What a GPU run would do (no GPU here): the benchmark's switches, DDP on every GPU after the other parts,
+    the presets' own batches; and the machine line names the GPUs, the driver and CUDA."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    plan = gpu_check.make_plan("cuda", False, "dog32", tmp_path)
+    switches = ["trainer.precision=bf16-mixed", "model.compile=true", "model.channels_last=true"]
+    assert plan["configs"] == {"digits": switches, "dog32": ["experiment=dog32", f"data.root={tmp_path}", *switches]}
+    assert plan["batch"] is None and plan["memory"]["batch"] is None and plan["sampling"]["num_steps"] == 50
+    assert plan["memory"]["precisions"] == ["32-true", "bf16-mixed"] and plan["memory"]["kind"] == "cuda_max_allocated"
+    ddp = plan["ddp"]
+    assert ddp["world_size"] == 8 and ddp["overlap"] is False
+    assert {"trainer.accelerator=gpu", "trainer.devices=8", "trainer.strategy=ddp", gpu_check.PROBE} <= set(ddp["overrides"])
+    assert not any("compile" in o or "base_channels" in o for o in ddp["overrides"])
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)  # before Ampere
+    assert "trainer.precision=16-mixed" in gpu_check.make_plan("cuda", False, "dog32", tmp_path)["configs"]["digits"]
+
+    m = {**gpu_check.machine("cpu"), "gpu_count": 2, "driver": "570.86", "cuda": "12.8",
+         "gpus": [{"name": "NVIDIA H200", "memory_gib": 139.8, "capability": "9.0"}] * 2}
+    assert gpu_check.machine_line(m).startswith("**Machine:** 2 x NVIDIA H200 (140 GiB each), driver 570.86, CUDA 12.8, torch ")
