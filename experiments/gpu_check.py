@@ -542,7 +542,8 @@ def render_markdown(report: dict) -> str:
         for e in (off, on):
             cells.append("n/a" if e is None else (f"{e['peak_memory_mb']:.0f}" if e["ok"] else _failed(e)))
         ok = [e for e in (off, on) if e is not None and e["ok"]]
-        saved = (f"{100 * (1 - on['peak_memory_mb'] / off['peak_memory_mb']):.0f}%" if len(ok) == 2 else "n/a")
+        saved = (f"{100 * (1 - on['peak_memory_mb'] / off['peak_memory_mb']):.0f}%".replace("-0%", "0%")
+                 if len(ok) == 2 else "n/a")
         first = ok[0] if ok else {}
         lines.append(f"| {precision} | {first.get('batch', 'n/a')} | "
                      f"{_f(first.get('params') and first['params'] / 1e6, '.1f')} | {cells[0]} | {cells[1]} | {saved} |")
