@@ -97,7 +97,8 @@ def prepare_ddp_relaunch() -> None:
 
     Lightning starts ranks 1..N-1 as ``python -m diffusion.train <sys.argv[1:]> hydra.run.dir=<hydra.run.dir>``.
     Inside ``-m`` that command line is the whole sweep, so every rank would start a sweep of its own (Lightning
-    #11300, #18175). Here the command line becomes this job's own overrides, without ``-m``, and ``hydra.run.dir``
+    #11300, #18175). Here the command line becomes this job's own overrides, without ``-m`` and with
+    ``hydra.mode=RUN`` (a search preset sets ``hydra.mode: MULTIRUN``), and ``hydra.run.dir``
     becomes this job's output directory, so the ranks compose the same config and write to the same place.
     The launcher also leaves LOCAL_RANK, MASTER_PORT, ... in the sweep process's environment, after which the next
     job would take its ranks as started externally, and the previous job's process group, whose other ranks have
@@ -110,8 +111,8 @@ def prepare_ddp_relaunch() -> None:
         return
     with read_write(hc):
         hc.run.dir = hc.runtime.output_dir
-    if hc.mode == RunMode.MULTIRUN:
-        sys.argv = [sys.argv[0], *hc.overrides.task]
+    if hc.mode == RunMode.MULTIRUN:  # hydra.mode=RUN: a config that sets hydra.mode (hparams_search=...) must not sweep
+        sys.argv = [sys.argv[0], *hc.overrides.task, "hydra.mode=RUN"]
         for key, value in _ENV_AT_START.items():
             if value is None:
                 os.environ.pop(key, None)

@@ -3,6 +3,7 @@ trials as Hydra jobs, the sweeper's optimization_results.yaml holds the best of 
 names that trial; a search space naming a key no config has is refused before the study starts."""
 
 import json
+import sys
 from pathlib import Path
 
 import optuna
@@ -155,3 +156,31 @@ def test_a_search_into_a_finished_search_is_refused(tmp_path, capsys):
     assert info.value.code == 2
     assert capsys.readouterr().err.startswith(f"error: hydra.sweep.dir={sweep} holds an earlier sweep (optimization_results.yaml)")
     assert (sweep / "optimization_results.yaml").read_text() == "name: optuna\nbest_value: 0.5\n"
+
+
+def test_a_ddp_rank_of_a_trial_runs_the_trial_not_a_search(monkeypatch, tmp_path):
+    """Lightning re-launches DDP ranks 1.. as ``python -m diffusion.train <sys.argv[1:]> hydra.run.dir=<job>``; the
+    trial's overrides hold hparams_search=..., whose hydra.mode: MULTIRUN would make each rank start a study."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import open_dict
+
+    from diffusion.runtime import prepare_ddp_relaunch
+
+    trial = ["optimizer.lr=0.001", "callbacks.ema.decay=0.99", "model.base_channels=8", "hparams_search=digits_optuna"]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        job = compose_search(*trial[:3])
+        assert job.hydra.mode == RunMode.MULTIRUN
+        with open_dict(job):
+            job.hydra.overrides.task = trial
+            job.hydra.runtime.output_dir = str(tmp_path / "search" / "0")
+        monkeypatch.setattr("sys.argv", ["train", "-m", "hparams_search=digits_optuna", "hydra.sweeper.n_trials=3"])
+        HydraConfig.instance().set_config(job)
+        try:
+            prepare_ddp_relaunch()
+        finally:
+            HydraConfig.instance().cfg = None
+        rank = compose(config_name="config", overrides=[*sys.argv[1:], f"hydra.run.dir={tmp_path / 'search' / '0'}"],
+                       return_hydra_config=True)
+    assert rank.hydra.mode == RunMode.RUN, "a re-launched rank would start a search of its own"
+    assert (rank.optimizer.lr, rank.model.base_channels) == (0.001, 8)
