@@ -6,8 +6,10 @@ Each job directory of the sweep holds ``.hydra/overrides.yaml`` (what was swept)
 final metrics, and plots each metric against each swept parameter. It writes ``report.csv``, ``report.md`` and
 ``report.png`` into the sweep directory.
 
-It names the best job: for a search (``hparams_search=...``; each job is a trial, numbered as the study numbers
-them) the one of the sweeper's ``optimization_results.yaml`` (best_params, best_value), else the lowest val/loss.
+It names the best job, in its row and in a last line ``best: trial N val/loss=... params ...``: for a search
+(``hparams_search=...``) the job of the sweeper's ``optimization_results.yaml`` (best_params, best_value); N is its
+directory, which is Optuna's trial number unless a stored study (``hydra.sweeper.storage``) continued an earlier
+one. For a grid sweep: ``best: job N``, the lowest val/loss. Jobs without metrics.json (failed) are listed.
 """
 
 from __future__ import annotations

@@ -193,8 +193,9 @@ def sweep_job_number() -> int | None:
 def sweep_objective(metrics: dict[str, float], metric: str) -> float | None:
     """What ``main`` returns to the sweeper: ``metrics[metric]``, the last logged value (val/loss: the last
     validation's mean, with the EMA weights). In a sweep, a value that is not a number fails the job (a
-    TrainingFault naming it): hydra-optuna-sweeper 1.3 would tell Optuna FAIL together with the NaN, which Optuna
-    refuses, and that error would end the whole study. A metric that was not logged is warned about."""
+    TrainingFault naming it, handled as in :func:`exits_on_usage_error`): hydra-optuna-sweeper 1.3 would tell
+    Optuna FAIL together with the NaN, which Optuna refuses, and that error would end the whole study with a
+    traceback. A metric that was not logged is warned about."""
     import math
 
     value = metrics.get(metric)
@@ -349,10 +350,10 @@ def exits_on_usage_error(fn):
     PermissionError (a folder or file the run may not write or read: it names the path); a TrainingFault (a
     fault during training: NaN loss, full disk) one line and exit status 1.
 
-    In a job of a sweep (``-m``) the line names the job and the error is raised on to Hydra, which records the job
-    as failed: the sweeper decides what follows (Hydra's basic sweeper finishes the batch and then stops with that
-    error; the Optuna sweeper marks the trial FAIL and goes on, up to ``hydra.sweeper.max_failure_rate``). An exit
-    here would end the whole sweep at its first failed job."""
+    In a job of a sweep (``-m``) the line names the job. A sweeper that lets jobs fail (``hydra.sweeper.
+    max_failure_rate`` > 0: the Optuna sweeper of conf/hparams_search/) gets the error raised on: Hydra records the
+    job as failed, the sweeper marks the trial FAIL and the study goes on. Otherwise (Hydra's basic sweeper) the
+    first failed job ends the sweep, as a single run ends."""
     import functools
 
     @functools.wraps(fn)
@@ -362,8 +363,8 @@ def exits_on_usage_error(fn):
         except (UsageError, TrainingFault) as err:
             job = sweep_job_number()
             print(f"error: {'' if job is None else f'job {job}: '}{err}", file=sys.stderr)
-            if job is not None:
-                raise
+            if job is not None and (hydra_job().sweeper.get("max_failure_rate") or 0) > 0:
+                raise  # to the sweeper, which records this job (trial) as failed and goes on
             sys.exit(2 if isinstance(err, UsageError) else 1)
         except PermissionError as err:
             print(f"error: permission denied on {err.filename or err}: choose paths this user may write "
