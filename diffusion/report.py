@@ -5,6 +5,11 @@ Each job directory of the sweep holds ``.hydra/overrides.yaml`` (what was swept)
 (``hydra.run.dir=<job>/eval``). The report lists one row per job: the parameters that vary across jobs, then the
 final metrics, and plots each metric against each swept parameter. It writes ``report.csv``, ``report.md`` and
 ``report.png`` into the sweep directory.
+
+It names the best job, in its row and in a last line ``best: trial N val/loss=... params ...``: for a search
+(``hparams_search=...``) the job of the sweeper's ``optimization_results.yaml`` (best_params, best_value); N is its
+directory, which is Optuna's trial number unless a stored study (``hydra.sweeper.storage``) continued an earlier
+one. For a grid sweep: ``best: job N``, the lowest val/loss. Jobs without metrics.json (failed) are listed.
 """
 
 from __future__ import annotations
@@ -66,7 +71,42 @@ def _fmt(v) -> str:
     return "" if v is None else str(v)
 
 
-def write_tables(sweep_dir: Path, jobs, swept, metrics) -> tuple[Path, Path]:
+def find_best(sweep_dir: Path, jobs: list[dict]) -> dict | None:
+    """The best job: {"job", "metric", "value", "params", "search"}. A search's ``optimization_results.yaml``
+    names the best parameters and value (Optuna's, whatever the metric and direction; the metric's name is the
+    trial's ``optimized_metric``): the job with those parameters (and that value, if several have them); "job" is
+    None when it is not in this directory (a stored study continued from an earlier sweep). Otherwise (a grid
+    sweep) the job with the lowest val/loss; None without any."""
+    results_file = sweep_dir / "optimization_results.yaml"
+    results = yaml.safe_load(results_file.read_text()) if results_file.is_file() else None
+    if isinstance(results, dict) and "best_params" in results:  # a multi-objective study has "solutions" instead
+        params, value = results["best_params"] or {}, results.get("best_value")
+        matches = [j for j in jobs if all(j["params"].get(k) == v for k, v in params.items())]
+        metric = "val/loss"
+        if matches:
+            config = sweep_dir / matches[0]["job"] / ".hydra" / "config.yaml"
+            metric = (yaml.safe_load(config.read_text()) or {}).get("optimized_metric") if config.is_file() else None
+            metric = metric or "val/loss"
+            matches = [j for j in matches if j["metrics"].get(metric) == value] or matches
+        return {"job": matches[0]["job"] if matches else None, "metric": metric, "value": value, "params": params,
+                "search": True}
+    done = [j for j in jobs if isinstance(j["metrics"].get("val/loss"), (int, float))]
+    if not done:
+        return None
+    job = min(done, key=lambda j: j["metrics"]["val/loss"])
+    return {"job": job["job"], "metric": "val/loss", "value": job["metrics"]["val/loss"], "params": job["params"],
+            "search": False}
+
+
+def best_line(best: dict, swept: list[str]) -> str:
+    keys = list(best["params"]) if best["search"] else swept
+    params = " ".join(f"{k}={best['params'].get(k)}" for k in keys)  # in full: to be passed to a run
+    where = f"{'trial' if best['search'] else 'job'} {best['job']}" if best["job"] is not None \
+        else "trial (not in this directory: an earlier sweep of the stored study)"
+    return f"best: {where} {best['metric']}={_fmt(best['value'])}" + (f" params {params}" if params else "")
+
+
+def write_tables(sweep_dir: Path, jobs, swept, metrics, best: dict | None = None) -> tuple[Path, Path]:
     header = ["job", *swept, *metrics]
     rows = [[j["job"], *(j["params"].get(k) for k in swept), *(j["metrics"].get(m) for m in metrics)] for j in jobs]
     csv_path, md_path = sweep_dir / "report.csv", sweep_dir / "report.md"
@@ -75,7 +115,14 @@ def write_tables(sweep_dir: Path, jobs, swept, metrics) -> tuple[Path, Path]:
         writer.writerow(header)
         writer.writerows(rows)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    marked = best["job"] if best else None
+    lines += ["| " + " | ".join(_fmt(v) + (" (best)" if i == 0 and v == marked else "") for i, v in enumerate(row)) + " |"
+              for row in rows]
+    unfinished = [j["job"] for j in jobs if "global_step" not in j["metrics"]]
+    if unfinished:  # no metrics.json: the job failed (its error is in the sweep's log) or is still running
+        lines += ["", f"no metrics.json (failed or running): job {', '.join(unfinished)}"]
+    if best:
+        lines += ["", best_line(best, swept)]
     md_path.write_text("\n".join(lines) + "\n")
     return csv_path, md_path
 
@@ -130,11 +177,12 @@ def report(sweep_dir: str | Path) -> dict:
     if not sweep_dir.is_dir():
         raise ValueError(f"SWEEP_DIR={sweep_dir} does not exist or is not a directory")
     jobs, swept, metrics = collect(sweep_dir)
-    csv_path, md_path = write_tables(sweep_dir, jobs, swept, metrics)
+    best = find_best(sweep_dir, jobs)
+    csv_path, md_path = write_tables(sweep_dir, jobs, swept, metrics, best)
     png = plot(sweep_dir, jobs, swept, metrics)
     print(md_path.read_text(), end="")
     print(f"written {csv_path}, {md_path}" + (f", {png}" if png else ""))
-    return {"jobs": jobs, "swept": swept, "metrics": metrics}
+    return {"jobs": jobs, "swept": swept, "metrics": metrics, "best": best}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -97,7 +97,8 @@ def prepare_ddp_relaunch() -> None:
 
     Lightning starts ranks 1..N-1 as ``python -m diffusion.train <sys.argv[1:]> hydra.run.dir=<hydra.run.dir>``.
     Inside ``-m`` that command line is the whole sweep, so every rank would start a sweep of its own (Lightning
-    #11300, #18175). Here the command line becomes this job's own overrides, without ``-m``, and ``hydra.run.dir``
+    #11300, #18175). Here the command line becomes this job's own overrides, without ``-m`` and with
+    ``hydra.mode=RUN`` (a search preset sets ``hydra.mode: MULTIRUN``), and ``hydra.run.dir``
     becomes this job's output directory, so the ranks compose the same config and write to the same place.
     The launcher also leaves LOCAL_RANK, MASTER_PORT, ... in the sweep process's environment, after which the next
     job would take its ranks as started externally, and the previous job's process group, whose other ranks have
@@ -110,8 +111,8 @@ def prepare_ddp_relaunch() -> None:
         return
     with read_write(hc):
         hc.run.dir = hc.runtime.output_dir
-    if hc.mode == RunMode.MULTIRUN:
-        sys.argv = [sys.argv[0], *hc.overrides.task]
+    if hc.mode == RunMode.MULTIRUN:  # hydra.mode=RUN: a config that sets hydra.mode (hparams_search=...) must not sweep
+        sys.argv = [sys.argv[0], *hc.overrides.task, "hydra.mode=RUN"]
         for key, value in _ENV_AT_START.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -178,6 +179,33 @@ def write_text_atomic(path: Path, text: str) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def sweep_job_number() -> int | None:
+    """This job's number in a sweep (its directory name, ``hydra.job.num``; an Optuna search's trial number), or
+    None outside a multirun (a single run, or a DDP rank re-launched as a single run of the job's overrides)."""
+    from hydra.types import RunMode
+
+    hc = hydra_job()
+    return hc.job.num if hc is not None and hc.mode == RunMode.MULTIRUN else None
+
+
+def sweep_objective(metrics: dict[str, float], metric: str) -> float | None:
+    """What ``main`` returns to the sweeper: ``metrics[metric]``, the last logged value (val/loss: the last
+    validation's mean, with the EMA weights). In a sweep, a value that is not a number fails the job (a
+    TrainingFault naming it, handled as in :func:`exits_on_usage_error`): hydra-optuna-sweeper 1.3 would tell
+    Optuna FAIL together with the NaN, which Optuna refuses, and that error would end the whole study with a
+    traceback. A metric that was not logged is warned about."""
+    import math
+
+    value = metrics.get(metric)
+    if sweep_job_number() is not None:
+        if value is None:  # the Optuna sweeper records the trial as failed: "Return value must be float-castable"
+            log.warning("optimized_metric=%s was not logged by this run (logged: %s)", metric, ", ".join(sorted(metrics)))
+        elif math.isnan(value):
+            raise TrainingFault(f"optimized_metric {metric}=nan when training ended: this job failed (its weights "
+                                "diverged; try a lower optimizer.lr)")
+    return value
 
 
 def job_names() -> tuple[str | None, str | None]:
@@ -320,7 +348,12 @@ def log_to_training_run(run_dir: str | Path, metrics: dict | None = None, images
 def exits_on_usage_error(fn):
     """CLI entry points: a UsageError becomes one line on stderr and exit status 2 (no traceback), and so does a
     PermissionError (a folder or file the run may not write or read: it names the path); a TrainingFault (a
-    fault during training: NaN loss, full disk) one line and exit status 1."""
+    fault during training: NaN loss, full disk) one line and exit status 1.
+
+    In a job of a sweep (``-m``) the line names the job. A sweeper that lets jobs fail (``hydra.sweeper.
+    max_failure_rate`` > 0: the Optuna sweeper of conf/hparams_search/) gets the error raised on: Hydra records the
+    job as failed, the sweeper marks the trial FAIL and the study goes on. Otherwise (Hydra's basic sweeper) the
+    first failed job ends the sweep, as a single run ends."""
     import functools
 
     @functools.wraps(fn)
@@ -328,7 +361,10 @@ def exits_on_usage_error(fn):
         try:
             return fn(*args, **kwargs)
         except (UsageError, TrainingFault) as err:
-            print(f"error: {err}", file=sys.stderr)
+            job = sweep_job_number()
+            print(f"error: {'' if job is None else f'job {job}: '}{err}", file=sys.stderr)
+            if job is not None and (hydra_job().sweeper.get("max_failure_rate") or 0) > 0:
+                raise  # to the sweeper, which records this job (trial) as failed and goes on
             sys.exit(2 if isinstance(err, UsageError) else 1)
         except PermissionError as err:
             print(f"error: permission denied on {err.filename or err}: choose paths this user may write "
@@ -375,6 +411,12 @@ class OutputDirCheck(_HydraCallback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         self._check(config, "hydra.sweep.dir")
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        used = [p for p in (sweep_dir / "optimization_results.yaml", *sweep_dir.glob("*/checkpoints/*")) if p.exists()]
+        if used:  # each job would refuse its used directory; a search would also overwrite the earlier results
+            print(f"error: hydra.sweep.dir={sweep_dir} holds an earlier sweep ({used[0].relative_to(sweep_dir)}): "
+                  "choose another hydra.sweep.dir (or none, for a fresh timestamped one)", file=sys.stderr)
+            sys.exit(2)
 
     @staticmethod
     def _check(config: DictConfig, key: str) -> None:
@@ -384,6 +426,89 @@ class OutputDirCheck(_HydraCallback):
             print(f"error: {key}={value} cannot be used: {reason}; choose a folder this user may create and write",
                   file=sys.stderr)
             sys.exit(2)
+
+
+class SweepCheck(_HydraCallback):
+    """Compose the first job of a sweep before any job starts, so that a key no config has (a typo in
+    ``hydra.sweeper.params``, an Optuna search space, or a swept command-line key) stops the sweep in one line,
+    exit status 2, naming the key and the keys allowed there. Hydra's launcher composes each job only when it
+    starts it (after the study is created), with a multi-line error. Enabled in conf/hydra/default.yaml.
+
+    The first job: each swept key takes one value (a choice's first, an interval's low end), the command line's
+    value of a key replacing the one in ``hydra.sweeper.params``, as in the sweepers. Values are not judged here:
+    each job's own checks refuse a bad one.
+    """
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        from hydra.core.global_hydra import GlobalHydra
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        self._check_storage(OmegaConf.select(config, "hydra.sweeper.storage"))
+        params = OmegaConf.select(config, "hydra.sweeper.params") or {}
+        lines = [f"{key}={value}" for key, value in params.items()]
+        lines += list(OmegaConf.to_container(config.hydra.overrides.task))
+        parser = OverridesParser.create()
+        first_job: dict[str, str] = {}
+        for line in lines:
+            try:
+                (override,) = parser.parse_overrides([line])
+            except Exception as err:  # noqa: BLE001 - reported as one line naming the override
+                self._refuse(f"{line} is not a valid override: {_one_line(err)}")
+            try:
+                first_job[override.get_key_element()] = self._one_value(override)
+            except Exception:  # noqa: BLE001 - a sweep this check cannot pick from (glob): the launcher will judge
+                return
+        try:
+            GlobalHydra.instance().config_loader().load_sweep_config(config, list(first_job.values()))
+        except Exception as err:  # noqa: BLE001 - Hydra's composition error, on one line
+            groups = set(config.hydra.runtime.choices)  # model=unet picks a config file: not a key
+            bad = [k for k in first_job if k[:1] not in "+~" and "@" not in k and k not in groups
+                   and OmegaConf.select(config, k, default=_ABSENT) is _ABSENT]
+            if bad:
+                parent = bad[0].rpartition(".")[0]
+                node = OmegaConf.select(config, parent) if parent else config
+                allowed = f"; the keys of {parent or 'the config'}: {', '.join(map(str, node))}" \
+                    if isinstance(node, DictConfig) else ""
+                self._refuse(f"{bad[0]} is not a key of the config{allowed}")
+            self._refuse(_one_line(err))
+
+    @classmethod
+    def _check_storage(cls, storage) -> None:
+        """Optuna 2.x's RDB storage (the only one hydra-optuna-sweeper 1.3 can use) fails on SQLAlchemy 2 with a bare
+        AssertionError once the study is created; refuse it first."""
+        if not isinstance(storage, str):
+            return
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            optuna, sqlalchemy = version("optuna"), version("sqlalchemy")
+        except PackageNotFoundError:
+            return
+        if int(optuna.split(".")[0]) < 3 and int(sqlalchemy.split(".")[0]) >= 2:
+            cls._refuse(f"hydra.sweeper.storage={storage}: Optuna {optuna}'s RDB storage needs SQLAlchemy < 2 (installed: "
+                        f'{sqlalchemy}): pip install "sqlalchemy<2" "alembic<1.14", or keep the study in memory '
+                        "(hydra.sweeper.storage=null)")
+
+    @staticmethod
+    def _one_value(override) -> str:
+        key = override.get_key_element()
+        if not override.is_sweep_override():
+            return override.input_line  # as typed: quoting kept
+        if override.is_interval_sweep():
+            return f"{key}={override.value().start}"
+        return f"{key}={next(iter(override.sweep_string_iterator()))}"
+
+    @staticmethod
+    def _refuse(message: str) -> None:
+        print(f"error: sweep: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+_ABSENT = object()
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(line.strip() for line in str(err).splitlines() if line.strip())
 
 
 def require_ckpt(cfg: DictConfig) -> None:

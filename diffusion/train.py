@@ -32,6 +32,7 @@ from diffusion.runtime import (
     resolved_config,
     save_run_config,
     share_run_stamp,
+    sweep_objective,
     write_text_atomic,
 )
 
@@ -122,7 +123,7 @@ def main(cfg: DictConfig) -> float | None:
 
         if wandb.run is not None:  # each job of a sweep closes its own W&B run
             wandb.finish()
-    return metrics.get(cfg.get("optimized_metric") or "val/loss")
+    return sweep_objective(metrics, cfg.get("optimized_metric") or "val/loss")  # what a search optimises
 
 
 if __name__ == "__main__":

@@ -34,7 +34,10 @@ def test_report_on_a_2x2_sweep(tmp_path):
     assert got == losses
     assert rows[0]["nll_bpd"] == "1.5" and rows[1]["nll_bpd"] == ""
     md = (tmp_path / "report.md").read_text().splitlines()
-    assert len(md) == 2 + 4 and md[0].startswith("| job | schedule.T | schedule.beta_end | val/loss")
+    assert len(md) == 2 + 4 + 2 and md[0].startswith("| job | schedule.T | schedule.beta_end | val/loss")
+    # a grid sweep's best job: the lowest val/loss (0.025), named in its row and in the last line
+    assert md[5].startswith("| 3 (best) | 1000 | 0.02 | 0.025 |") and "(best)" not in "".join(md[2:5])
+    assert md[-1] == "best: job 3 val/loss=0.025 params schedule.T=1000 schedule.beta_end=0.02"
     from PIL import Image
 
     with Image.open(tmp_path / "report.png") as im:
