@@ -1,0 +1,109 @@
+"""Preemption and requeue: SLURM's warning signal saves last.ckpt at a batch boundary and requeues the job; the requeued
+job resumes from it by itself, to the weights and losses of an uninterrupted run; the training loader continues an
+epoch where the checkpoint left it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+from torch.utils.data.distributed import DistributedSampler
+
+from diffusion.data.datamodule import EpochSeededSampler
+from diffusion.data.resumable import FastForwardBatchSampler, ResumableDataLoader
+
+
+class _Recorded(Dataset):
+    """Item i is the tensor [i]; remembers which items were read (the loaded images)."""
+
+    def __init__(self, n: int):
+        self.n, self.read = n, []
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i):
+        self.read.append(int(i))
+        return torch.tensor([int(i)])
+
+
+def _loader(data, seed=3, num_workers=0, sampler=None):
+    return ResumableDataLoader(data, batch_size=4, sampler=sampler or EpochSeededSampler(data, seed), drop_last=True,
+                               num_workers=num_workers)
+
+
+def _batches(iterator) -> list[list[int]]:
+    return [b.reshape(-1).tolist() for b in iterator]
+
+
+def _epoch(loader, epoch: int) -> list[list[int]]:
+    it = iter(loader)  # Lightning: the iterator first, set_epoch after (a resumed run's first epoch)
+    loader.batch_sampler.sampler.set_epoch(epoch)
+    return _batches(it)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_the_train_loader_continues_an_epoch_at_the_next_batch_without_loading_the_skipped_ones(num_workers):
+    """State after 2 of epoch 1's 5 batches, loaded into a new loader: it yields batches 2..4 of epoch 1 (the
+    uninterrupted order), reads none of the images of batches 0 and 1, and then epoch 2 whole. Lightning creates the
+    resumed epoch's iterator before set_epoch: with workers, an eagerly started iterator would prefetch epoch 0's order."""
+    reference = _loader(_Recorded(21))
+    epochs = {e: _epoch(reference, e) for e in (0, 1, 2)}
+    assert len(epochs[1]) == 5 and epochs[0] != epochs[1] != epochs[2]
+
+    first = _loader(_Recorded(21), num_workers=num_workers)
+    it = iter(first)
+    first.batch_sampler.sampler.set_epoch(1)
+    assert _batches([next(it), next(it)]) == epochs[1][:2]
+    state = first.state_dict()
+    assert state == {"epoch": 1, "batches": 2}
+
+    data = _Recorded(21)
+    second = _loader(data, num_workers=num_workers)
+    second.load_state_dict(state)
+    assert second.state_dict() == state, "a checkpoint saved before the first batch keeps the place"
+    assert _epoch(second, 1) == epochs[1][2:]
+    if num_workers == 0:  # (the workers' reads happen in their own processes)
+        skipped = {i for b in epochs[1][:2] for i in b}
+        assert data.read and not skipped & set(data.read), "images of the skipped batches were loaded"
+    assert second.state_dict() == {"epoch": 1, "batches": 5}
+    assert _epoch(second, 2) == epochs[2], "the next epoch must start at its first batch"
+
+
+def test_a_state_of_another_epoch_or_of_an_epoch_end_skips_nothing():
+    reference = _loader(_Recorded(21))
+    epoch2 = _epoch(reference, 2)
+    for state in ({"epoch": 1, "batches": 2}, {"epoch": 2, "batches": 5}, {"epoch": 2, "batches": 0}):
+        loader = _loader(_Recorded(21))
+        loader.load_state_dict(state)
+        assert _epoch(loader, 2) == epoch2, state
+
+
+def test_under_ddp_lightning_swaps_in_its_distributed_sampler_and_each_rank_continues_its_own_shard():
+    """Lightning re-creates the loader with a DistributedSampler (seed, epoch, rank) inside the fast-forwarding batch
+    sampler: each rank's resumed epoch is the rest of that rank's shard in the DistributedSampler's order."""
+    from lightning.fabric.utilities.data import _replace_dunder_methods
+    from lightning.pytorch.utilities.data import _update_dataloader
+    from torch.utils.data import BatchSampler, DataLoader
+
+    data = _Recorded(42)
+
+    def distributed(rank: int):
+        with _replace_dunder_methods(DataLoader, "dataset"), _replace_dunder_methods(BatchSampler):
+            loader = _loader(data)  # as Lightning calls train_dataloader()
+        sampler = DistributedSampler(data, num_replicas=2, rank=rank, shuffle=True, seed=7)
+        return _update_dataloader(loader, sampler)
+
+    for rank in (0, 1):
+        full = distributed(rank)
+        assert type(full) is ResumableDataLoader and isinstance(full.batch_sampler, FastForwardBatchSampler)
+        assert isinstance(full.batch_sampler.sampler, DistributedSampler) and full.batch_sampler.sampler.rank == rank
+        order = DistributedSampler(data, num_replicas=2, rank=rank, shuffle=True, seed=7)
+        order.set_epoch(1)
+        shard = list(order)
+        expected = [shard[i:i + 4] for i in range(0, 20, 4)]
+        assert _epoch(full, 1) == expected
+
+        resumed = distributed(rank)
+        resumed.load_state_dict({"epoch": 1, "batches": 3})
+        assert _epoch(resumed, 1) == expected[3:]
