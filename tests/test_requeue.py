@@ -4,6 +4,15 @@ epoch where the checkpoint left it."""
 
 from __future__ import annotations
 
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 import torch
 from torch.utils.data import Dataset
@@ -11,6 +20,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from diffusion.data.datamodule import EpochSeededSampler
 from diffusion.data.resumable import FastForwardBatchSampler, ResumableDataLoader
+from tests.conftest import REPO, RESUME_RUN, assert_same_training, clean_env
 
 
 class _Recorded(Dataset):
@@ -107,3 +117,74 @@ def test_under_ddp_lightning_swaps_in_its_distributed_sampler_and_each_rank_cont
         resumed = distributed(rank)
         resumed.load_state_dict({"epoch": 1, "batches": 3})
         assert _epoch(resumed, 1) == expected[3:]
+
+
+# ----------------------------------------------------------------------------------------------- a simulated SLURM job
+def _slurm_env(tmp_path: Path, job_id: str, **extra: str) -> dict:
+    """A single-task SLURM job as Lightning's SLURMEnvironment reads it, with a fake scontrol that records its
+    arguments in ``scontrol.log``."""
+    bin_dir = tmp_path / "bin"
+    if not bin_dir.is_dir():
+        bin_dir.mkdir()
+        (bin_dir / "scontrol").write_text('#!/bin/sh\necho "$@" >> "$SCONTROL_LOG"\n')
+        (bin_dir / "scontrol").chmod(0o755)
+    env = clean_env(tmp_path)
+    env.update(SLURM_JOB_ID=job_id, SLURM_NTASKS="1", SLURM_NTASKS_PER_NODE="1", SLURM_NNODES="1", SLURM_PROCID="0",
+               SLURM_LOCALID="0", SLURM_NODEID="0", SLURM_JOB_NAME="train", SLURM_NODELIST="node001",
+               SCONTROL_LOG=str(tmp_path / "scontrol.log"), PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", **extra)
+    return env
+
+
+def _steps_logged(run_dir: Path) -> list[int]:
+    rows = csv.DictReader((run_dir / "csv" / "metrics.csv").open())
+    return [int(r["step"]) for r in rows if r.get("train/loss_step")]
+
+
+def test_sigusr1_mid_epoch_saves_requeues_and_the_requeued_job_ends_like_an_uninterrupted_run(tmp_path, uninterrupted_run):
+    """A SLURM job (simulated: its variables, a fake scontrol) of 2 epochs x 3 batches gets SIGUSR1 in the middle of
+    step 4 (epoch 1's second batch): it finishes that step, writes last.ckpt at step 5 (no hpc_ckpt of Lightning's
+    auto-requeue), runs `scontrol requeue <job>` once, logs it in one line and exits 138. The same command as the
+    requeued job (SLURM_RESTART_COUNT=1) resumes from that file by itself, trains only epoch 1's third batch (from the
+    train loader's saved place, without Lightning's warning about a non-resumable loader) and ends with the weights,
+    Adam moments and per-step losses of the uninterrupted run, each step logged once in the run's metrics.csv."""
+    out, marker = tmp_path / "out", tmp_path / "marker"
+    cmd = [sys.executable, "-m", "diffusion.train", *RESUME_RUN, "trainer.max_epochs=2", f"hydra.run.dir={out}"]
+    wait = ["+callbacks.wait._target_=tests.helpers.WaitForSignalAtStep", "+callbacks.wait.step=4",
+            f"+callbacks.wait.marker={marker}"]
+    env = _slurm_env(tmp_path, "4242")
+    proc = subprocess.Popen([*cmd, *wait], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not marker.exists():
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            assert time.monotonic() < deadline, "the run never reached step 4"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGUSR1)
+        output = proc.communicate(timeout=240)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGUSR1, output[-3000:]
+    last = out / "checkpoints" / "last.ckpt"
+    lines = [line for line in output.splitlines() if "preempted by" in line]
+    assert len(lines) == 1 and lines[0].endswith(f"preempted by SIGUSR1 at step 5: saved {last}; requeued SLURM job "
+                                                 "4242, which resumes from it"), output[-3000:]
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
+    saved = torch.load(last, map_location="cpu", weights_only=False)
+    assert saved["global_step"] == 5 and saved["slurm_job_id"] == "4242"
+    assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "batches": 2}]
+    assert not list(out.glob("hpc_ckpt*")), "Lightning's own auto-requeue saved too"
+    assert not (out / "metrics.json").exists()
+
+    resumed = subprocess.run(cmd, cwd=REPO, env={**env, "SLURM_RESTART_COUNT": "1"}, capture_output=True, text=True,
+                             timeout=300)
+    output = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, output[-3000:]
+    assert f"requeued SLURM job 4242 (restart 1): resuming from {last}" in output
+    assert "not resumable" not in output, "Lightning found the train loader not resumable"
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
+    assert json.loads((out / "metrics.json").read_text())["global_step"] == 6
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == sorted(
+        p.name for p in (uninterrupted_run / "checkpoints").iterdir())
+    assert_same_training(uninterrupted_run, out, from_step=0)
+    assert _steps_logged(out) == _steps_logged(uninterrupted_run) == list(range(6))
