@@ -415,7 +415,7 @@ class ResumableRun(Callback):
         return last_batch and trainer.max_epochs not in (None, -1) and trainer.current_epoch + 1 >= trainer.max_epochs
 
     def on_validation_start(self, trainer, pl_module) -> None:
-        if self._stopping is not None and trainer.received_sigterm and not self._suspended:
+        if self._stopping is not None and trainer._signal_connector.received_sigterm and not self._suspended:
             # Lightning would stop the validation after its first batch: let it finish, then stop
             self._suspended = True
             trainer._signal_connector.received_sigterm = False

@@ -188,3 +188,164 @@ def test_sigusr1_mid_epoch_saves_requeues_and_the_requeued_job_ends_like_an_unin
         p.name for p in (uninterrupted_run / "checkpoints").iterdir())
     assert_same_training(uninterrupted_run, out, from_step=0)
     assert _steps_logged(out) == _steps_logged(uninterrupted_run) == list(range(6))
+
+
+# ----------------------------------------------------------------------------------------------- in-process
+SLURM_VARS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT", "SLURM_NTASKS",
+              "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NODEID", "SLURM_JOB_NAME", "SLURM_NTASKS_PER_NODE", "SLURM_NNODES")
+
+
+@pytest.fixture
+def slurm(monkeypatch):
+    """Set the SLURM variables of one test (all others removed)."""
+    for key in SLURM_VARS:
+        monkeypatch.delenv(key, raising=False)
+
+    def set_(**env):
+        for key in SLURM_VARS:
+            monkeypatch.delenv(key, raising=False)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+
+    return set_
+
+
+def test_only_a_restart_of_the_job_that_wrote_last_ckpt_continues_a_used_directory(tmp_path, slurm):
+    """The requeued job (same id, SLURM_RESTART_COUNT >= 1) gets ckpt_path = its own last.ckpt, also over a
+    ckpt_path it was started with; every other run into that directory is refused in one line naming why."""
+    from omegaconf import OmegaConf
+
+    from diffusion.runtime import UsageError, check_resume_and_outputs
+
+    out = tmp_path / "out"
+    (out / "checkpoints").mkdir(parents=True)
+    last = out / "checkpoints" / "last.ckpt"
+    torch.save({"global_step": 5, "slurm_job_id": "4242"}, last)
+    start = tmp_path / "start.ckpt"
+    start.write_bytes(b"x")
+
+    def check(ckpt_path=None):
+        cfg = OmegaConf.create({"ckpt_path": ckpt_path, "paths": {"output_dir": str(out)}})
+        return check_resume_and_outputs(cfg), cfg
+
+    slurm(SLURM_JOB_ID="4242", SLURM_RESTART_COUNT="1")
+    for given in (None, str(start)):
+        resumed, cfg = check(given)
+        assert resumed == last and cfg.ckpt_path == str(last)
+
+    refusals = {
+        "4243 restarted": ({"SLURM_JOB_ID": "4243", "SLURM_RESTART_COUNT": "1"},
+                           "its last.ckpt was written by SLURM job 4242, not by this job (4243)"),
+        "4242 first start": ({"SLURM_JOB_ID": "4242"}, "SLURM_RESTART_COUNT says this is not a requeued start"),
+        "array task": ({"SLURM_JOB_ID": "4242", "SLURM_ARRAY_JOB_ID": "4240", "SLURM_ARRAY_TASK_ID": "2",
+                        "SLURM_RESTART_COUNT": "1"}, "not by this job (4240_2)"),
+        "outside SLURM": ({}, "to continue that run pass ckpt_path=<its last.ckpt>"),
+    }
+    for case, (env, why) in refusals.items():
+        slurm(**env)
+        with pytest.raises(UsageError) as err:
+            check()
+        message = str(err.value)
+        assert "already holds checkpoints" in message and why in message and "\n" not in message, (case, message)
+    assert "requeued SLURM job" not in message, "outside SLURM the refusal is the one it always was"
+
+    slurm(SLURM_JOB_ID="4242", SLURM_RESTART_COUNT="1")
+    torch.save({"global_step": 5}, last)  # a checkpoint from before this feature, or from outside SLURM
+    with pytest.raises(UsageError, match=r"written by a run outside SLURM, not by this job \(4242\)"):
+        check()
+
+
+def test_under_slurm_lightning_gets_its_slurm_environment_with_auto_requeue_off(tmp_path, slurm):
+    """Lightning's own SIGUSR1 handler (a mid-step hpc_ckpt save) is never installed; the configured plugins stay."""
+    from hydra.utils import instantiate
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    from diffusion.callbacks import AtomicCheckpointIO
+    from diffusion.requeue import lightning_requeue_off
+    from tests.test_config import compose_cfg
+
+    cfg = compose_cfg("trainer.accelerator=cpu")
+    assert lightning_requeue_off(cfg.trainer) == {}, "outside SLURM nothing changes"
+    slurm(SLURM_JOB_ID="4242", SLURM_NTASKS="1", SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NODEID="0",
+          SLURM_JOB_NAME="train")
+    trainer = instantiate(cfg.trainer, default_root_dir=str(tmp_path), logger=False, enable_progress_bar=False,
+                          **lightning_requeue_off(cfg.trainer))
+    environment = trainer._accelerator_connector.cluster_environment
+    assert isinstance(environment, SLURMEnvironment) and environment.auto_requeue is False
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    before = signal.getsignal(signal.SIGUSR1)
+    trainer._signal_connector.register_signal_handlers()
+    try:
+        assert signal.getsignal(signal.SIGUSR1) is before, "Lightning installed its auto-requeue handler"
+    finally:
+        trainer._signal_connector.teardown()
+
+
+def _trainer(batches=3, epoch=0, max_epochs=2, step=4, accumulate=1):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(num_training_batches=batches, accumulate_grad_batches=accumulate, world_size=1,
+                           max_steps=-1, max_epochs=max_epochs, current_epoch=epoch, global_step=step,
+                           is_global_zero=True, _signal_connector=SimpleNamespace(received_sigterm=False))
+
+
+def test_the_stop_waits_for_the_step_its_validation_and_the_optimizer_step_and_not_at_the_last_step():
+    """The stop is Lightning's SIGTERM flag, set after the batch: held back while the validation that follows the
+    batch runs (Lightning would cut it after one batch), never at a batch whose gradients are only accumulated, and
+    not at all at the run's last step (the run finishes)."""
+    from diffusion.callbacks import ResumableRun
+
+    run, trainer = ResumableRun(), _trainer()
+    run.on_train_batch_end(trainer, None, None, None, 0)
+    assert not trainer._signal_connector.received_sigterm, "no signal, no stop"
+    run._on_signal(signal.SIGUSR1, None)
+    run.on_train_batch_end(trainer, None, None, None, 2)  # epoch 0's last batch: its validation follows
+    assert trainer._signal_connector.received_sigterm and run._stopping == signal.SIGUSR1
+    run.on_validation_start(trainer, None)
+    assert not trainer._signal_connector.received_sigterm, "the validation would stop after its first batch"
+    run.on_validation_end(trainer, None)
+    assert trainer._signal_connector.received_sigterm
+
+    run, trainer = ResumableRun(), _trainer(batches=4, accumulate=2)
+    run._on_signal(signal.SIGUSR2, None)
+    run.on_train_batch_end(trainer, None, None, None, 0)
+    assert not trainer._signal_connector.received_sigterm, "stopped between the accumulated batches"
+    run.on_train_batch_end(trainer, None, None, None, 1)
+    assert trainer._signal_connector.received_sigterm and run._stopping == signal.SIGUSR2
+
+    run, trainer = ResumableRun(), _trainer(epoch=1)
+    run._on_signal(signal.SIGUSR1, None)
+    run.on_train_batch_end(trainer, None, None, None, 2)  # the last batch of the last epoch
+    assert not trainer._signal_connector.received_sigterm and run._stopping is None
+
+
+def test_under_submitit_its_handler_requeues_after_the_save(tmp_path, slurm, monkeypatch):
+    """The handler that was installed before training (submitit's, under its launcher) is called after the save in
+    place of scontrol; the exit status it chooses (submitit's local requeue code, say) is the process's."""
+    from diffusion.callbacks import ResumableRun
+
+    slurm(SLURM_JOB_ID="4242")
+    env = _slurm_env(tmp_path, "4242")
+    monkeypatch.setenv("PATH", env["PATH"])
+    monkeypatch.setenv("SCONTROL_LOG", env["SCONTROL_LOG"])
+    calls = []
+
+    def submitit_handler(signum, frame):
+        calls.append(signum)
+        raise SystemExit(3)
+
+    run = ResumableRun()
+    run._previous[signal.SIGUSR2] = submitit_handler
+    assert run._hand_over(signal.SIGUSR2, "SIGUSR2", 5, "last.ckpt") == 3 and calls == [signal.SIGUSR2]
+    assert not (tmp_path / "scontrol.log").exists()
+    assert run._hand_over(signal.SIGUSR1, "SIGUSR1", 5, "last.ckpt") is None  # no earlier handler: scontrol
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
+
+
+@pytest.mark.parametrize("signals", [["SIGTERM"], ["SIGNOPE"], [1]])
+def test_bad_requeue_signals_are_refused(signals):
+    from diffusion.callbacks import ResumableRun
+
+    with pytest.raises(ValueError, match=r"callbacks.resumable.requeue_signals=.* is invalid: it must be a list of "
+                                         "signal names"):
+        ResumableRun(requeue_signals=signals)
