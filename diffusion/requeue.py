@@ -77,7 +77,7 @@ def requeue(job_id: str) -> str | None:
     """``scontrol requeue <job_id>``; None when it worked, else why not (one line)."""
     cmd = ["scontrol", "requeue", job_id]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
     except FileNotFoundError:
         return "scontrol was not found on PATH"
     except (OSError, subprocess.TimeoutExpired) as exc:
