@@ -352,7 +352,8 @@ class ResumableRun(Callback):
 
     def __init__(self, requeue_signals: list[str] | None = ("SIGUSR1", "SIGUSR2")):
         names = list(requeue_signals or [])
-        allowed = "a list of signal names such as [SIGUSR1, SIGUSR2] (or [] for none), other than " + ", ".join(self._NOT_REQUEUE)
+        allowed = ("a list of signal names such as [SIGUSR1, SIGUSR2] (or [] for none), other than "
+                   + ", ".join(self._NOT_REQUEUE))
         full = [n if isinstance(n, str) and n.upper().startswith("SIG") else f"SIG{n}" for n in names]
         if any(not isinstance(n, str) or not isinstance(getattr(signal, f.upper(), None), signal.Signals)
                or f.upper() in self._NOT_REQUEUE for n, f in zip(names, full)):
@@ -473,7 +474,7 @@ class ResumableRun(Callback):
                             name, step, failed)
             else:
                 code = self._hand_over(signum, name, step, path)
-        trainer.strategy.barrier("ResumableRun.requeue")  # no rank exits before rank 0 requeued (srun may kill the rest)
+        trainer.strategy.barrier("ResumableRun.requeue")  # no rank exits before rank 0 requeued (srun may kill it)
         return code
 
     def _hand_over(self, signum: int, name: str, step: int, path: str | None) -> int | None:

@@ -67,7 +67,8 @@ def own_last_checkpoint(ckpt_dir: str | Path) -> tuple[Path | None, str]:
     except Exception as exc:  # noqa: BLE001 - an unreadable file is not this job's checkpoint
         return None, f"its last.ckpt cannot be read ({type(exc).__name__})"
     if theirs != job:
-        return None, f"its last.ckpt was written by {f'SLURM job {theirs}' if theirs else 'a run outside SLURM'}, not by this job ({job})"
+        writer = f"SLURM job {theirs}" if theirs else "a run outside SLURM"
+        return None, f"its last.ckpt was written by {writer}, not by this job ({job})"
     if slurm_restart_count() < 1:
         return None, f"its last.ckpt is this job's ({job}) but SLURM_RESTART_COUNT says this is not a requeued start"
     return last, ""

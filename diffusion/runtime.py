@@ -255,8 +255,9 @@ def check_resume_and_outputs(cfg: DictConfig) -> Path | None:
         with read_write(cfg), open_dict(cfg):
             cfg.ckpt_path = str(own)
         if is_rank_zero():
+            instead = f" (not ckpt_path={ckpt})" if ckpt not in (None, str(own)) else ""
             log.info("requeued SLURM job %s (restart %d): resuming from %s%s", requeue.slurm_job_id(),
-                     requeue.slurm_restart_count(), own, f" (not ckpt_path={ckpt})" if ckpt not in (None, str(own)) else "")
+                     requeue.slurm_restart_count(), own, instead)
         return own
     if is_rank_zero():
         raise UsageError(

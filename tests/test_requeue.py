@@ -56,7 +56,8 @@ def _epoch(loader, epoch: int) -> list[list[int]]:
 def test_the_train_loader_continues_an_epoch_at_the_next_batch_without_loading_the_skipped_ones(num_workers):
     """State after 2 of epoch 1's 5 batches, loaded into a new loader: it yields batches 2..4 of epoch 1 (the
     uninterrupted order), reads none of the images of batches 0 and 1, and then epoch 2 whole. Lightning creates the
-    resumed epoch's iterator before set_epoch: with workers, an eagerly started iterator would prefetch epoch 0's order."""
+    resumed epoch's iterator before set_epoch: with workers, an eagerly started iterator would prefetch epoch 0's
+    order."""
     reference = _loader(_Recorded(21))
     epochs = {e: _epoch(reference, e) for e in (0, 1, 2)}
     assert len(epochs[1]) == 5 and epochs[0] != epochs[1] != epochs[2]
@@ -140,7 +141,8 @@ def _steps_logged(run_dir: Path) -> list[int]:
     return [int(r["step"]) for r in rows if r.get("train/loss_step")]
 
 
-def test_sigusr1_mid_epoch_saves_requeues_and_the_requeued_job_ends_like_an_uninterrupted_run(tmp_path, uninterrupted_run):
+def test_sigusr1_mid_epoch_saves_requeues_and_the_requeued_job_ends_like_an_uninterrupted_run(tmp_path,
+                                                                                               uninterrupted_run):
     """A SLURM job (simulated: its variables, a fake scontrol) of 2 epochs x 3 batches gets SIGUSR1 in the middle of
     step 4 (epoch 1's second batch): it finishes that step, writes last.ckpt at step 5 (no hpc_ckpt of Lightning's
     auto-requeue), runs `scontrol requeue <job>` once, logs it in one line and exits 138. The same command as the
@@ -152,7 +154,8 @@ def test_sigusr1_mid_epoch_saves_requeues_and_the_requeued_job_ends_like_an_unin
     wait = ["+callbacks.wait._target_=tests.helpers.WaitForSignalAtStep", "+callbacks.wait.step=4",
             f"+callbacks.wait.marker={marker}"]
     env = _slurm_env(tmp_path, "4242")
-    proc = subprocess.Popen([*cmd, *wait], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen([*cmd, *wait], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
     try:
         deadline = time.monotonic() + 240
         while not marker.exists():
@@ -192,7 +195,8 @@ def test_sigusr1_mid_epoch_saves_requeues_and_the_requeued_job_ends_like_an_unin
 
 # ----------------------------------------------------------------------------------------------- in-process
 SLURM_VARS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT", "SLURM_NTASKS",
-              "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NODEID", "SLURM_JOB_NAME", "SLURM_NTASKS_PER_NODE", "SLURM_NNODES")
+              "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NODEID", "SLURM_JOB_NAME", "SLURM_NTASKS_PER_NODE",
+              "SLURM_NNODES")
 
 
 @pytest.fixture
