@@ -353,3 +353,56 @@ def test_bad_requeue_signals_are_refused(signals):
     with pytest.raises(ValueError, match=r"callbacks.resumable.requeue_signals=.* is invalid: it must be a list of "
                                          "signal names"):
         ResumableRun(requeue_signals=signals)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _srun(tmp_path: Path, overrides: list[str], job_id: str, **extra: str) -> list[subprocess.Popen]:
+    """Two SLURM tasks of one node (as ``srun --ntasks-per-node=2`` starts them): DDP ranks 0 and 1, gloo."""
+    port, procs = str(_free_port()), []
+    for rank in (0, 1):
+        env = _slurm_env(tmp_path, job_id, **extra)
+        env.update(SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="2", SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        cmd = [sys.executable, "-m", "diffusion.train", *overrides]
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    return procs
+
+
+@pytest.mark.slow
+def test_ddp_two_slurm_tasks_a_signal_on_one_rank_stops_both_and_the_requeued_job_ends_like_an_uninterrupted_one(
+        tmp_path):
+    """Two SLURM tasks (gloo): SIGUSR1 reaches only rank 1 in the middle of step 4; both ranks stop after it, rank 0
+    writes last.ckpt and runs scontrol once, both exit 138; the requeued job (both tasks) ends with the weights and
+    losses of an uninterrupted two-task job. (~3 min on 2 cores.)"""
+    ddp = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", *RESUME_RUN, "trainer.max_epochs=2"]
+    ref, out, marker = tmp_path / "ref", tmp_path / "out", tmp_path / "marker"
+    procs = _srun(tmp_path, [*ddp, f"hydra.run.dir={ref}"], "4300")
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+
+    wait = ["+callbacks.wait._target_=tests.helpers.WaitForSignalAtStep", "+callbacks.wait.step=4",
+            f"+callbacks.wait.marker={marker}", "+callbacks.wait.timeout=5"]
+    procs = _srun(tmp_path, [*ddp, *wait, f"hydra.run.dir={out}"], "4343")
+    deadline = time.monotonic() + 300
+    while not marker.exists():
+        assert all(p.poll() is None for p in procs) and time.monotonic() < deadline, "the job never reached step 4"
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGUSR1)
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [138, 138], outputs[0][-2000:] + outputs[1][-2000:]
+    assert "requeued SLURM job 4343" in outputs[0] and "preempted by" not in outputs[1]
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 4343\n"
+    assert torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 5
+
+    procs = _srun(tmp_path, [*ddp, f"hydra.run.dir={out}"], "4343", SLURM_RESTART_COUNT="1")
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    assert_same_training(ref, out, from_step=0)
