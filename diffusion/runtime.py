@@ -249,6 +249,11 @@ def check_resume_and_outputs(cfg: DictConfig) -> Path | None:
             raise UsageError(f"ckpt_path={ckpt} does not exist or is not a file")
     ckpt_dir = Path(cfg.paths.output_dir) / "checkpoints"
     if not (ckpt_dir.is_dir() and any(ckpt_dir.iterdir())):
+        if requeue.slurm_job_id() and requeue.slurm_restart_count() >= 1 and is_rank_zero():
+            log.warning("SLURM job %s was requeued (restart %d) but its run directory %s holds no checkpoint: "
+                        "training starts from the beginning (the run directory must not depend on the start time: "
+                        "hydra.run.dir=<one per job>)", requeue.slurm_job_id(), requeue.slurm_restart_count(),
+                        cfg.paths.output_dir)
         return None
     own, why_not = requeue.own_last_checkpoint(ckpt_dir)  # every rank: they all resume from it
     if own is not None:

@@ -259,6 +259,22 @@ def test_only_a_restart_of_the_job_that_wrote_last_ckpt_continues_a_used_directo
         check()
 
 
+def test_a_requeued_job_whose_run_directory_holds_no_checkpoint_says_it_starts_over(tmp_path, slurm, caplog):
+    """A run directory named by the start time (the default ${now:}) is a new one after a requeue: the job warns."""
+    from omegaconf import OmegaConf
+
+    from diffusion.runtime import check_resume_and_outputs
+
+    cfg = OmegaConf.create({"ckpt_path": None, "paths": {"output_dir": str(tmp_path / "new")}})
+    slurm(SLURM_JOB_ID="4242")
+    assert check_resume_and_outputs(cfg) is None and not caplog.records
+    slurm(SLURM_JOB_ID="4242", SLURM_RESTART_COUNT="2")
+    assert check_resume_and_outputs(cfg) is None
+    assert [r.getMessage() for r in caplog.records] == [
+        f"SLURM job 4242 was requeued (restart 2) but its run directory {tmp_path / 'new'} holds no checkpoint: training"
+        " starts from the beginning (the run directory must not depend on the start time: hydra.run.dir=<one per job>)"]
+
+
 def test_under_slurm_lightning_gets_its_slurm_environment_with_auto_requeue_off(tmp_path, slurm):
     """Lightning's own SIGUSR1 handler (a mid-step hpc_ckpt save) is never installed; the configured plugins stay."""
     from hydra.utils import instantiate
@@ -363,6 +379,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _finish(procs: list[subprocess.Popen], timeout: float) -> list[str]:
+    """The outputs of the tasks once they exit; all are killed if one of them runs past ``timeout`` (a hung rank)."""
+    try:
+        return [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
 def _srun(tmp_path: Path, overrides: list[str], job_id: str, **extra: str) -> list[subprocess.Popen]:
     """Two SLURM tasks of one node (as ``srun --ntasks-per-node=2`` starts them): DDP ranks 0 and 1, gloo."""
     port, procs = str(_free_port()), []
@@ -385,7 +412,7 @@ def test_ddp_two_slurm_tasks_a_signal_on_one_rank_stops_both_and_the_requeued_jo
     ddp = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", *RESUME_RUN, "trainer.max_epochs=2"]
     ref, out, marker = tmp_path / "ref", tmp_path / "out", tmp_path / "marker"
     procs = _srun(tmp_path, [*ddp, f"hydra.run.dir={ref}"], "4300")
-    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    outputs = _finish(procs, 600)
     assert [p.returncode for p in procs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
 
     wait = ["+callbacks.wait._target_=tests.helpers.WaitForSignalAtStep", "+callbacks.wait.step=4",
@@ -393,16 +420,18 @@ def test_ddp_two_slurm_tasks_a_signal_on_one_rank_stops_both_and_the_requeued_jo
     procs = _srun(tmp_path, [*ddp, *wait, f"hydra.run.dir={out}"], "4343")
     deadline = time.monotonic() + 300
     while not marker.exists():
-        assert all(p.poll() is None for p in procs) and time.monotonic() < deadline, "the job never reached step 4"
+        if not all(p.poll() is None for p in procs) or time.monotonic() > deadline:
+            _finish(procs, 1)
+            pytest.fail("the job never reached step 4")
         time.sleep(0.05)
     procs[1].send_signal(signal.SIGUSR1)
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    outputs = _finish(procs, 300)
     assert [p.returncode for p in procs] == [138, 138], outputs[0][-2000:] + outputs[1][-2000:]
     assert "requeued SLURM job 4343" in outputs[0] and "preempted by" not in outputs[1]
     assert (tmp_path / "scontrol.log").read_text() == "requeue 4343\n"
     assert torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 5
 
     procs = _srun(tmp_path, [*ddp, f"hydra.run.dir={out}"], "4343", SLURM_RESTART_COUNT="1")
-    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    outputs = _finish(procs, 600)
     assert [p.returncode for p in procs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
     assert_same_training(ref, out, from_step=0)
