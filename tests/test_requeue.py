@@ -270,9 +270,10 @@ def test_a_requeued_job_whose_run_directory_holds_no_checkpoint_says_it_starts_o
     assert check_resume_and_outputs(cfg) is None and not caplog.records
     slurm(SLURM_JOB_ID="4242", SLURM_RESTART_COUNT="2")
     assert check_resume_and_outputs(cfg) is None
-    assert [r.getMessage() for r in caplog.records] == [
-        f"SLURM job 4242 was requeued (restart 2) but its run directory {tmp_path / 'new'} holds no checkpoint: training"
-        " starts from the beginning (the run directory must not depend on the start time: hydra.run.dir=<one per job>)"]
+    expected = (f"SLURM job 4242 was requeued (restart 2) but its run directory {tmp_path / 'new'} holds no checkpoint: "
+                "training starts from the beginning (the run directory must not depend on the start time: "
+                "hydra.run.dir=<one per job>)")
+    assert [r.getMessage() for r in caplog.records] == [expected]
 
 
 def test_under_slurm_lightning_gets_its_slurm_environment_with_auto_requeue_off(tmp_path, slurm):
