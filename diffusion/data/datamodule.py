@@ -34,10 +34,10 @@ class UInt8Images(Dataset):
 class EpochSeededSampler(RandomSampler):
     """A random permutation per epoch that depends only on (seed, epoch), so a resumed run sees the same order.
 
-    Lightning calls ``set_epoch`` at every epoch start; under DDP it swaps this sampler for a
-    ``DistributedSampler`` (seeded by the run's ``seed`` and the epoch, each rank taking every world_size-th index)
-    because the loader's sampler is a plain ``SequentialSampler``. ``epoch`` is the epoch last set (the resumable
-    loader records it with its place in the epoch).
+    Lightning calls ``set_epoch`` at every epoch start; under DDP it puts a ``DistributedSampler`` in its place (in
+    the loader's batch sampler): a permutation seeded by the run's ``seed`` and the epoch, of which each rank takes
+    every world_size-th index. ``epoch`` is the epoch last set (the resumable loader records it with its place in
+    the epoch).
     """
 
     def __init__(self, data_source, seed: int = 0):
