@@ -436,3 +436,22 @@ def test_ddp_two_slurm_tasks_a_signal_on_one_rank_stops_both_and_the_requeued_jo
     outputs = _finish(procs, 600)
     assert [p.returncode for p in procs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
     assert_same_training(ref, out, from_step=0)
+
+
+def test_the_requeue_line_says_what_happened_without_slurm_and_when_scontrol_fails(tmp_path, slurm, monkeypatch,
+                                                                                 caplog):
+    from diffusion.callbacks import ResumableRun
+
+    run = ResumableRun()
+    assert run._hand_over(signal.SIGUSR1, "SIGUSR1", 5, "/r/last.ckpt") is None
+    slurm(SLURM_JOB_ID="4242")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "scontrol").write_text("#!/bin/sh\necho 'Invalid job id specified' >&2\nexit 1\n")
+    (bad / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bad}{os.pathsep}{os.environ['PATH']}")
+    assert run._hand_over(signal.SIGUSR1, "SIGUSR1", 5, "/r/last.ckpt") is None
+    failed = ("preempted by SIGUSR1 at step 5: saved /r/last.ckpt, but SLURM job 4242 was not requeued (`scontrol "
+              "requeue 4242` exited with 1: Invalid job id specified); resume with ckpt_path=/r/last.ckpt")
+    assert [r.getMessage() for r in caplog.records] == [
+        "interrupted by SIGUSR1 at step 5; resume with ckpt_path=/r/last.ckpt", failed]
