@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, read_write
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import MissingMandatoryValue
 
 from diffusion.checks import root_cause  # noqa: F401 - also imported from here
@@ -154,11 +154,12 @@ def share_run_stamp(timeout_s: float = 300.0) -> str | None:
     return stamp
 
 
-def save_run_config(cfg: DictConfig) -> Path | None:
+def save_run_config(cfg: DictConfig, keep_existing: bool = False) -> Path | None:
     """Write what Hydra writes into ``<run>/.hydra/`` (config.yaml, hydra.yaml, overrides.yaml), once the run's
     checks have passed: conf/hydra sets ``output_subdir: null`` so that a refused run (a used directory, a bad value)
     changes nothing in the directory it was pointed at. Only the launching process writes; each file is written
-    under a temporary name and renamed into place. Returns the folder, or None outside Hydra or on other ranks."""
+    under a temporary name and renamed into place. ``keep_existing`` (a requeued job, same command line) leaves the
+    files of the job's first start as they are. Returns the folder, or None outside Hydra or on other ranks."""
     hc = hydra_job()
     if hc is None or not is_rank_zero():
         return None
@@ -166,7 +167,8 @@ def save_run_config(cfg: DictConfig) -> Path | None:
     folder.mkdir(parents=True, exist_ok=True)
     for name, node in (("config.yaml", cfg), ("hydra.yaml", OmegaConf.create({"hydra": hc})),
                        ("overrides.yaml", hc.overrides.task)):
-        write_text_atomic(folder / name, OmegaConf.to_yaml(node))
+        if not (keep_existing and (folder / name).is_file()):
+            write_text_atomic(folder / name, OmegaConf.to_yaml(node))
     return folder
 
 
@@ -261,19 +263,42 @@ def instantiate_group(group: DictConfig | None, what: str) -> list:
     return objects
 
 
-def check_resume_and_outputs(cfg: DictConfig) -> None:
-    """Refuse a missing checkpoint, and refuse to write over checkpoints a previous run left in the output dir."""
+def check_resume_and_outputs(cfg: DictConfig) -> Path | None:
+    """Refuse a missing checkpoint, and refuse to write over checkpoints a previous run left in the output dir,
+    except in a requeued SLURM job: when the directory's ``last.ckpt`` was written by this very job (it records
+    ``slurm_job_id``) and SLURM has restarted it, ``ckpt_path`` becomes that file and the run continues there.
+    Returns that file (a requeued run), else None."""
+    from diffusion import requeue
+
     ckpt = cfg.get("ckpt_path")
     if ckpt is not None:
         path = Path(ckpt)
         if not path.is_file():
             raise UsageError(f"ckpt_path={ckpt} does not exist or is not a file")
     ckpt_dir = Path(cfg.paths.output_dir) / "checkpoints"
-    if is_rank_zero() and ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
+    if not (ckpt_dir.is_dir() and any(ckpt_dir.iterdir())):
+        if requeue.slurm_job_id() and requeue.slurm_restart_count() >= 1 and is_rank_zero():
+            log.warning("SLURM job %s was requeued (restart %d) but its run directory %s holds no checkpoint: "
+                        "training starts from the beginning (the run directory must not depend on the start time: "
+                        "hydra.run.dir=<one per job>)", requeue.slurm_job_id(), requeue.slurm_restart_count(),
+                        cfg.paths.output_dir)
+        return None
+    own, why_not = requeue.own_last_checkpoint(ckpt_dir)  # every rank: they all resume from it
+    if own is not None:
+        with read_write(cfg), open_dict(cfg):
+            cfg.ckpt_path = str(own)
+        if is_rank_zero():
+            instead = f" (not ckpt_path={ckpt})" if ckpt not in (None, str(own)) else ""
+            log.info("requeued SLURM job %s (restart %d): resuming from %s%s", requeue.slurm_job_id(),
+                     requeue.slurm_restart_count(), own, instead)
+        return own
+    if is_rank_zero():
         raise UsageError(
             f"output directory {cfg.paths.output_dir} already holds checkpoints: choose another hydra.run.dir "
             "(or none, for a fresh timestamped one); to continue that run pass ckpt_path=<its last.ckpt>"
+            + (f" (a requeued SLURM job would continue it by itself, but {why_not})" if why_not else "")
         )
+    return None
 
 
 def resolved_config(cfg: DictConfig) -> dict:

@@ -17,7 +17,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from diffusion import preflight
+from diffusion import preflight, requeue
 from diffusion.callbacks import wandb_run_id
 from diffusion.module import DiffusionModule
 from diffusion.runtime import (
@@ -27,6 +27,7 @@ from diffusion.runtime import (
     exits_on_usage_error,
     configure_wandb_mode,
     instantiate_group,
+    is_rank_zero,
     job_names,
     prepare_ddp_relaunch,
     resolved_config,
@@ -75,27 +76,30 @@ def build_loggers(cfg: DictConfig, resume_run_id: str | None = None) -> list:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the configured model; returns the final logged metrics."""
-    check_resume_and_outputs(cfg)
+    requeued = check_resume_and_outputs(cfg)  # a requeued SLURM job: ckpt_path is now its own last.ckpt
     resume = preflight.check_settings(cfg)  # each bad value is refused before the data and the model are built
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_or_usage_error("data", lambda: instantiate(cfg.data))
     preflight.prepare_data(datamodule)
     module = build_or_usage_error("model/schedule/sampler", lambda: build_module(cfg, datamodule.channels, datamodule.image_size))
     preflight.check_resume_fits(cfg, resume, module)
-    resume_run_id = wandb_run_id(resume)
+    resume_run_id, resume_step = wandb_run_id(resume), (resume or {}).get("global_step")
     del resume
     callbacks = instantiate_group(cfg.get("callbacks"), "callbacks")
     loggers = build_loggers(cfg, resume_run_id)
+    if requeued and resume_step is not None and is_rank_zero():
+        requeue.continue_csv_logs(loggers, resume_step)
     if not loggers:  # Lightning refuses a LearningRateMonitor without a logger; there is nothing to monitor into
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     prepare_ddp_relaunch()
-    trainer: L.Trainer = build_or_usage_error("trainer", lambda: instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False))
+    trainer: L.Trainer = build_or_usage_error("trainer", lambda: instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, **requeue.lightning_requeue_off(cfg.trainer)))
     for logger in trainer.loggers:
         logger.log_hyperparams(resolved_config(cfg))
     n_params = sum(p.numel() for p in module.model.parameters())
     log.info("model %s: %.2fM parameters; output dir %s", cfg.model._target_, n_params / 1e6, cfg.paths.output_dir)
 
-    save_run_config(cfg)  # every check passed: record the config (a refused run leaves the directory as it was)
+    save_run_config(cfg, keep_existing=requeued is not None)  # every check passed (a refused run changes nothing)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}

@@ -40,6 +40,32 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
 
 
+def csv_losses(run_dir: Path) -> dict[int, float]:
+    import csv
+
+    rows = list(csv.DictReader((run_dir / "csv" / "metrics.csv").open()))
+    return {int(r["step"]): float(r["train/loss_step"]) for r in rows if r.get("train/loss_step")}
+
+
+def assert_same_training(a: Path, b: Path, from_step: int) -> None:
+    """The runs in ``a`` and ``b`` end with the same EMA and raw weights, Adam moments and step, and log the same
+    training loss at every step from ``from_step`` on."""
+    import torch
+
+    ca = torch.load(a / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    cb = torch.load(b / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ca["global_step"] == cb["global_step"] == 6 and ca["epoch"] == cb["epoch"]
+    for key in ["state_dict", "current_model_state"]:  # EMA weights, raw weights
+        for name, value in ca[key].items():
+            torch.testing.assert_close(cb[key][name], value, rtol=1e-5, atol=1e-6, msg=f"{key}.{name}")
+    for sa, sb in zip(ca["optimizer_states"][0]["state"].values(), cb["optimizer_states"][0]["state"].values()):
+        torch.testing.assert_close(sb["exp_avg"], sa["exp_avg"], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(sb["exp_avg_sq"], sa["exp_avg_sq"], rtol=1e-5, atol=1e-9)
+    losses_a, losses_b = csv_losses(a), csv_losses(b)
+    steps = [s for s in losses_a if s >= from_step]
+    assert steps and all(losses_b[s] == pytest.approx(losses_a[s], rel=1e-5) for s in steps), (losses_a, losses_b)
+
+
 @pytest.fixture
 def train_cli(tmp_path):
     def call(*overrides, timeout=600):
@@ -58,6 +84,20 @@ def finished_run(tmp_path_factory):
     )
     assert proc.returncode == 0, proc.output[-3000:]
     return out, proc
+
+
+#: the runs that a resumed run is compared with: 2 epochs of 3 batches, losses in csv/metrics.csv, no grids
+RESUME_RUN = [*FAST, "trainer.limit_train_batches=3", "logger=csv", "module.sample_every_n_epochs=0", "final_samples=false"]
+
+
+@pytest.fixture(scope="session")
+def uninterrupted_run(tmp_path_factory):
+    """The run directory of ``RESUME_RUN`` with ``trainer.max_epochs=2``, uninterrupted: the reference of the resume
+    tests (ckpt_path= at an epoch's end, a requeued SLURM job mid-epoch)."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    proc = run_train(*RESUME_RUN, "trainer.max_epochs=2", f"hydra.run.dir={tmp / 'out'}", tmp_path=tmp)
+    assert proc.returncode == 0, proc.output[-3000:]
+    return tmp / "out"
 
 
 @pytest.fixture(scope="session")

@@ -53,3 +53,26 @@ def fid_kid_on_a_shard(rank: int, world_size: int, port: int, real, fake, out_di
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(out))
     finally:
         dist.destroy_process_group()
+
+
+class WaitForSignalAtStep(Callback):
+    """In the middle of training step ``step`` (its batch fetched, before the forward pass) writes the file ``marker``
+    and waits, up to ``timeout`` s, until the run's ``ResumableRun`` has received a requeue signal (the test sends it
+    when the marker appears), so that the signal arrives mid-step at a known step:
+    ``+callbacks.wait._target_=tests.helpers.WaitForSignalAtStep +callbacks.wait.step=4 +callbacks.wait.marker=<file>``."""
+
+    def __init__(self, step: int, marker: str, timeout: float = 120.0):
+        self.step, self.marker, self.timeout = step, marker, timeout
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        import time
+
+        from diffusion.callbacks import ResumableRun
+
+        if trainer.global_step != self.step:
+            return
+        resumable = next(c for c in trainer.callbacks if isinstance(c, ResumableRun))
+        Path(self.marker).write_text(str(trainer.global_step))
+        deadline = time.monotonic() + self.timeout
+        while resumable._received is None and time.monotonic() < deadline:
+            time.sleep(0.02)

@@ -11,7 +11,7 @@ import yaml
 
 from diffusion.models import UNet
 from diffusion.module import DiffusionModule
-from tests.conftest import FAST, snapshot
+from tests.conftest import FAST, RESUME_RUN, assert_same_training, snapshot
 from tests.wandb_records import config, history, records
 
 PROBE = "+callbacks.probe._target_=tests.helpers.RankProbe"
@@ -185,31 +185,12 @@ def test_missing_resume_checkpoint_is_reported(train_cli, tmp_path):
     assert proc.returncode == 2 and "nope.ckpt" in proc.stderr and "Traceback" not in proc.output
 
 
-def _csv_losses(run_dir: Path) -> dict[int, float]:
-    import csv
-
-    rows = list(csv.DictReader((run_dir / "csv" / "metrics.csv").open()))
-    return {int(r["step"]): float(r["train/loss_step"]) for r in rows if r.get("train/loss_step")}
-
-
-def test_resume_continues_exactly_like_an_uninterrupted_run(train_cli, tmp_path):
-    common = [*FAST, "trainer.limit_train_batches=3", "logger=csv", "module.sample_every_n_epochs=0", "final_samples=false"]
-    a, b1, b2 = tmp_path / "a", tmp_path / "b1", tmp_path / "b2"
-    assert train_cli(*common, "trainer.max_epochs=2", f"hydra.run.dir={a}").returncode == 0
-    assert train_cli(*common, "trainer.max_epochs=1", f"hydra.run.dir={b1}").returncode == 0
-    proc = train_cli(*common, "trainer.max_epochs=2", f"ckpt_path={b1 / 'checkpoints' / 'last.ckpt'}", f"hydra.run.dir={b2}")
+def test_resume_continues_exactly_like_an_uninterrupted_run(train_cli, tmp_path, uninterrupted_run):
+    b1, b2 = tmp_path / "b1", tmp_path / "b2"
+    assert train_cli(*RESUME_RUN, "trainer.max_epochs=1", f"hydra.run.dir={b1}").returncode == 0
+    proc = train_cli(*RESUME_RUN, "trainer.max_epochs=2", f"ckpt_path={b1 / 'checkpoints' / 'last.ckpt'}", f"hydra.run.dir={b2}")
     assert proc.returncode == 0, proc.output[-3000:]
-    ca = torch.load(a / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    cb = torch.load(b2 / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert ca["global_step"] == cb["global_step"] == 6 and ca["epoch"] == cb["epoch"]
-    for key in ["state_dict", "current_model_state"]:  # EMA weights, raw weights
-        for name, value in ca[key].items():
-            torch.testing.assert_close(cb[key][name], value, rtol=1e-5, atol=1e-6, msg=f"{key}.{name}")
-    for sa, sb in zip(ca["optimizer_states"][0]["state"].values(), cb["optimizer_states"][0]["state"].values()):
-        torch.testing.assert_close(sb["exp_avg"], sa["exp_avg"], rtol=1e-5, atol=1e-7)
-    losses_a, losses_b = _csv_losses(a), _csv_losses(b2)
-    resumed_steps = [s for s in losses_a if s >= 3]
-    assert resumed_steps and all(losses_b[s] == pytest.approx(losses_a[s], rel=1e-5) for s in resumed_steps)
+    assert_same_training(uninterrupted_run, b2, from_step=3)
 
 
 @pytest.mark.slow

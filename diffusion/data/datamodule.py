@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from diffusion.checks import check_positive_int
+from diffusion.data.resumable import ResumableDataLoader
 
 log = logging.getLogger("diffusion.data")
 
@@ -33,15 +34,18 @@ class UInt8Images(Dataset):
 class EpochSeededSampler(RandomSampler):
     """A random permutation per epoch that depends only on (seed, epoch), so a resumed run sees the same order.
 
-    Lightning calls ``set_epoch`` at every epoch start; under DDP it swaps this sampler for a
-    ``DistributedSampler`` (also seeded by epoch) because this is a ``RandomSampler``.
+    Lightning calls ``set_epoch`` at every epoch start; under DDP it puts a ``DistributedSampler`` in its place (in
+    the loader's batch sampler): a permutation seeded by the run's ``seed`` and the epoch, of which each rank takes
+    every world_size-th index. ``epoch`` is the epoch last set (the resumable loader records it with its place in
+    the epoch).
     """
 
     def __init__(self, data_source, seed: int = 0):
         super().__init__(data_source, generator=torch.Generator().manual_seed(seed))
-        self.seed = seed
+        self.seed, self.epoch = seed, 0
 
     def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
         self.generator.manual_seed(self.seed + epoch)
 
 
@@ -129,7 +133,8 @@ class ImageDataModule(L.LightningDataModule):
                 logger.log_hyperparams({"data/train_images": len(self.train_set), "data/val_images": len(self.val_set), "data/skipped_files": self.num_skipped})
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(
+        # resumable: a checkpoint saved in the middle of an epoch continues at the next batch of the same order
+        return ResumableDataLoader(
             self.train_set,
             batch_size=self.batch_size,
             sampler=EpochSeededSampler(self.train_set, self.seed),
