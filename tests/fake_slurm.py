@@ -13,6 +13,7 @@
   SLURM_PROCID, SLURM_LOCALID, SLURM_NODEID and SLURM_STEP_ID=0 (the ``%A %a %j %t`` of F replaced as SLURM does),
   and exits with the first non-zero exit status.
 - ``sacct``: RUNNING while the run of a job is under way, then COMPLETED or FAILED (``<state>/<id>.rc``).
+  The run's process (``<state>/run-<id>.pid``) leads a session of its own, which holds every process of the job.
 """
 
 from __future__ import annotations
@@ -90,8 +91,10 @@ def sbatch(args: list[str]) -> int:
                 cloudpickle_dump(("success", done), folder / f"{name}_{task}_result.pkl")
             (state / f"{name}.rc").write_text("0")
     else:
-        subprocess.Popen([sys.executable, __file__, "_run", job_id, str(script_path.resolve())], start_new_session=True,
-                         stdout=subprocess.DEVNULL, stderr=open(state / f"run-{job_id}.log", "w"))
+        runner = subprocess.Popen([sys.executable, __file__, "_run", job_id, str(script_path.resolve())],
+                                  start_new_session=True, stdout=subprocess.DEVNULL,
+                                  stderr=open(state / f"run-{job_id}.log", "w"))
+        (state / f"run-{job_id}.pid").write_text(str(runner.pid))  # its session: the job's processes
     print(f"Submitted batch job {job_id}")
     return 0
 

@@ -81,9 +81,9 @@ def test_submitit_local_sweep_runs_each_job_in_its_directory_and_the_report_read
     sweep = tmp_path / "sweep"
     cmd = [sys.executable, "-m", "diffusion.train", "-m", "hydra/launcher=submitit_local", "schedule.T=20,40", *QUIET,
            f"hydra.sweep.dir={sweep}"]
-    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(tmp_path), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    assert "validated against ConfigStore schema" not in proc.stderr
+    rc, output = _run_in_own_session(cmd, subprocess_env(tmp_path), timeout_s=600)
+    assert rc == 0, output[-3000:]
+    assert "validated against ConfigStore schema" not in output
     # submitit ran the jobs, one process each: its folder holds one result per job
     assert len(list((sweep / ".submitit").glob("*/*_0_result.pkl"))) == 2
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -93,6 +93,11 @@ def test_submitit_local_sweep_runs_each_job_in_its_directory_and_the_report_read
         assert "schedule.T=%d" % T in yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())
         assert (job / "checkpoints" / "last.ckpt").is_file()
         assert json.loads((job / "metrics.json").read_text())["global_step"] == 2
+        # launched with conf/hydra/launcher/submitit_local.yaml: a task and a GPU (when there is one) per device; the
+        # plugin's own config would hide every GPU from the job (gpus_per_node unset: CUDA_VISIBLE_DEVICES="")
+        launcher = yaml.safe_load((job / ".hydra" / "hydra.yaml").read_text())["hydra"]["launcher"]
+        assert launcher["_target_"].endswith("LocalLauncher")
+        assert launcher["tasks_per_node"] == launcher["gpus_per_node"] == "${trainer.devices}"
     from diffusion.report import report
 
     out = report(sweep)
@@ -109,8 +114,8 @@ def test_slurm_sweep_renders_one_array_job_of_two_nodes_with_four_gpus_each(tmp_
     cmd = [sys.executable, "-m", "diffusion.train", "-m", "hydra/launcher=slurm", "hydra.launcher.partition=gpu",
            "hydra.launcher.timeout_min=90", "trainer.devices=4", "trainer.num_nodes=2", "schedule.T=500,1000",
            "logger=none", f"hydra.sweep.dir={sweep}"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    rc, output = _run_in_own_session(cmd, env, timeout_s=300)
+    assert rc == 0, output[-3000:]
     scripts = list(state.glob("sbatch-*.sh"))
     assert len(scripts) == 1, "one job array for the whole sweep"
     script = scripts[0].read_text()
@@ -181,14 +186,9 @@ def _hydra_multirun_job(tmp_path, overrides=("schedule.T=20",)):
 @pytest.fixture
 def process_group():
     """A gloo process group of one rank, as a job's first DDP run leaves it."""
-    import socket
-
     import torch.distributed as dist
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     yield dist
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -382,13 +382,14 @@ def test_fake_slurm_job_of_two_nodes_trains_with_its_tasks_as_ranks_in_one_direc
     global ranks 0 and 1 (no re-launch: 2 training processes in all), both train in the job's one directory, their
     EMA weights are equal, and only rank 0 writes the checkpoints and the config."""
     sweep, state = tmp_path / "sweep", tmp_path / "slurm"
-    env = subprocess_env(tmp_path, **fake_slurm.install(tmp_path / "bin", state), FAKE_SLURM_MODE="run")
+    env = subprocess_env(tmp_path, **fake_slurm.install(tmp_path / "bin", state), FAKE_SLURM_MODE="run",
+                         MASTER_PORT=str(_free_port()))  # else Lightning's 15000 + the job id's last digits
     cmd = [sys.executable, "-m", "diffusion.train", "-m", "hydra/launcher=slurm", "hydra.launcher.gpus_per_node=null",
            "trainer.accelerator=cpu", "trainer.devices=1", "trainer.num_nodes=2", "trainer.strategy=ddp", "schedule.T=20",
            *QUIET, "+callbacks.probe._target_=tests.helpers.RankProbe", f"hydra.sweep.dir={sweep}"]
     try:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
-        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+        rc, output = _run_in_own_session(cmd, env, timeout_s=400)
+        assert rc == 0, output[-3000:]
         job = sweep / "0"
         probes = [json.loads(p.read_text()) for p in sorted(job.glob("probe_rank*.json"))]
         assert [p["global_rank"] for p in probes] == [0, 1] and all(p["world_size"] == 2 for p in probes)
@@ -402,13 +403,73 @@ def test_fake_slurm_job_of_two_nodes_trains_with_its_tasks_as_ranks_in_one_direc
         _wait_for_fake_jobs(state)
 
 
+@pytest.mark.slow
+def test_srun_tasks_of_a_users_own_job_train_two_nodes_in_one_run_directory(tmp_path):
+    """``srun python -m diffusion.train trainer.num_nodes=2 ...`` in a user's own sbatch script (no submitit): each
+    task composes its own config, task 1 two seconds later than task 0 (so that their ${now:} differ), and both
+    find the job's run directory outputs/train/slurm-<job id>.<step>; they train as global ranks 0 and 1 with equal
+    EMA weights, and only rank 0 writes the checkpoints and the config."""
+    logs = tmp_path / "logs"
+    delay = tmp_path / "delay"
+    delay.mkdir()
+    (delay / "sitecustomize.py").write_text("import os, time\nif os.environ.get('SLURM_PROCID') == '1':\n    time.sleep(2.0)\n")
+    job = {k: str(v) for k, v in srun_task(0, job="5150").items() if not k.endswith(("ID", "NODELIST"))}
+    env = subprocess_env(tmp_path, **fake_slurm.install(tmp_path / "bin", tmp_path / "slurm"), **job, SLURM_JOB_ID="5150",
+                         SLURM_NODELIST="localhost", SLURM_JOB_NODELIST="localhost", MASTER_PORT=str(_free_port()),
+                         PYTHONPATH=os.pathsep.join([str(delay), str(REPO)]))
+    cmd = [sys.executable, fake_slurm.__file__, "srun", sys.executable, "-m", "diffusion.train", "trainer.accelerator=cpu",
+           "trainer.devices=1", "trainer.num_nodes=2", "trainer.strategy=ddp", *QUIET,
+           "+callbacks.probe._target_=tests.helpers.RankProbe", f"paths.log_dir={logs}"]
+    rc, output = _run_in_own_session(cmd, env, timeout_s=400)
+    assert rc == 0, output[-3000:]
+    assert [p.name for p in (logs / "train").iterdir()] == ["slurm-5150.0"]
+    run = logs / "train" / "slurm-5150.0"
+    probes = [json.loads(p.read_text()) for p in sorted(run.glob("probe_rank*.json"))]
+    assert [p["global_rank"] for p in probes] == [0, 1] and probes[0]["ema_hash"] == probes[1]["ema_hash"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best-epoch000.ckpt", "last.ckpt"]
+    assert yaml.safe_load((run / ".hydra" / "config.yaml").read_text())["trainer"]["num_nodes"] == 2
+
+
+def _run_in_own_session(cmd: list[str], env: dict, timeout_s: float) -> tuple[int, str]:
+    """Run ``cmd`` in a process group of its own; on a timeout the whole group (srun's tasks too) is killed."""
+    import signal
+
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        output = proc.communicate(timeout=timeout_s)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return proc.returncode, output
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _wait_for_fake_jobs(state: Path, timeout_s: float = 120) -> None:
-    """The fake scheduler's job may still be exiting after its result was written: wait for its exit status."""
+    """The fake scheduler's job may still be exiting after its result was written: wait for its exit status, and
+    end the job's processes (its own session) if it has none by then."""
+    import signal
     import time
 
+    def unfinished():
+        return any(not (state / f"{p.stem}.rc").exists() for p in state.glob("*.running"))
+
     deadline = time.time() + timeout_s
-    while time.time() < deadline and any(not (state / f"{p.stem}.rc").exists() for p in state.glob("*.running")):
+    while time.time() < deadline and unfinished():
         time.sleep(0.5)
+    for pid_file in state.glob("run-*.pid") if unfinished() else ():
+        try:
+            os.killpg(int(pid_file.read_text()), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 @pytest.mark.slow
@@ -417,8 +478,8 @@ def test_submitit_local_job_of_two_tasks_trains_with_its_tasks_as_ranks(tmp_path
     cmd = [sys.executable, "-m", "diffusion.train", "-m", "hydra/launcher=submitit_local", "trainer.accelerator=cpu",
            "trainer.devices=2", "trainer.strategy=ddp", "schedule.T=20", *QUIET,
            "+callbacks.probe._target_=tests.helpers.RankProbe", f"hydra.sweep.dir={sweep}"]
-    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(tmp_path), capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    rc, output = _run_in_own_session(cmd, subprocess_env(tmp_path), timeout_s=400)
+    assert rc == 0, output[-3000:]
     probes = [json.loads(p.read_text()) for p in sorted((sweep / "0").glob("probe_rank*.json"))]
     assert [p["global_rank"] for p in probes] == [0, 1] and probes[0]["ema_hash"] == probes[1]["ema_hash"]
     logs = "".join(p.read_text() for p in sorted((sweep / ".submitit").glob("*/*_log.*")))
