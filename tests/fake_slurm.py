@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -41,7 +42,7 @@ def install(bin_dir: Path, state_dir: Path) -> dict:
 def sbatch_options(script: str) -> dict[str, str]:
     """The ``#SBATCH --key=value`` lines of a script (``--flag`` alone: value True)."""
     options = {}
-    for match in re.finditer(r"^#SBATCH --([\w-]+)(?:=(.*))?$", script, re.M):
+    for match in re.finditer(r"^#SBATCH --([\w-]+)(?:=(.*))?$", script, re.MULTILINE):
         options[match[1]] = True if match[2] is None else match[2].strip("'\"")
     return options
 
@@ -91,9 +92,9 @@ def sbatch(args: list[str]) -> int:
                 cloudpickle_dump(("success", done), folder / f"{name}_{task}_result.pkl")
             (state / f"{name}.rc").write_text("0")
     else:
-        runner = subprocess.Popen([sys.executable, __file__, "_run", job_id, str(script_path.resolve())],
-                                  start_new_session=True, stdout=subprocess.DEVNULL,
-                                  stderr=open(state / f"run-{job_id}.log", "w"))
+        with open(state / f"run-{job_id}.log", "w") as log:
+            runner = subprocess.Popen([sys.executable, __file__, "_run", job_id, str(script_path.resolve())],
+                                      start_new_session=True, stdout=subprocess.DEVNULL, stderr=log)
         (state / f"run-{job_id}.pid").write_text(str(runner.pid))  # its session: the job's processes
     print(f"Submitted batch job {job_id}")
     return 0
@@ -127,13 +128,14 @@ def srun(args: list[str]) -> int:
             outputs[option] = command.pop(0)
     ntasks, per_node = int(os.environ["SLURM_NTASKS"]), int(os.environ["SLURM_NTASKS_PER_NODE"])
     procs = []
-    for task in range(ntasks):
-        env = dict(os.environ, SLURM_PROCID=str(task), SLURM_LOCALID=str(task % per_node),
-                   SLURM_NODEID=str(task // per_node), SLURM_STEP_ID="0")
-        out = open(_expand(outputs["--output"], task), "a") if "--output" in outputs else None
-        err = open(_expand(outputs["--error"], task), "a") if "--error" in outputs else None
-        procs.append(subprocess.Popen(command, env=env, stdout=out, stderr=err))
-    codes = [p.wait() for p in procs]
+    with contextlib.ExitStack() as files:
+        for task in range(ntasks):
+            env = dict(os.environ, SLURM_PROCID=str(task), SLURM_LOCALID=str(task % per_node),
+                       SLURM_NODEID=str(task // per_node), SLURM_STEP_ID="0")
+            out, err = (files.enter_context(open(_expand(outputs[o], task), "a")) if o in outputs else None
+                        for o in ("--output", "--error"))
+            procs.append(subprocess.Popen(command, env=env, stdout=out, stderr=err))
+        codes = [p.wait() for p in procs]
     return next((c for c in codes if c), 0)
 
 

@@ -90,7 +90,7 @@ def test_submitit_local_sweep_runs_each_job_in_its_directory_and_the_report_read
     assert [j.name for j in jobs] == ["0", "1"]
     for job, T in zip(jobs, (20, 40)):
         assert yaml.safe_load((job / ".hydra" / "config.yaml").read_text())["schedule"]["T"] == T
-        assert "schedule.T=%d" % T in yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())
+        assert f"schedule.T={T}" in yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())
         assert (job / "checkpoints" / "last.ckpt").is_file()
         assert json.loads((job / "metrics.json").read_text())["global_step"] == 2
         # launched with conf/hydra/launcher/submitit_local.yaml: a task and a GPU (when there is one) per device; the
@@ -283,8 +283,8 @@ def test_submitit_local_tasks_become_the_jobs_ranks(no_scheduler, monkeypatch):
 
 
 @pytest.mark.parametrize("variables, devices, nodes, text", [
-    (srun_task(0, ntasks=8, per_node=4), 4, 1, "SLURM started 8 task(s) (SLURM_NTASKS=8, SLURM_NTASKS_PER_NODE=4, "
-                                               "SLURM_NNODES=2) but trainer.devices=4 x trainer.num_nodes=1 is 4"),
+    (srun_task(0, ntasks=8, per_node=4), 4, 1, ("SLURM started 8 task(s) (SLURM_NTASKS=8, SLURM_NTASKS_PER_NODE=4, "
+                                                "SLURM_NNODES=2) but trainer.devices=4 x trainer.num_nodes=1 is 4")),
     (srun_task(0, ntasks=8, per_node=4), 2, 4, "this SLURM job has 2 node(s)"),
     (srun_task(0, ntasks=8, per_node=4), "auto", 1, "this SLURM job has 2 node(s)"),
     ({k: v for k, v in srun_task(0, ntasks=4, per_node=2).items() if k != "SLURM_NTASKS_PER_NODE"}, 2, 2,
