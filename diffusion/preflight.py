@@ -23,8 +23,7 @@ from diffusion.runtime import UsageError, build_or_usage_error, is_rank_zero, ro
 
 def check_settings(cfg: DictConfig) -> dict | None:
     """Optimizer and trainer settings (also against the tasks a scheduler started), and the resume checkpoint
-    (``ckpt_path``); returns that checkpoint
-    (memory-mapped: its tensors stay on disk) or None."""
+    (``ckpt_path``); returns that checkpoint (memory-mapped: its tensors stay on disk) or None."""
     check_optimizer(cfg)
     check_devices(cfg.trainer.get("devices"), cfg.trainer.get("accelerator"))
     check_job_tasks(cfg.trainer)  # SLURM / submitit: one task per DDP rank
