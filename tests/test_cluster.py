@@ -156,11 +156,11 @@ def test_srun_tasks_of_a_job_resolve_one_run_directory(no_scheduler, case, varia
 
     dirs = []
     for procid in (0, 1):
+        time.sleep(1.1 * procid)  # the second task a second later
         no_scheduler(**srun_task(procid, **{k: (procid if k == "RANK" else v) for k, v in variables.items()}))
         assert runtime.share_run_stamp() == stamp
         cfg = composed("task_name=train", "paths.log_dir=logs")
         dirs.append((cfg.hydra.run.dir, cfg.hydra.sweep.dir))
-        time.sleep(1.1)
     assert dirs[0] == dirs[1] == (f"logs/train/{stamp}", f"logs/train/multirun/{stamp}"), case
 
 
