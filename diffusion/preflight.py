@@ -15,16 +15,18 @@ import re
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from diffusion.cluster import check_job_tasks
 from diffusion.processes.gaussian import RETIRED_BUFFERS
 from diffusion.module import DiffusionModule, build_optimizer, read_checkpoint
 from diffusion.runtime import UsageError, build_or_usage_error, is_rank_zero, root_cause
 
 
 def check_settings(cfg: DictConfig) -> dict | None:
-    """Optimizer and trainer settings, and the resume checkpoint (``ckpt_path``); returns that checkpoint
-    (memory-mapped: its tensors stay on disk) or None."""
+    """Optimizer and trainer settings (also against the tasks a scheduler started), and the resume checkpoint
+    (``ckpt_path``); returns that checkpoint (memory-mapped: its tensors stay on disk) or None."""
     check_optimizer(cfg)
     check_devices(cfg.trainer.get("devices"), cfg.trainer.get("accelerator"))
+    check_job_tasks(cfg.trainer)  # SLURM / submitit: one task per DDP rank
     return read_resume_checkpoint(cfg)
 
 

@@ -103,11 +103,17 @@ def prepare_ddp_relaunch() -> None:
     The launcher also leaves LOCAL_RANK, MASTER_PORT, ... in the sweep process's environment, after which the next
     job would take its ranks as started externally, and the previous job's process group, whose other ranks have
     exited: each job starts from the environment the sweep started with and without a process group.
+
+    A job whose ranks a scheduler started (SLURM's tasks, a submitit local job's tasks: see
+    :func:`diffusion.cluster.ranks_from_scheduler`) is left as it is: Lightning re-launches nothing there, and the
+    rank variables, the command line and the process group of those tasks are theirs.
     """
     from hydra.types import RunMode
 
+    from diffusion.cluster import ranks_from_scheduler
+
     hc = hydra_job()
-    if hc is None:
+    if hc is None or ranks_from_scheduler():
         return
     with read_write(hc):
         hc.run.dir = hc.runtime.output_dir
@@ -129,16 +135,26 @@ RUN_STAMP_FORMAT = "%Y-%m-%d_%H-%M-%S"
 
 
 def share_run_stamp(timeout_s: float = 300.0) -> str | None:
-    """Under torchrun, make every rank (on every node) resolve the same run directory.
+    """Under srun (SLURM) or torchrun, make every rank (on every node) resolve the same run directory.
 
     Each rank composes its own config, and ``${now:}`` in ``hydra.run.dir`` differs between processes started a
-    second apart: global rank 0 puts its launch time into the rendezvous store that torchrun's agent serves at
-    MASTER_ADDR:MASTER_PORT (the store ``init_process_group`` joins later), the other ranks wait for it, and every
-    rank exports it as ``DIFFUSION_RUN_STAMP``, which conf/hydra/default.yaml uses in place of the time. Outside
-    torchrun, or when the stamp is already set, nothing happens. Returns the stamp.
+    second apart; every rank exports one stamp as ``DIFFUSION_RUN_STAMP``, which conf/hydra/default.yaml uses in
+    place of the time. Under SLURM it is the job's own name, ``slurm-<job id>[.<step id>]``
+    (:func:`diffusion.cluster.slurm_run_stamp`): the same on every node and again in a requeued job, which so finds
+    its run directory. Under torchrun global rank 0 puts its launch time into the rendezvous store that torchrun's
+    agent serves at MASTER_ADDR:MASTER_PORT (the store ``init_process_group`` joins later) and the other ranks wait
+    for it. Elsewhere, or when the stamp is already set, nothing happens. Returns the stamp.
     """
-    if os.environ.get(RUN_STAMP_ENV) or "TORCHELASTIC_RUN_ID" not in os.environ:
-        return os.environ.get(RUN_STAMP_ENV)
+    if os.environ.get(RUN_STAMP_ENV):
+        return os.environ[RUN_STAMP_ENV]
+    from diffusion.cluster import slurm_run_stamp
+
+    stamp = slurm_run_stamp()
+    if stamp is not None:
+        os.environ[RUN_STAMP_ENV] = stamp
+        return stamp
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return None
     from datetime import datetime, timedelta
 
     from torch.distributed.rendezvous import _create_c10d_store

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffusion import preflight, requeue
 from diffusion.callbacks import wandb_run_id
+from diffusion.cluster import adopt_submitit_local_ranks, require_launcher_plugin
 from diffusion.module import DiffusionModule
 from diffusion.runtime import (
     CONFIG_DIR,
@@ -76,6 +77,7 @@ def build_loggers(cfg: DictConfig, resume_run_id: str | None = None) -> list:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the configured model; returns the final logged metrics."""
+    adopt_submitit_local_ranks()  # a submitit local job's tasks are its DDP ranks (as SLURM's are)
     requeued = check_resume_and_outputs(cfg)  # a requeued SLURM job: ckpt_path is now its own last.ckpt
     resume = preflight.check_settings(cfg)  # each bad value is refused before the data and the model are built
     L.seed_everything(cfg.seed, workers=True)
@@ -131,5 +133,6 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    share_run_stamp()  # torchrun: every rank resolves one run directory
+    require_launcher_plugin()  # hydra/launcher=slurm without the plugin: one line
+    share_run_stamp()  # srun / torchrun: every rank resolves one run directory
     main()
