@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 
 import hydra
@@ -125,9 +126,8 @@ def main(cfg: DictConfig) -> float | None:
     try:
         metrics = train(cfg)
     finally:
-        import wandb
-
-        if wandb.run is not None:  # each job of a sweep closes its own W&B run
+        wandb = sys.modules.get("wandb")  # imported only by a run that logs to W&B (logger=none/csv never loads it)
+        if wandb is not None and wandb.run is not None:  # each job of a sweep closes its own W&B run
             wandb.finish()
     return sweep_objective(metrics, cfg.get("optimized_metric") or "val/loss")  # what a search optimises
 

@@ -7,6 +7,14 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
+# pytest-xdist (pyproject's addopts: one worker per core): each worker and the runs it starts compute on one thread,
+# so that two workers never fight over the cores with OpenMP's spinning threads (a 30 s test took 150 s that way)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+
 # Small and quick: 2 batches of 1 epoch, a narrow UNet, 3-step DDIM grids of 4 images.
 FAST = [
     "trainer.max_epochs=1",

@@ -221,7 +221,7 @@ def test_prepare_ddp_relaunch_leaves_the_tasks_of_a_slurm_job_alone(no_scheduler
         assert sys.argv == argv and dict(os.environ) == before
         assert process_group.is_initialized()
     else:
-        assert sys.argv == ["diffusion/train.py", "schedule.T=20"]
+        assert sys.argv == ["diffusion/train.py", "schedule.T=20", "hydra.mode=RUN"]
         assert all(os.environ.get(k) == v for k, v in runtime._ENV_AT_START.items())  # as when the sweep started
         assert not process_group.is_initialized()
 

@@ -101,6 +101,14 @@ COVERAGE = {
     "python -m diffusion.train trainer.devices=4 trainer.strategy=ddp trainer.precision=bf16-mixed": (ONE_DEVICE, "tests/test_train.py::test_ddp_two_cpu_ranks"),
     "python -m diffusion.train -m schedule.T=500,1000 trainer.devices=4 trainer.strategy=ddp": (SWEEP, "tests/test_train.py::test_sweep_with_ddp_runs_each_job_once_on_two_ranks"),
     "python -m diffusion.train ckpt_path=outputs/train/<run>/checkpoints/last.ckpt trainer.max_epochs=100": "tests/test_train.py::test_resume_continues_exactly_like_an_uninterrupted_run",
+    # cluster
+    'pip install -e ".[cluster]"': EXTRA,
+    "python -m diffusion.train -m hydra/launcher=slurm hydra.launcher.partition=gpu schedule.T=500,1000 trainer.devices=4": (SWEEP, "tests/test_cluster.py::test_slurm_sweep_renders_one_array_job_of_two_nodes_with_four_gpus_each"),
+    "python -m diffusion.train -m hydra/launcher=submitit_local schedule.T=500,1000": (SWEEP, "tests/test_cluster.py::test_submitit_local_sweep_runs_each_job_in_its_directory_and_the_report_reads_it"),
+    "python -m diffusion.train -m hydra/launcher=slurm hydra.launcher.partition=gpu trainer.num_nodes=2 trainer.devices=4 trainer.strategy=ddp": (SWEEP, "tests/test_cluster.py::test_slurm_sweep_renders_one_array_job_of_two_nodes_with_four_gpus_each"),
+    "python -m diffusion.train hparams_search=digits_optuna hydra.sweeper.n_trials=30": "tests/test_hparams_search.py::test_a_three_trial_search_finds_and_reports_its_best_trial",
+    "torchrun --nnodes 2 --node-rank 0 --nproc-per-node 4 --master-addr node0 --master-port 29500 -m diffusion.train trainer.num_nodes=2 trainer.devices=4 trainer.strategy=ddp": "tests/test_train.py::test_torchrun_two_nodes_agree_on_one_run_directory",
+    "python experiments/gpu_check.py --out outputs/gpu_check": "tests/test_gpu_check.py::test_cpu_quick_check_measures_every_part",
     # speed
     'pip install -e ".[bench]"': EXTRA,
     "python experiments/benchmark.py": "tests/test_benchmark.py::test_benchmark_writes_json",
