@@ -61,8 +61,9 @@ def slurm_run_stamp() -> str | None:
 
     if "SLURM_JOB_ID" not in os.environ or _is_slurm_interactive_mode():
         return None
-    array_job, array_task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
-    job = f"{array_job}_{array_task}" if array_job and array_task else os.environ.get("SLURM_JOB_ID")
+    from diffusion.requeue import slurm_job_id  # the id SLURM requeues this job under
+
+    job = slurm_job_id()
     if not job:
         return None
     step = os.environ.get("SLURM_STEP_ID", "")

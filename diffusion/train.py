@@ -35,9 +35,9 @@ from diffusion.runtime import (
     resolved_config,
     save_run_config,
     share_run_stamp,
-    sweep_objective,
     write_text_atomic,
 )
+from diffusion.sweeps import sweep_objective
 
 log = logging.getLogger("diffusion.train")
 

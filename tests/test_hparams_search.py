@@ -103,7 +103,8 @@ def search_in_process(monkeypatch, tmp_path):
 
 
 def test_a_failed_trial_is_named_and_the_search_goes_on(search_in_process, tmp_path, capsys):
-    from diffusion.runtime import TrainingFault, sweep_job_number
+    from diffusion.runtime import TrainingFault
+    from diffusion.sweeps import sweep_job_number
 
     def fake_train(cfg):
         job = sweep_job_number()
