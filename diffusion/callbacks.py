@@ -519,7 +519,13 @@ class ResumableRun(Callback):
         """After the save: global rank 0 requeues the job (submitit's handler, else ``scontrol requeue``) and logs one
         line; every rank waits for it. Returns the exit status submitit's handler chose, or None."""
         name, step, code = signal.Signals(signum).name, trainer.global_step, None
+        if requeue.slurm_job_id() is not None and threading.current_thread() is threading.main_thread():
+            # a requeue ends the running job with SIGTERM (then SIGKILL): the run only exits from here on, so SIGTERM
+            # must not start Lightning's own stop (a collective in DDP) in the middle of it
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if trainer.is_global_zero:
+            for logger in trainer.loggers:  # the rows logged so far reach their files before the job is ended
+                logger.save()
             if failed is not None:
                 log.warning("preempted by %s at step %d; no checkpoint saved, so the job is not requeued: %s",
                             name, step, failed)

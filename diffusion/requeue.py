@@ -3,7 +3,8 @@ continues it by itself), the ``scontrol requeue`` call, and Lightning's own auto
 
 The flow (the signal side lives in :class:`diffusion.callbacks.ResumableRun`):
 
-1. ``#SBATCH --signal=USR1@90`` (or submitit's ``USR2@90``) warns the job 90 s before its time limit or preemption.
+1. ``#SBATCH --signal=USR1@90`` (or submitit's ``USR2@90``) warns the job 90 s before its time limit (a preemption
+   sends SIGTERM instead: the run saves the same way and exits 143, and a job SLURM requeues resumes as below).
    The run finishes the training step it is in, writes ``checkpoints/last.ckpt`` (which records ``slurm_job_id``),
    and global rank 0 runs ``scontrol requeue <job id>`` (``<array job>_<task>`` for an array task) or, under the
    submitit launcher, hands over to submitit's own handler, which requeues the job the same way; the run exits.
@@ -100,11 +101,14 @@ def lightning_requeue_off(trainer_cfg) -> dict:
     unset, past the run-directory checks. Making that checkpoint exact would mean deferring Lightning's save to a step
     boundary, which its handler cannot do, so this framework uses its own mechanism (``ResumableRun``: the save at the
     next batch boundary, agreed by all ranks, into last.ckpt) and gives Lightning the same environment with
-    ``auto_requeue=False``. A ``SLURMEnvironment`` configured in ``trainer.plugins`` is left as configured.
+    ``auto_requeue=False``. A ``SLURMEnvironment`` configured in ``trainer.plugins`` is left as configured. Under
+    torchrun inside a SLURM job Lightning uses torchrun's environment (its ranks): nothing is forced on it.
     """
     from lightning.fabric.plugins.environments import SLURMEnvironment
 
-    if not SLURMEnvironment.detect():
+    from diffusion.cluster import slurm_detected
+
+    if not slurm_detected():  # not SLURM, or torchrun inside a SLURM job: Lightning takes torchrun's ranks then
         return {}
     plugins = list(trainer_cfg.get("plugins") or [])
     if any("SLURMEnvironment" in str(p.get("_target_", "")) for p in plugins if hasattr(p, "get")):

@@ -296,7 +296,9 @@ class DdpRun:
     def start(self) -> None:
         if self.settings["world_size"] < 1:
             raise RuntimeError("no GPU is visible: nothing to run DDP on")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1",
+        # run inside a SLURM job (sbatch / srun of this script, one task): the ranks are the ones Lightning starts here,
+        # not SLURM's tasks, so the run must not see SLURM's task layout
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}, "PYTHONUNBUFFERED": "1",
                "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
         print(f"    {self.settings['world_size']} ranks: {shlex.join(self.cmd[1:])}\n    log: {self.log}", flush=True)
         with open(self.log, "w") as f:  # a session of its own: stop() ends the ranks Lightning starts along with it

@@ -276,7 +276,7 @@ def test_a_requeued_job_whose_run_directory_holds_no_checkpoint_says_it_starts_o
     assert [r.getMessage() for r in caplog.records] == [expected]
 
 
-def test_under_slurm_lightning_gets_its_slurm_environment_with_auto_requeue_off(tmp_path, slurm):
+def test_under_slurm_lightning_gets_its_slurm_environment_with_auto_requeue_off(tmp_path, slurm, monkeypatch):
     """Lightning's own SIGUSR1 handler (a mid-step hpc_ckpt save) is never installed; the configured plugins stay."""
     from hydra.utils import instantiate
     from lightning.fabric.plugins.environments import SLURMEnvironment
@@ -300,6 +300,11 @@ def test_under_slurm_lightning_gets_its_slurm_environment_with_auto_requeue_off(
         assert signal.getsignal(signal.SIGUSR1) is before, "Lightning installed its auto-requeue handler"
     finally:
         trainer._signal_connector.teardown()
+    # torchrun started inside the SLURM job (srun torchrun ...): Lightning must take torchrun's ranks, not SLURM's
+    for key, value in dict(TORCHELASTIC_RUN_ID="x", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", GROUP_RANK="0",
+                           MASTER_ADDR="127.0.0.1", MASTER_PORT="29500").items():
+        monkeypatch.setenv(key, value)
+    assert SLURMEnvironment.detect() and lightning_requeue_off(cfg.trainer) == {}
 
 
 def _trainer(batches=3, epoch=0, max_epochs=2, step=4, accumulate=1):
