@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from diffusion.metrics import fid_kid, inception, inception_weights
-from diffusion.metrics.classifier import check_labels, check_options, trained_classifier
+from diffusion.metrics.classifier import check_labels, check_options, class_confidence, merge_confidence, trained_classifier
 from diffusion.module import DiffusionModule, to_model_range, to_uint8
 from diffusion.runtime import (CONFIG_DIR, UsageError, build_or_usage_error, exits_on_usage_error, log_to_training_run, require_ckpt,
                                save_run_config)
@@ -141,14 +141,33 @@ def generated(module: DiffusionModule, num_real: int, cfg: DictConfig, fabric: F
                   "nfe": sampler.nfe}
 
 
-def fd_classifier(module: DiffusionModule, images: torch.Tensor, fake: torch.Tensor, info: dict, classifier, cfg: DictConfig) -> dict:
-    """The Frechet distance and KID on the classifier's features (this rank's shards; the states sync across ranks)."""
+def fd_classifier(module: DiffusionModule, images: torch.Tensor, fake: torch.Tensor, info: dict, classifier, cfg: DictConfig,
+                  fabric: Fabric | None = None) -> dict:
+    """The Frechet distance and KID on the classifier's features (this rank's shards; the states sync across ranks),
+    and how sure the classifier is of the samples and of the real images: ``confident`` (the fraction with a class
+    probability > 0.8), ``class_kl`` (the predicted classes' histogram, KL to uniform, nats) and ``real_confident``."""
     feature, about = classifier
     out = fid_kid(images, fake, feature.to(module.device), ("fid", "kid"), cfg.fid.kid_subset_size, cfg.fid.kid_subsets,
                   cfg.batch_size, module.device, num_real=info["num_real"], num_fake=info["num_fake"])
+    sure = {name: _all_ranks(class_confidence(feature.classifier, x), fabric) for name, x in (("fake", fake), ("real", images))}
     return {"value": out["fid"], "kid": out["kid"], "kid_std": out["kid_std"], "kid_subset_size": out["kid_subset_size"],
+            "confident": sure["fake"]["confident"], "class_kl": sure["fake"]["class_kl"],
+            "class_histogram": [round(h, 4) for h in sure["fake"]["histogram"]],
+            "real_confident": sure["real"]["confident"], "real_class_kl": sure["real"]["class_kl"],
             "classifier_accuracy": about["accuracy"], "classifier_train_accuracy": about["train_accuracy"],
             "classifier": about["path"], "features": about["features"], **info}
+
+
+def _all_ranks(part: dict, fabric: Fabric | None) -> dict:
+    """A rank's :func:`class_confidence` combined with every other rank's (their image shards are disjoint)."""
+    if fabric is None or fabric.world_size == 1:
+        return part
+    counts = torch.tensor([part["n"], part["confident"] * part["n"], *(h * part["n"] for h in part["histogram"])],
+                          dtype=torch.float64, device=fabric.device)
+    counts = fabric.all_reduce(counts, reduce_op="sum").cpu()
+    n = int(round(float(counts[0])))
+    return merge_confidence([{"n": n, "confident": float(counts[1]) / n, "histogram": (counts[2:] / n).tolist(),
+                              "threshold": part["threshold"]}])
 
 
 def fid_and_kid(module: DiffusionModule, images: torch.Tensor, fake: torch.Tensor, info: dict, feature, cfg: DictConfig) -> dict:
@@ -233,7 +252,7 @@ def evaluate_rank(fabric: Fabric, cfg: DictConfig, module: DiffusionModule, all_
             if feature is not None:
                 results.update(fid_and_kid(module, images, fake, info, feature, cfg))
             if classifier is not None:
-                results["fd_classifier"] = fd_classifier(module, images, fake, info, classifier, cfg)
+                results["fd_classifier"] = fd_classifier(module, images, fake, info, classifier, cfg, fabric)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     if fabric.global_rank == 0:

@@ -9,6 +9,8 @@ With the EMA callback, a checkpoint's ``state_dict`` holds the EMA weights and `
 
 from __future__ import annotations
 
+import math
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +121,9 @@ class DiffusionModule(L.LightningModule):
             image channels and ``learn_sigma``): its variance, loss, objective and timestep sampling (``importance``
             draws t by Nichol & Dhariwal's sqrt(E[L_t^2]); validation always draws uniformly).
         lr_warmup_steps: linear learning-rate warm-up from 0 over this many optimizer steps.
+        lr_schedule: after the warm-up, ``constant`` (the optimizer's lr) or ``cosine`` (half a cosine from lr down to
+            ``lr_min_ratio * lr`` at the last step of the run, Loshchilov & Hutter 2017, eq. 5).
+        lr_min_ratio: the final learning rate of ``cosine`` as a fraction of lr.
         num_samples: images in each sample grid.
         sample_every_n_epochs: generate a grid every N validation epochs (0: only at the end of training).
         seed: base seed of the noise and timestep draws, which depend only on (seed, rank, step): a resumed run
@@ -135,6 +140,8 @@ class DiffusionModule(L.LightningModule):
         optimizer: dict,
         process: dict | None = None,
         lr_warmup_steps: int = 0,
+        lr_schedule: str = "constant",
+        lr_min_ratio: float = 0.0,
         num_samples: int = 64,
         sample_every_n_epochs: int = 5,
         seed: int = 0,
@@ -142,6 +149,7 @@ class DiffusionModule(L.LightningModule):
         **legacy: Any,
     ):
         super().__init__()
+        check_lr_schedule(lr_schedule, lr_min_ratio, lr_warmup_steps)
         if legacy or process is None or _has_legacy_targets(schedule, sampler):
             # hyper-parameters of a checkpoint written before conf/process/ (Lightning's load_from_checkpoint passes
             # them as they were saved): today's layout, so that such a checkpoint is read as it was trained
@@ -152,7 +160,8 @@ class DiffusionModule(L.LightningModule):
                                                  **({"process": process} if process is not None else {})})
             schedule, sampler, process = upgraded["schedule"], upgraded["sampler"], upgraded["process"]
         self.save_hyperparameters({"model": model, "schedule": schedule, "sampler": sampler, "optimizer": optimizer,
-                                   "process": process, "lr_warmup_steps": lr_warmup_steps, "num_samples": num_samples,
+                                   "process": process, "lr_warmup_steps": lr_warmup_steps, "lr_schedule": lr_schedule,
+                                   "lr_min_ratio": lr_min_ratio, "num_samples": num_samples,
                                    "sample_every_n_epochs": sample_every_n_epochs, "seed": seed, "data": data})
         network, speed = split_speed_options(model)
         self.model = apply_speed_options(instantiate(network), **speed)
@@ -289,7 +298,9 @@ class DiffusionModule(L.LightningModule):
         n = self.hparams.num_samples
         seed = self.hparams.seed
         g = torch.Generator(device=self.device).manual_seed(seed)
-        images = self.sample(n, generator=g).samples
+        profiler = getattr(self._trainer, "profiler", None)
+        with profiler.profile("sample_grid") if profiler is not None else nullcontext():  # in the profiler's report
+            images = self.sample(n, generator=g).samples
         image = grid_image(images, nrow=max(1, int(n**0.5)))
         when = f"epoch {epoch}" if epoch is not None else f"end of training, {self.current_epoch} epochs"
         caption = f"{name}: {when}, step {self.global_step}; {self.sampler.describe()}, seed {seed}"
@@ -315,7 +326,37 @@ class DiffusionModule(L.LightningModule):
                                     trainer.precision if trainer is not None else "32-true",
                                     trainer.gradient_clip_val if trainer is not None else None)
         warmup = self.hparams.lr_warmup_steps
-        if warmup <= 0:
+        cosine = self.hparams.get("lr_schedule", "constant") == "cosine"
+        if warmup <= 0 and not cosine:
             return optimizer
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        total = int(trainer.estimated_stepping_batches) if cosine and trainer is not None else 0
+        factor = lambda step: lr_factor(step, warmup, total, self.hparams.get("lr_min_ratio", 0.0))  # noqa: E731
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def check_lr_schedule(lr_schedule: str, lr_min_ratio: float, lr_warmup_steps: int) -> None:
+    """ValueError (one line) for a learning-rate schedule setting outside what :func:`lr_factor` takes."""
+    if lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"module.lr_schedule={lr_schedule!r} is invalid: allowed values are {', '.join(LR_SCHEDULES)}")
+    if isinstance(lr_min_ratio, bool) or not isinstance(lr_min_ratio, (int, float)) or not 0 <= lr_min_ratio <= 1:
+        raise ValueError(f"module.lr_min_ratio={lr_min_ratio!r} is invalid: it must be a number in [0, 1]")
+    if isinstance(lr_warmup_steps, bool) or not isinstance(lr_warmup_steps, int) or lr_warmup_steps < 0:
+        raise ValueError(f"module.lr_warmup_steps={lr_warmup_steps!r} is invalid: it must be an integer >= 0")
+
+
+def lr_factor(step: int, warmup: int, total: int = 0, min_ratio: float = 0.0) -> float:
+    """The learning rate of optimizer step ``step`` (0-based) as a fraction of lr: a linear warm-up to 1 over
+    ``warmup`` steps, then, when ``total`` (the run's optimizer steps) is > 0, a half cosine from 1 at the end of the
+    warm-up down to ``min_ratio`` at step ``total - 1``: eta_t = eta_min + (eta_max - eta_min)(1 + cos(pi t / T)) / 2
+    (Loshchilov & Hutter 2017, eq. 5, one cycle, no restart)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if total <= 0:
+        return 1.0
+    span = max(total - 1 - warmup, 1)
+    progress = min(max(step - warmup, 0) / span, 1.0)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -122,7 +122,8 @@ def _flat(prefix: str, value) -> dict:
 _SETTING = {"model.in_channels": "the data's channels (model.in_channels)", "model.image_size": "data.image_size"}
 
 
-_NO_TENSORS = ("sampler", "optimizer", "data", "seed", "num_samples", "sample_every_n_epochs", "lr_warmup_steps")
+_NO_TENSORS = ("sampler", "optimizer", "data", "seed", "num_samples", "sample_every_n_epochs", "lr_warmup_steps",
+               "lr_schedule", "lr_min_ratio")
 
 
 def _settings(hparams: dict) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 import hydra
@@ -78,6 +79,7 @@ def build_loggers(cfg: DictConfig, resume_run_id: str | None = None) -> list:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the configured model; returns the final logged metrics."""
+    started = time.perf_counter()
     adopt_submitit_local_ranks()  # a submitit local job's tasks are its DDP ranks (as SLURM's are)
     requeued = check_resume_and_outputs(cfg)  # a requeued SLURM job: ckpt_path is now its own last.ckpt
     resume = preflight.check_settings(cfg)  # each bad value is refused before the data and the model are built
@@ -103,7 +105,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     log.info("model %s: %.2fM parameters; output dir %s", cfg.model._target_, n_params / 1e6, cfg.paths.output_dir)
 
     save_run_config(cfg, keep_existing=requeued is not None)  # every check passed (a refused run changes nothing)
+    fit_started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    fit_ended = time.perf_counter()
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     if trainer.is_global_zero and cfg.get("final_samples", True):
@@ -114,8 +118,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if trainer.is_global_zero:
         if best:
             log.info("best checkpoint %s; last %s", best, trainer.checkpoint_callback.last_model_path)
+        # where the wall clock went (imports before train() are not counted): the first-run overhead budget
+        seconds = {"before_fit": fit_started - started, "fit": fit_ended - fit_started,
+                   "after_fit": time.perf_counter() - fit_ended}
         summary = {"metrics": metrics, "global_step": trainer.global_step, "epoch": trainer.current_epoch,
-                   "best_checkpoint": best or None, "parameters": n_params}
+                   "best_checkpoint": best or None, "parameters": n_params,
+                   "seconds": {k: round(v, 2) for k, v in seconds.items()}}
         write_text_atomic(Path(cfg.paths.output_dir, "metrics.json"), json.dumps(summary, indent=2))  # read by diffusion.report
     return metrics
 

@@ -48,7 +48,7 @@ LOADER_KEYS = ("batch_size", "num_workers", "download", "decode_workers", "hflip
 #: the accuracy below which the metric's value is flagged as unreliable (a warning)
 LOW_ACCURACY = 0.9
 
-__all__ = ["DEFAULTS", "LeNet", "PenultimateFeatures", "accuracy", "check_labels", "check_options", "classifier_spec",
+__all__ = ["CONFIDENT", "DEFAULTS", "LeNet", "PenultimateFeatures", "accuracy", "class_confidence", "merge_confidence", "check_labels", "check_options", "classifier_spec",
            "labelled_datamodule", "set_up_datamodule", "split_images", "train_classifier", "trained_classifier"]
 
 
@@ -183,6 +183,41 @@ def feature_scale(net: LeNet, images: torch.Tensor, batch_size: int = 256) -> fl
     total = sum(float(net.penultimate(images[i : i + batch_size].to(device)).double().pow(2).sum())
                 for i in range(0, len(images), batch_size))
     return max(math.sqrt(total / (len(images) * net.num_features)), 1e-12)
+
+
+#: the probability above which a classification counts as confident (``class_confidence``)
+CONFIDENT = 0.8
+
+
+@torch.inference_mode()
+def class_confidence(net: LeNet, images: torch.Tensor, threshold: float = CONFIDENT, batch_size: int = 256) -> dict:
+    """How sure the classifier is of ``images`` (uint8 or [-1, 1]): ``confident``, the fraction whose most likely class
+    has softmax probability > ``threshold`` (a sample a person reads as some digit at a glance); ``histogram``, the
+    fraction of images predicted as each class; ``class_kl``, KL(histogram || uniform) = sum_k h_k log(K h_k) in nats
+    (0: every class equally often; log K: one class only), the mode coverage of a generator."""
+    device = next(net.parameters()).device
+    top, predicted = [], []
+    for start in range(0, len(images), batch_size):
+        probs = net(images[start : start + batch_size].to(device)).softmax(1).cpu()
+        p, k = probs.max(1)
+        top.append(p)
+        predicted.append(k)
+    top, predicted = torch.cat(top), torch.cat(predicted)
+    histogram = torch.bincount(predicted, minlength=net.num_classes).double() / len(images)
+    nonzero = histogram[histogram > 0]
+    kl = float((nonzero * (nonzero * net.num_classes).log()).sum())
+    return {"confident": float((top > threshold).double().mean()), "class_kl": kl, "histogram": histogram.tolist(),
+            "threshold": threshold, "n": len(images)}
+
+
+def merge_confidence(parts: list[dict]) -> dict:
+    """:func:`class_confidence` of the union of disjoint image sets, from each set's result (e.g. the DDP ranks')."""
+    n = sum(p["n"] for p in parts)
+    confident = sum(p["confident"] * p["n"] for p in parts) / n
+    histogram = (sum(torch.tensor(p["histogram"], dtype=torch.float64) * p["n"] for p in parts) / n)
+    nonzero = histogram[histogram > 0]
+    kl = float((nonzero * (nonzero * len(histogram)).log()).sum())
+    return {"confident": confident, "class_kl": kl, "histogram": histogram.tolist(), "threshold": parts[0]["threshold"], "n": n}
 
 
 @torch.inference_mode()
