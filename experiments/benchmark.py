@@ -23,11 +23,21 @@ before each clock read. Peak memory is measured per model around one training an
 allocated bytes on a GPU, the process's peak resident set size (RSS, reset through /proc/self/clear_refs) on a CPU.
 "Sampler overhead" is the time of ``sampler.step`` (everything in a denoising step but the network) as a
 percentage of the network's forward pass, for DDIM and DDPM.
+
+Achieved FLOP/s: the floating-point operations of one training step (forward and backward: matmuls, convolutions,
+attention, as ``torch.utils.flop_counter.FlopCounterMode`` counts them, the recomputation of gradient checkpointing
+included; elementwise work such as norms, activations and the optimizer counts nothing) and of one sampling step
+(forward), counted once per model on the eager path, divided by the step's measured median time. The machine's
+peak is a timed square matmul (``matmul_peak``: sizes doubled from 256 while one product takes under 0.1 s, up to
+2048 on a CPU and 8192 on a GPU; the best rate), in fp32 and bf16 (and fp16 for ``16-mixed``), with this process's
+threads and matmul precision settings; "% of peak" is the achieved rate against the peak of the run's precision
+(fp32 for ``32-true``, bf16 for ``bf16-mixed``, fp16 for ``16-mixed``).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import resource
@@ -44,6 +54,7 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -54,7 +65,11 @@ from diffusion.runtime import UsageError  # noqa: E402
 from diffusion.train import CONFIG_DIR, build_module  # noqa: E402
 
 MATCH_TOLERANCE = 0.10
-FIELDS = ("params", "train_images_per_s", "train_step_ms", "sample_images_per_s_per_step", "sample_step_ms", "peak_memory_mb")
+FIELDS = ("params", "train_images_per_s", "train_step_ms", "sample_images_per_s_per_step", "sample_step_ms", "peak_memory_mb",
+          "train_gflop", "train_gflop_per_s", "train_pct_of_peak", "sample_gflop", "sample_gflop_per_s", "sample_pct_of_peak")
+#: the dtype whose matmul peak a run's precision is compared with
+PEAK_DTYPE = {"32-true": "fp32", "32": "fp32", "bf16-mixed": "bf16", "16-mixed": "fp16"}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # --------------------------------------------------------------------------------------------- measuring
@@ -113,6 +128,58 @@ def peak_memory_mb(steps: list[Callable[[], None]], device: torch.device) -> flo
         step()
     _sync(device)
     return _peak_mb(device)
+
+
+# scaled_dot_product_attention's CPU kernel is missing from FlopCounterMode's registry (only the CUDA ones are in)
+# (the formulas take the shapes of the arguments, in the kernels' order)
+_CPU_ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+        lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v),
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
+        lambda grad_out, q, k, v, *args, out_shape=None, **kwargs: sdpa_backward_flop_count(grad_out, q, k, v),
+}
+
+
+def count_flops(fn: Callable[[], None]) -> int:
+    """Floating-point operations of one call of ``fn`` (matmuls, convolutions, attention; forward and backward), as
+    ``torch.utils.flop_counter.FlopCounterMode`` counts them, on the eager path (a compiled network is run eagerly:
+    the count is the same work)."""
+    with torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION_FLOPS) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+@functools.lru_cache(maxsize=None)
+def _matmul_peak(device: str, dtype: str, threads: int, min_seconds: float) -> dict:
+    device_, dt = torch.device(device), DTYPES[dtype]
+    largest = 8192 if device_.type == "cuda" else 2048
+    best, n = {"gflop_per_s": 0.0, "n": 0}, 256
+    while n <= largest:
+        a = torch.randn(n, n, device=device_).to(dt)
+        b = torch.randn(n, n, device=device_).to(dt)
+        a @ b  # warm-up (kernel selection, first-touch of the output)
+        _sync(device_)
+        calls, start = 0, time.perf_counter()
+        while True:
+            a @ b
+            calls += 1
+            _sync(device_)
+            elapsed = time.perf_counter() - start
+            if elapsed >= min_seconds:
+                break
+        rate = 2 * n**3 * calls / elapsed / 1e9
+        if rate > best["gflop_per_s"]:
+            best = {"gflop_per_s": rate, "n": n}
+        if elapsed / calls > 0.1:  # a larger product would take too long (bf16 without native support on a CPU)
+            break
+        n *= 2
+    return best
+
+
+def matmul_peak(device: torch.device, dtype: str, min_seconds: float = 0.1) -> dict:
+    """The machine's measured matmul rate in ``dtype`` (fp32, bf16 or fp16): ``{"gflop_per_s", "n"}``, the best of
+    square n x n products for n = 256, 512, ... (each timed for ``min_seconds``), measured once per process."""
+    return dict(_matmul_peak(str(device), dtype, torch.get_num_threads(), min_seconds))
 
 
 # --------------------------------------------------------------------------------------------- contenders
@@ -315,10 +382,23 @@ def measure(setup: Setup, warmup: int = 2, iters: int = 3, repeats: int = 5, loa
                 for name, c in contenders.items()}
     train = interleaved({n: c.train_step for n, c in contenders.items()}, device, warmup, iters, repeats)
     sample = interleaved({n: c.sample_step for n, c in contenders.items()}, device, warmup, iters, repeats)
-    for name in contenders:
+    precision = str(setup.info["config"]["precision"])
+    dtypes = ["fp32", "bf16"] + (["fp16"] if PEAK_DTYPE.get(precision) == "fp16" else [])
+    peaks = {dtype: matmul_peak(device, dtype) for dtype in dtypes}
+    reference = PEAK_DTYPE.get(precision, "fp32")
+    result["matmul_peak"] = {**{f"{d}_gflop_per_s": p["gflop_per_s"] for d, p in peaks.items()},
+                             **{f"{d}_n": p["n"] for d, p in peaks.items()}, "reference": reference,
+                             "threads": torch.get_num_threads()}
+    peak = peaks[reference]["gflop_per_s"]
+    for name, c in contenders.items():
+        train_gflop, sample_gflop = count_flops(c.train_step) / 1e9, count_flops(c.sample_step) / 1e9
         measured[name].update({
             "train_images_per_s": batch / train[name], "train_step_ms": train[name] * 1e3,
             "sample_images_per_s_per_step": batch / sample[name], "sample_step_ms": sample[name] * 1e3,
+            "train_gflop": train_gflop, "train_gflop_per_s": train_gflop / train[name],
+            "train_pct_of_peak": 100 * train_gflop / train[name] / peak,
+            "sample_gflop": sample_gflop, "sample_gflop_per_s": sample_gflop / sample[name],
+            "sample_pct_of_peak": 100 * sample_gflop / sample[name] / peak,
         })
         result[name] = {k: measured[name][k] for k in FIELDS}
     if "diffusers" in result:
@@ -369,6 +449,18 @@ def print_table(result: dict, cfg) -> None:
             print(f"{'ours/diff':10}{r['params']:>10.2f}{r['train_images_per_s']:>13.2f}x{r['sample_images_per_s_per_step']:>19.2f}x{r['peak_memory_mb']:>9.2f}x")
         else:
             print(f"{name:10}{r['params'] / 1e6:>9.2f}M{r['train_images_per_s']:>14.1f}{r['sample_images_per_s_per_step']:>20.1f}{r['peak_memory_mb']:>10.0f}")
+    peak = result["matmul_peak"]
+    print("matmul peak (square n x n, " + f"{peak['threads']} threads): "
+          + ", ".join(f"{d} {peak[f'{d}_gflop_per_s']:.1f} GFLOP/s (n={peak[f'{d}_n']})" for d in DTYPES if f"{d}_n" in peak))
+    print(f"{'':10}{'train GFLOP':>12}{'GFLOP/s':>10}{'% ' + peak['reference'] + ' peak':>14}"
+          f"{'sample GFLOP':>14}{'GFLOP/s':>10}{'% ' + peak['reference'] + ' peak':>14}")
+    for name, r in rows:
+        if name == "ratio":
+            print(f"{'ours/diff':10}{r['train_gflop']:>11.2f}x{r['train_gflop_per_s']:>9.2f}x{'':>14}"
+                  f"{r['sample_gflop']:>13.2f}x{r['sample_gflop_per_s']:>9.2f}x")
+        else:
+            print(f"{name:10}{r['train_gflop']:>12.2f}{r['train_gflop_per_s']:>10.1f}{r['train_pct_of_peak']:>13.1f}%"
+                  f"{r['sample_gflop']:>14.2f}{r['sample_gflop_per_s']:>10.1f}{r['sample_pct_of_peak']:>13.1f}%")
     o = result["sampler_overhead"]
     print("sampler overhead (step outside the network, % of a forward pass): " + ", ".join(f"{k[:-4]} {v:.2f}%" for k, v in o.items()))
     if "data_loader_images_per_s" in result:

@@ -1,17 +1,22 @@
-"""The benchmark script: its JSON holds every field for both frameworks, and diffusers' model is matched in size."""
+"""The benchmark script: its JSON holds every field for both frameworks, and diffusers' model is matched in size;
+its FLOP count is the closed form of known layers, and its FLOP/s and % of the matmul peak follow from its numbers."""
 
 import json
 import subprocess
 import sys
 
+from contextlib import nullcontext
+
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import UNet2DModel
+from torch import nn
 
 from tests.conftest import REPO
 
 sys.path.insert(0, str(REPO / "experiments"))
-from benchmark import FIELDS, MATCH_TOLERANCE, diffusers_config  # noqa: E402
+from benchmark import FIELDS, MATCH_TOLERANCE, Contender, count_flops, diffusers_config, matmul_peak  # noqa: E402
 
 from diffusion.models import UNet  # noqa: E402
 
@@ -32,6 +37,69 @@ def test_benchmark_writes_json(tmp_path):
     assert result["config"]["batch"] == 4 and result["diffusers_version"] and result["device"].startswith("cpu")
     assert result["data_loader_images_per_s"] > 0
     assert "ours/diff" in proc.stdout and "sampler overhead" in proc.stdout and "data loader" in proc.stdout
+
+    # achieved FLOP/s: the counted FLOPs over the measured time, against the fp32 matmul peak of a 32-true run
+    peak = result["matmul_peak"]
+    assert peak["reference"] == "fp32" and peak["fp32_gflop_per_s"] > 0 and peak["bf16_gflop_per_s"] > 0
+    for name in ("ours", "diffusers"):
+        r = result[name]
+        for step in ("train", "sample"):
+            rate = r[f"{step}_gflop"] / (r[f"{step}_step_ms"] / 1e3)
+            assert r[f"{step}_gflop_per_s"] == pytest.approx(rate)
+            assert r[f"{step}_pct_of_peak"] == pytest.approx(100 * rate / peak["fp32_gflop_per_s"])
+        # training: the forward pass and a backward pass of about twice it (the first layer needs no input gradient,
+        # attention's backward recomputes its scores)
+        assert 2.5 < r["train_gflop"] / r["sample_gflop"] < 3.1
+    assert result["ours"]["sample_gflop"] == pytest.approx(result["diffusers"]["sample_gflop"], rel=0.1)
+    assert f"fp32 {peak['fp32_gflop_per_s']:.1f} GFLOP/s (n={peak['fp32_n']})" in proc.stdout
+    assert f"{result['ours']['train_pct_of_peak']:.1f}%" in proc.stdout
+
+
+class TwoConvs(nn.Module):
+    def __init__(self, cin, mid, cout, k):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(cin, mid, k, padding=k // 2), nn.Conv2d(mid, cout, k, padding=k // 2)
+
+    def forward(self, x, t=None):
+        return self.b(self.a(x))
+
+
+def _contender(model, x0, loss=None):
+    sgd = {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.01}
+    return Contender("m", model, model, loss or (lambda x, t: model(x, t).square().mean()), lambda x, t: model(x, t),
+                     x0, 10, sgd, nullcontext)
+
+
+def test_flop_count_is_the_closed_form_of_convolutions():
+    n, cin, mid, cout, k, hw = 3, 2, 5, 4, 3, 6
+    contender = _contender(TwoConvs(cin, mid, cout, k), torch.randn(n, cin, hw, hw))
+    fwd_a, fwd_b = 2 * n * cin * mid * k * k * hw * hw, 2 * n * mid * cout * k * k * hw * hw
+    assert count_flops(contender.sample_step) == fwd_a + fwd_b
+    # backward: the weight gradient of both convolutions (one forward's worth each) and the input gradient of the
+    # second only (the data needs none)
+    assert count_flops(contender.train_step) == (fwd_a + fwd_a) + (fwd_b + 2 * fwd_b)
+
+
+def test_flop_count_includes_attention_on_a_cpu():
+    b, heads, length, dim = 2, 3, 16, 8
+    proj = nn.Linear(dim, dim)
+
+    def attend(x, t=None):
+        q = proj(x)
+        return F.scaled_dot_product_attention(q, q, q)
+
+    x0 = torch.randn(b, heads, length, dim)
+    linear = 2 * b * heads * length * dim * dim
+    attention = 2 * (2 * b * heads * length * length * dim)  # q k^T and (softmax) v
+    contender = _contender(proj, x0, loss=lambda x, t: attend(x).square().mean())
+    contender.forward = contender._sample_step = attend
+    assert count_flops(contender.sample_step) == linear + attention
+
+
+def test_matmul_peak_is_measured_in_fp32_and_bf16():
+    for dtype in ("fp32", "bf16"):
+        peak = matmul_peak(torch.device("cpu"), dtype, min_seconds=0.01)
+        assert peak["gflop_per_s"] > 0 and peak["n"] in (256, 512, 1024, 2048)
 
 
 @pytest.mark.parametrize(
