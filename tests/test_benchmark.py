@@ -123,3 +123,21 @@ def test_matched_diffusers_model_is_within_ten_percent(model, channels, size):
     if size <= 32:  # and it runs on our inputs with our output shape
         with torch.no_grad():
             assert UNet2DModel(**config)(x, torch.tensor([3, 7])).sample.shape == ours(x, torch.tensor([3, 7])).shape
+
+
+def test_steps_switch_the_mode_only_on_a_change(monkeypatch):
+    """Module.train() walks every submodule (0.6 ms for these UNets): it is no part of a step (Lightning switches
+    once per epoch), so the timed steps switch only when the mode changes."""
+    contender = _contender(TwoConvs(1, 2, 1, 3), torch.randn(2, 1, 4, 4))
+    calls, original = [], nn.Module.train
+
+    def train(self, mode=True):
+        if self is contender.model:
+            calls.append(mode)
+        return original(self, mode)
+
+    monkeypatch.setattr(nn.Module, "train", train)
+    for step in [contender.train_step] * 3 + [contender.sample_step] * 3 + [contender.train_step]:
+        step()
+    assert calls == [False, True]
+    assert contender.model.training and contender.model.a.training
