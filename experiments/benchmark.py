@@ -31,7 +31,9 @@ included; elementwise work such as norms, activations and the optimizer counts n
 peak is a timed square matmul (``matmul_peak``: sizes doubled from 256 while one product takes under 0.1 s, up to
 2048 on a CPU and 8192 on a GPU; the best rate), in fp32 and bf16 (and fp16 for ``16-mixed``), with this process's
 threads and matmul precision settings; "% of peak" is the achieved rate against the peak of the run's precision
-(fp32 for ``32-true``, bf16 for ``bf16-mixed``, fp16 for ``16-mixed``).
+(fp32 for ``32-true``, bf16 for ``bf16-mixed``, fp16 for ``16-mixed``). On a CPU without native bf16 (AVX2 only)
+the bf16 matmul is a slow fallback (~1 GFLOP/s against ~80-130 in fp32 on a 2-core EPYC) that oneDNN's bf16
+convolutions outrun, so a bf16-mixed run there can read over 100%: bf16-mixed does not pay on such a CPU.
 """
 
 from __future__ import annotations
