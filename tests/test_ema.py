@@ -78,3 +78,32 @@ def test_short_run_ema_tracks_the_weights_with_warm_up():
 def test_bad_values_are_one_line_errors(kwargs):
     with pytest.raises(ValueError, match="callbacks.ema.* is invalid"):
         EMA(**kwargs)
+
+
+class LinearWithValidation(Linear):
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val", torch.nn.functional.mse_loss(self.layer(x), y))
+
+
+def test_the_lean_update_is_lightnings_bit_for_bit_across_validation_swaps(monkeypatch):
+    """The cached-list update (EMA._pairs) against Lightning's own AveragedModel.update_parameters, over 3 epochs
+    whose validations swap the EMA weights in and out: the same averaged weights, bit for bit, and the lean path
+    really ran."""
+    def run(lean: bool):
+        torch.manual_seed(0)
+        x = torch.randn(12, 3)
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True)), batch_size=2)
+        ema = EMA(decay=0.9)
+        calls = []
+        if not lean:
+            monkeypatch.setattr(ema, "_pairs", lambda *a: calls.append(1))  # returns None: Lightning's update
+        trainer = L.Trainer(max_epochs=3, callbacks=[ema], logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+        trainer.fit(LinearWithValidation(), loader, loader)
+        return torch.cat([p.flatten() for p in ema._average_model.module.parameters()]), ema, calls
+
+    lean, ema, _ = run(True)
+    plain, _, calls = run(False)
+    assert ema._groups is not None and len(calls) == 17  # 18 steps: the first one copies
+    assert torch.equal(lean, plain)

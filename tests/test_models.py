@@ -141,7 +141,8 @@ def test_the_digits_default_network_is_unchanged_and_loads_old_checkpoints():
     from diffusion.module import DiffusionModule
 
     torch.manual_seed(0)
-    module = _module(_compose())
+    assert _compose().model.num_res_blocks == 1  # the digits default since the first-run study (experiments/first_run.py)
+    module = _module(_compose("model.num_res_blocks=2"))  # the network of the checkpoints written before it
     assert dict(module.hparams.model) == OLD_DIGITS_HPARAMS  # what its checkpoints record
     layout = _layout(module.model)
     assert sum(p.numel() for p in module.model.parameters()) == 989_217 and len(layout) == 246  # the README's 0.99 M

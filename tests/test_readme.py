@@ -71,7 +71,7 @@ COVERAGE = {
     'pip install -e ".[app]"': EXTRA,
     "python -m diffusion.app ckpt=outputs/train/<run>/checkpoints/last.ckpt": "tests/test_app.py::test_the_page_generates_the_models_samples_in_headless_chromium",
     # change one thing
-    "python -m diffusion.train schedule=cosine model.base_channels=384": (TRAIN, "tests/test_train.py::test_readme_override_example_reaches_the_unet"),
+    "python -m diffusion.train schedule=linear model.base_channels=384": (TRAIN, "tests/test_train.py::test_readme_override_example_reaches_the_unet"),
     "python -m diffusion.train sampler=ddpm module.sample_every_n_epochs=10": TRAIN,
     "python -m diffusion.train sampler.num_steps=100 sampler.eta=1.0": TRAIN,
     "python -m diffusion.train model=simple_unet data.image_size=32": TRAIN,
