@@ -41,6 +41,21 @@ def test_a_candidates_seconds_add_up_to_the_profilers_and_the_wall_clock(tmp_pat
     assert "`a=1`" in row and "| 4 |" in row and "90.0% / 90.0%" in row and f"{spent['overhead']:.0%}" in row
 
 
+def test_judging_a_run_you_trained(finished_run, classifier_cache, tmp_path, monkeypatch):
+    """``--judge <run>``: the run's own sampler draws the samples; both judges score them; the cached 16 px
+    classifier is read, not trained again; the table and JSON are written to --out."""
+    monkeypatch.setenv("DIFFUSION_CACHE", str(classifier_cache))
+    run, _ = finished_run
+    result = first_run.main(["--judge", str(run), "--out", str(tmp_path), "--samples", "16"])
+    row = result["runs"][run.name]
+    assert row["sampler"].startswith("ddim, 3 steps") and row["time"]["steps_done"] == 4
+    assert set(row["quality"]) == {"16px", "8px"} and all(q["samples"] == 16 for q in row["quality"].values())
+    assert result["classifiers"]["16px"]["trained"] is False, "the cached classifier is used"
+    assert result["classifiers"]["8px"]["val_confident"]["confident"] > 0.9, "the 8 px judge reads real digits"
+    assert json.loads((tmp_path / "first_run.json").read_text())["runs"][run.name]["quality"] == row["quality"]
+    assert f"| {run.name} |" in (tmp_path / "first_run.md").read_text()
+
+
 def test_area_resize_averages_each_block():
     x = torch.arange(16, dtype=torch.uint8).view(1, 1, 4, 4) * 10
     small = first_run.area_resize(x, 2)
