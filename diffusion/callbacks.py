@@ -3,6 +3,8 @@ last.ckpt at every epoch, checkpoints written atomically, a non-finite-loss guar
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import hashlib
 import json
 import logging
@@ -229,21 +231,28 @@ class ModelCheckpoint(LightningModelCheckpoint):
         every = self._every_n_epochs
         return every >= 1 and ((trainer.current_epoch + 1) % every == 0 or _last_epoch(trainer))
 
-    def on_validation_end(self, trainer, pl_module) -> None:
+    @contextmanager
+    def _every_epoch_if_last(self, trainer):
+        """Lightning's top-k check runs when (epoch + 1) % every_n_epochs == 0; at the run's last epoch, whatever N."""
         every = self._every_n_epochs
         if every > 1 and self._due(trainer):
-            self._every_n_epochs = 1  # Lightning's top-k check of the last epoch too, whatever N
+            self._every_n_epochs = 1
         try:
-            super().on_validation_end(trainer, pl_module)
+            yield
         finally:
             self._every_n_epochs = every
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        with self._every_epoch_if_last(trainer):
+            super().on_validation_end(trainer, pl_module)
         if not self._should_save_on_train_epoch_end(trainer) and self._due(trainer):  # else at the epoch's end
             self.save_last_now(trainer)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         # after this epoch's validation; also where max_steps stops a run within an epoch. (Not on_train_end: the EMA
         # callback has copied the EMA weights over the raw ones by then.)
-        super().on_train_epoch_end(trainer, pl_module)
+        with self._every_epoch_if_last(trainer):
+            super().on_train_epoch_end(trainer, pl_module)
         if self._due(trainer):
             self.save_last_now(trainer)
 

@@ -326,6 +326,12 @@ class DiffusionModule(L.LightningModule):
         return path
 
     # ----------------------------------------------------------------------------------------------- optimiser
+    _lr_total_steps = 0  # the run's optimizer steps, for lr_schedule=cosine (0 until training starts)
+
+    def on_train_start(self) -> None:
+        if self.hparams.get("lr_schedule", "constant") == "cosine":
+            self._lr_total_steps = int(self.trainer.estimated_stepping_batches)
+
     def configure_optimizers(self):
         trainer = self._trainer
         optimizer = build_optimizer(self.hparams.optimizer, self.parameters(), self.device,
@@ -335,8 +341,10 @@ class DiffusionModule(L.LightningModule):
         cosine = self.hparams.get("lr_schedule", "constant") == "cosine"
         if warmup <= 0 and not cosine:
             return optimizer
-        total = int(trainer.estimated_stepping_batches) if cosine and trainer is not None else 0
-        factor = lambda step: lr_factor(step, warmup, total, self.hparams.get("lr_min_ratio", 0.0))  # noqa: E731
+        # the run's step count is read at on_train_start: trainer.estimated_stepping_batches here would set up the
+        # train loader before a resumed run restores its place in the epoch (a mid-epoch resume then diverged)
+        factor = lambda step: lr_factor(step, warmup, self._lr_total_steps if cosine else 0,  # noqa: E731
+                                        self.hparams.get("lr_min_ratio", 0.0))
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 

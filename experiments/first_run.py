@@ -46,17 +46,20 @@ sys.path.insert(0, str(REPO))
 #: the digits default before issue #15 (45 epochs of the 2-block UNet, eps, linear schedule, constant learning rate)
 PREVIOUS = ["model.num_res_blocks=2", "schedule=linear", "process.objective=eps", "module.lr_schedule=constant",
             "trainer.max_epochs=45"]
-#: candidate name -> overrides of the training CLI; ``default``: the README's command as it stands. Each other one
-#: names every setting it changes from PREVIOUS, so that it stays the same run whatever the default becomes.
+#: candidate name -> overrides of the training CLI; ``default``: the README's command as it stands (today: PREVIOUS with
+#: one block per level, the cosine learning-rate decay and 50 epochs). Each other one names every setting it changes
+#: from PREVIOUS, so that it stays the same run whatever the default becomes.
 CANDIDATES: dict[str, list[str]] = {
     "default": [],
     "previous": PREVIOUS,
     "cosine_lr": [*PREVIOUS, "module.lr_schedule=cosine", "trainer.max_epochs=40"],
     "cosine_lr_v": [*PREVIOUS, "module.lr_schedule=cosine", "trainer.max_epochs=40", "process.objective=v"],
     "cosine_lr_cosine_schedule": [*PREVIOUS, "module.lr_schedule=cosine", "trainer.max_epochs=40", "schedule=cosine"],
-    "1_block": [*PREVIOUS, "module.lr_schedule=cosine", "trainer.max_epochs=55", "model.num_res_blocks=1"],
+    "1_block_55": [*PREVIOUS, "module.lr_schedule=cosine", "trainer.max_epochs=55", "model.num_res_blocks=1"],
     "1_block_v": [*PREVIOUS, "module.lr_schedule=cosine", "trainer.max_epochs=50", "model.num_res_blocks=1",
                   "process.objective=v"],
+    "1_block_v_cosine_schedule": [*PREVIOUS, "module.lr_schedule=cosine", "trainer.max_epochs=50",
+                                  "model.num_res_blocks=1", "process.objective=v", "schedule=cosine"],
 }
 SAMPLES = 400
 SEED = 0

@@ -22,6 +22,7 @@ from tests.conftest import FAST, REPO, clean_env
 
 QUIET = ["module.sample_every_n_epochs=0", "final_samples=false"]
 BY_EPOCH = "callbacks.model_checkpoint.monitor=epoch"  # mode=min: epoch 0 stays the best, every later epoch is worse
+EVERY_EPOCH = "callbacks.model_checkpoint.every_n_epochs=1"  # the default saves every 5 epochs and at the last
 
 
 def _load(path) -> dict:
@@ -41,7 +42,7 @@ def test_a_nan_loss_stops_the_run_in_one_line_and_keeps_the_last_good_checkpoint
     """Item 11: the weights turn NaN before step 3 (epoch 1, 2 steps per epoch): the run stops there with exit 1 and
     one line naming the step; last.ckpt is still epoch 0's (step 2, finite); no final grid or metrics.json."""
     out = tmp_path / "o"
-    proc = train_cli(*FAST, "trainer.max_epochs=2", "logger=none", "final_samples=true",
+    proc = train_cli(*FAST, "trainer.max_epochs=2", "logger=none", "final_samples=true", EVERY_EPOCH,
                      "+callbacks.nan._target_=tests.helpers.NaNAtStep", "+callbacks.nan.step=3", f"hydra.run.dir={out}")
     assert proc.returncode == 1, proc.output[-3000:]
     assert "Traceback" not in proc.output
@@ -51,6 +52,18 @@ def test_a_nan_loss_stops_the_run_in_one_line_and_keeps_the_last_good_checkpoint
     last = _load(out / "checkpoints" / "last.ckpt")
     assert last["global_step"] == 2 and _finite(last)
     assert not (out / "samples" / "final.png").exists() and not (out / "metrics.json").exists()
+
+
+def test_checkpoints_come_every_n_epochs_and_at_the_last_one(train_cli, tmp_path):
+    """every_n_epochs=2 over 3 epochs of 2 steps, monitoring the epoch (mode min: the earliest checked is best): the
+    best-so-far check and last.ckpt come at epoch 1 and at the last epoch 2 (not a multiple of 2), never at epoch 0."""
+    out = tmp_path / "o"
+    proc = train_cli(*FAST, *QUIET, BY_EPOCH, "trainer.max_epochs=3", "logger=none",
+                     "callbacks.model_checkpoint.every_n_epochs=2", f"hydra.run.dir={out}")
+    assert proc.returncode == 0, proc.output[-3000:]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best-epoch001.ckpt", "last.ckpt"]
+    assert _load(out / "checkpoints" / "last.ckpt")["global_step"] == 6
+    assert _load(out / "checkpoints" / "best-epoch001.ckpt")["global_step"] == 4
 
 
 def _wait_for(condition, proc, what: str, timeout: float = 120.0):
@@ -69,7 +82,7 @@ def test_sigterm_saves_and_exits_143_last_ckpt_follows_every_epoch_and_resume_ke
     (offline: a new offline-run-*-<same id> folder) and the earlier best stays the best (Lightning alone made the
     next, worse epoch "best")."""
     a, b = tmp_path / "a", tmp_path / "b"
-    common = [*FAST, *QUIET, BY_EPOCH]  # W&B (offline) logger: the default
+    common = [*FAST, *QUIET, BY_EPOCH, EVERY_EPOCH]  # W&B (offline) logger: the default
     last = a / "checkpoints" / "last.ckpt"
     cmd = [sys.executable, "-m", "diffusion.train", *common, "trainer.max_epochs=1000", f"hydra.run.dir={a}"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=clean_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -14,13 +14,15 @@ sys.path.insert(0, str(REPO / "experiments"))
 import first_run  # noqa: E402
 
 
-def test_a_candidates_seconds_add_up_to_the_profilers_and_the_wall_clock(tmp_path, monkeypatch):
-    """A tiny candidate trained as the script trains one (the training CLI with the SimpleProfiler on): the steps,
-    validation, grids and checkpoints are the profiler's totals, they and the rest add up to the wall clock, and the
-    run's metrics.json says where its seconds went."""
+def test_a_candidates_seconds_add_up_to_the_profilers_and_the_wall_clock(classifier_cache, tmp_path, monkeypatch):
+    """``--only <candidate> --out DIR`` on a tiny candidate, trained as the script trains every one (the training CLI
+    with the SimpleProfiler on): the steps, validation, grids and checkpoints are the profiler's totals, they and the
+    rest add up to the wall clock, the run's metrics.json says where its seconds went, and the table shows them."""
+    monkeypatch.setenv("DIFFUSION_CACHE", str(classifier_cache))
     monkeypatch.setitem(first_run.CANDIDATES, "tiny", [*FAST, "trainer.max_epochs=2", "module.sample_every_n_epochs=1",
                                                       "logger=none"])
-    spent = first_run.train("tiny", first_run.CANDIDATES["tiny"], tmp_path, threads=1)
+    result = first_run.main(["--only", "tiny", "--out", str(tmp_path), "--samples", "16"])
+    spent = result["runs"]["tiny"]["time"]
     report = (tmp_path / "tiny" / "fit-profile.txt").read_text()
     assert "run_training_batch" in report and "sample_grid" in report
     totals = first_run.profiled_seconds(tmp_path / "tiny" / "fit-profile.txt")
@@ -33,6 +35,8 @@ def test_a_candidates_seconds_add_up_to_the_profilers_and_the_wall_clock(tmp_pat
     assert set(seconds) == {"before_fit", "fit", "after_fit"} and seconds["after_fit"] > 0  # the final grid
     assert sum(seconds.values()) < spent["wall"]
 
+    assert set(result["runs"]["tiny"]["quality"]) == {"8px", "16px"}
+    assert "| tiny |" in (tmp_path / "first_run.md").read_text()
     quality = {"confident": 0.9, "class_kl": 0.01, "histogram": [0.1] * 10, "fd": 0.2, "fd@180": 0.3, "real_fd": 0.25}
     about = {"num_train": 1617, "num_val": 180, "accuracy": 0.97, "val_confident": {"confident": 0.95}}
     text = first_run.table({"tiny": {"overrides": ["a=1"], "time": spent, "quality": {"8px": quality, "16px": quality}}},

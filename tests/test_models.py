@@ -176,7 +176,8 @@ def test_the_default_model_fits_every_data_option_at_its_own_size(data):
     assert net(torch.zeros(1, channels, size, size), torch.zeros(1, dtype=torch.long)).shape == (1, channels, size, size)
     for h in hooks:
         h.remove()
-    assert len(sides) == 2 + 3 + 1 and set(sides) == {size // 4}  # down blocks, up blocks, the middle block
+    blocks = cfg.model.num_res_blocks  # 1 for the digits default
+    assert len(sides) == blocks + (blocks + 1) + 1 and set(sides) == {size // 4}  # down blocks, up blocks, the middle
 
 
 @pytest.mark.parametrize("overrides, text", [

@@ -71,7 +71,7 @@ COVERAGE = {
     'pip install -e ".[app]"': EXTRA,
     "python -m diffusion.app ckpt=outputs/train/<run>/checkpoints/last.ckpt": "tests/test_app.py::test_the_page_generates_the_models_samples_in_headless_chromium",
     # change one thing
-    "python -m diffusion.train schedule=linear model.base_channels=384": (TRAIN, "tests/test_train.py::test_readme_override_example_reaches_the_unet"),
+    "python -m diffusion.train schedule=cosine model.base_channels=384": (TRAIN, "tests/test_train.py::test_readme_override_example_reaches_the_unet"),
     "python -m diffusion.train sampler=ddpm module.sample_every_n_epochs=10": TRAIN,
     "python -m diffusion.train sampler.num_steps=100 sampler.eta=1.0": TRAIN,
     "python -m diffusion.train model=simple_unet data.image_size=32": TRAIN,
@@ -112,6 +112,10 @@ COVERAGE = {
     # speed
     'pip install -e ".[bench]"': EXTRA,
     "python experiments/benchmark.py": "tests/test_benchmark.py::test_benchmark_writes_json",
+    # the first run
+    "python experiments/first_run.py --out outputs/first_run": "tests/test_first_run.py::test_a_candidates_seconds_add_up_to_the_profilers_and_the_wall_clock",
+    "python experiments/first_run.py --only default --out outputs/first_run": "tests/test_first_run.py::test_a_candidates_seconds_add_up_to_the_profilers_and_the_wall_clock",
+    "python experiments/first_run.py --judge outputs/train/<run>": "tests/test_first_run.py::test_judging_a_run_you_trained",
     "python experiments/benchmark.py model.base_channels=128 model.channel_mult=[1,2,2,2] model.attention_resolutions=[16] data.image_size=64 --batch 16 --warmup 1 --iters 1 --repeats 3 --no-loader": "tests/test_benchmark.py::test_matched_diffusers_model_is_within_ten_percent",
     "python experiments/benchmark.py trainer.precision=bf16-mixed model.compile=true model.channels_last=true --device cuda": ("tests/test_speed.py::test_speed_option_trains_to_the_same_loss", "tests/test_speed.py::test_compile_trains_to_the_same_loss_and_keeps_the_checkpoint_format", "tests/test_speed.py::test_channels_last_reaches_the_network"),
 }

@@ -27,7 +27,7 @@ def test_fast_dev_run_exits_zero(train_cli, tmp_path):
 def test_readme_override_example_reaches_the_unet(train_cli, tmp_path):
     # base_channels=384 on the digits default's 1-2-4 levels would be ~576M parameters: two levels keep it small
     proc = train_cli(
-        "schedule=linear", "model.base_channels=384", "model.channel_mult=[1,1]", "model.num_res_blocks=1",
+        "schedule=cosine", "model.base_channels=384", "model.channel_mult=[1,1]", "model.num_res_blocks=1",
         "model.attention_resolutions=[8]", "trainer.fast_dev_run=true", "data.batch_size=2",
         "module.num_samples=1", "sampler.num_steps=2", "logger=none", f"hydra.run.dir={tmp_path / 'o'}",
     )
@@ -36,7 +36,7 @@ def test_readme_override_example_reaches_the_unet(train_cli, tmp_path):
     logged = float(re.search(r"UNet: ([\d.]+)M parameters", proc.output).group(1))
     assert logged == pytest.approx(expected / 1e6, abs=0.01)
     config = yaml.safe_load((tmp_path / "o" / ".hydra" / "config.yaml").read_text())
-    assert config["schedule"]["_target_"].endswith("LinearSchedule")
+    assert config["schedule"]["_target_"].endswith("CosineSchedule")
 
 
 @pytest.mark.parametrize(
