@@ -86,7 +86,7 @@ def classifiers() -> dict:
     and shown the samples averaged down the same way: it judges the digit's shape, not fine texture at 16 px.
     (Not trained on sklearn's original 8 x 8 arrays: the real 16 px images averaged down differ from those by an FD of
     2.5, more than the samples differ from the real images.)"""
-    from diffusion.metrics.classifier import (DEFAULTS, PenultimateFeatures, class_confidence, feature_scale,
+    from diffusion.metrics.classifier import (DEFAULTS, PenultimateFeatures, accuracy, class_confidence, feature_scale,
                                               set_up_datamodule, split_images, train_classifier, trained_classifier)
 
     data, cache_dir = digits_config()
@@ -99,8 +99,6 @@ def classifiers() -> dict:
     labels = torch.from_numpy(datamodule.split_labels("train"))
     net = train_classifier(small["train"], labels, info["num_classes"], **DEFAULTS)
     val_labels = torch.from_numpy(datamodule.split_labels("val"))
-    from diffusion.metrics.classifier import accuracy
-
     info8 = {**info, "accuracy": accuracy(net, small["val"], val_labels), "val_confident": class_confidence(net, small["val"])}
     judges["8px"] = (PenultimateFeatures(net, feature_scale(net, small["train"])), small, info8, 8)
     return judges

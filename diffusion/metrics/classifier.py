@@ -204,10 +204,14 @@ def class_confidence(net: LeNet, images: torch.Tensor, threshold: float = CONFID
         predicted.append(k)
     top, predicted = torch.cat(top), torch.cat(predicted)
     histogram = torch.bincount(predicted, minlength=net.num_classes).double() / len(images)
+    return {"confident": float((top > threshold).double().mean()), "class_kl": kl_to_uniform(histogram),
+            "histogram": histogram.tolist(), "threshold": threshold, "n": len(images)}
+
+
+def kl_to_uniform(histogram: torch.Tensor) -> float:
+    """KL(h || uniform) = sum_k h_k log(K h_k) in nats, empty classes contributing 0."""
     nonzero = histogram[histogram > 0]
-    kl = float((nonzero * (nonzero * net.num_classes).log()).sum())
-    return {"confident": float((top > threshold).double().mean()), "class_kl": kl, "histogram": histogram.tolist(),
-            "threshold": threshold, "n": len(images)}
+    return float((nonzero * (nonzero * len(histogram)).log()).sum())
 
 
 def merge_confidence(parts: list[dict]) -> dict:
@@ -215,9 +219,8 @@ def merge_confidence(parts: list[dict]) -> dict:
     n = sum(p["n"] for p in parts)
     confident = sum(p["confident"] * p["n"] for p in parts) / n
     histogram = (sum(torch.tensor(p["histogram"], dtype=torch.float64) * p["n"] for p in parts) / n)
-    nonzero = histogram[histogram > 0]
-    kl = float((nonzero * (nonzero * len(histogram)).log()).sum())
-    return {"confident": confident, "class_kl": kl, "histogram": histogram.tolist(), "threshold": parts[0]["threshold"], "n": n}
+    return {"confident": confident, "class_kl": kl_to_uniform(histogram), "histogram": histogram.tolist(),
+            "threshold": parts[0]["threshold"], "n": n}
 
 
 @torch.inference_mode()
