@@ -32,7 +32,8 @@ def test_a_candidates_seconds_add_up_to_the_profilers_and_the_wall_clock(classif
     assert parts == pytest.approx(spent["wall"]) and spent["profiled"] < spent["wall"]
     assert spent["overhead"] == pytest.approx(1 - spent["steps"] / spent["wall"])
     seconds = json.loads((tmp_path / "tiny" / "metrics.json").read_text())["seconds"]
-    assert set(seconds) == {"before_fit", "fit", "after_fit"} and seconds["after_fit"] > 0  # the final grid
+    # after_fit may round to 0.0: the final grid reuses the last epoch's (sample_every_n_epochs=1)
+    assert set(seconds) == {"before_fit", "fit", "after_fit"} and min(seconds.values()) >= 0
     assert sum(seconds.values()) < spent["wall"]
 
     assert set(result["runs"]["tiny"]["quality"]) == {"8px", "16px"}
