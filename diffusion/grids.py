@@ -154,3 +154,22 @@ def save_new(image, path: Path) -> Path:
     with open(path, "xb") as f:  # exclusive: fails if the file appeared since it was checked
         f.write(buf.getvalue())
     return path
+
+
+def figure_image(figure):
+    """A :func:`labelled_figure` rendered as a PIL RGB image, pixel for pixel (its texts go in ``image.info``)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    figure.savefig(buf, format="png", dpi=DPI, metadata={"Software": "diffusion", **getattr(figure, "labels", {})})
+    image = Image.open(io.BytesIO(buf.getvalue()))
+    image.load()
+    return image
+
+
+def class_rows_image(images: torch.Tensor, per_class: int, class_labels: list[str], title: str):
+    """A class-conditional grid as a PIL image: row r holds ``per_class`` images of class ``class_labels[r]``, named
+    left of the row, under ``title``."""
+    grid = grid_array(images, nrow=per_class)
+    layout = GridLayout.of(len(images), max(images.shape[-2:]), per_class, scale=readable_scale(max(images.shape[-2:])))
+    return figure_image(labelled_figure(grid, layout, title, row_labels=class_labels))

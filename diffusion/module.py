@@ -20,10 +20,11 @@ import torch
 from hydra.utils import instantiate
 from torchmetrics import MeanMetric
 
-from diffusion.grids import grid_image, to_uint8  # noqa: F401 - to_uint8 is also imported from here
+from diffusion.grids import class_rows_image, grid_image, to_uint8  # noqa: F401 - to_uint8 is also imported from here
 from diffusion.models.speed import apply_speed_options, split_speed_options
 from diffusion.processes.base import build_process
 from diffusion.samplers.base import Sampler
+from diffusion.samplers.guidance import check_labels
 from diffusion.samplers.registry import LEGACY_TARGETS, build_sampler, sampler_config
 from diffusion.timesteps import build_timestep_sampler
 
@@ -130,6 +131,10 @@ class DiffusionModule(L.LightningModule):
             draws exactly what an uninterrupted one would have.
         data: the data config the model was trained on, kept in the checkpoint so that evaluation finds its
             validation set without the training config (not used for training).
+        cond_drop_prob: a class-conditional model (``model.num_classes``, batches of (images, labels)): the rate at
+            which training replaces a label by the null class, so that the one network also learns the
+            unconditional model that classifier-free guidance needs (Ho & Salimans 2022: 0.1-0.2). Unused otherwise.
+        class_names: the data's class names, in label order (grid rows, the app's class picker); None: the indices.
     """
 
     def __init__(
@@ -146,10 +151,15 @@ class DiffusionModule(L.LightningModule):
         sample_every_n_epochs: int = 5,
         seed: int = 0,
         data: dict | None = None,
+        cond_drop_prob: float = 0.1,
+        class_names: list[str] | None = None,
         **legacy: Any,
     ):
         super().__init__()
         check_lr_schedule(lr_schedule, lr_min_ratio, lr_warmup_steps)
+        if isinstance(cond_drop_prob, bool) or not isinstance(cond_drop_prob, (int, float)) or not 0 <= cond_drop_prob < 1:
+            raise ValueError(f"module.cond_drop_prob={cond_drop_prob!r} is invalid: it must be a number in [0, 1) "
+                             "(the rate of labels replaced by the null class in training; 0.1 is usual)")
         if legacy or process is None or _has_legacy_targets(schedule, sampler):
             # hyper-parameters of a checkpoint written before conf/process/ (Lightning's load_from_checkpoint passes
             # them as they were saved): today's layout, so that such a checkpoint is read as it was trained
@@ -162,10 +172,14 @@ class DiffusionModule(L.LightningModule):
         self.save_hyperparameters({"model": model, "schedule": schedule, "sampler": sampler, "optimizer": optimizer,
                                    "process": process, "lr_warmup_steps": lr_warmup_steps, "lr_schedule": lr_schedule,
                                    "lr_min_ratio": lr_min_ratio, "num_samples": num_samples,
-                                   "sample_every_n_epochs": sample_every_n_epochs, "seed": seed, "data": data})
+                                   "sample_every_n_epochs": sample_every_n_epochs, "seed": seed, "data": data,
+                                   "cond_drop_prob": cond_drop_prob,
+                                   "class_names": None if class_names is None else [str(c) for c in class_names]})
         network, speed = split_speed_options(model)
         self.model = apply_speed_options(instantiate(network), **speed)
         self.process = build_process(process, instantiate(schedule), self.model.in_channels, network.get("learn_sigma"))
+        if class_names is not None and len(class_names) != self.num_classes:
+            raise ValueError(f"module class_names has {len(class_names)} names for model.num_classes={self.num_classes}")
         self.sampler = self.build_sampler(sampler)
         self.timestep_sampler = build_timestep_sampler(self.process.timestep_sampling, self.process.num_timesteps)
         self.quartile_loss = torch.nn.ModuleList(MeanMetric() for _ in range(NUM_QUARTILES))
@@ -202,8 +216,29 @@ class DiffusionModule(L.LightningModule):
             config = sampler_config(name)
         return self.build_sampler(config, **({"num_steps": num_steps} if num_steps is not None else {}), **options)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.model(x, t)
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(x, t) if y is None else self.model(x, t, y)
+
+    @property
+    def num_classes(self) -> int | None:
+        """The classes of a class-conditional network (``model.num_classes``), None for an unconditional one."""
+        return getattr(self.model, "num_classes", None)
+
+    @property
+    def class_names(self) -> list[str]:
+        """The name of each class, in label order (the indices when the data gave none)."""
+        names = self.hparams.get("class_names")
+        return list(names) if names else [str(k) for k in range(self.num_classes or 0)]
+
+    def split_batch(self, batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(images, labels or None) from a batch: images, or (images, labels) from ``data.conditional=true``."""
+        images, labels = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)
+        if (labels is None) != (self.num_classes is None):
+            raise ValueError("a class-conditional model (model.num_classes) needs data.conditional=true, and "
+                             "data.conditional=true a class-conditional model" if labels is None else
+                             "batches hold labels (data.conditional=true) but the model is unconditional: "
+                             "leave model.num_classes null, diffusion.train sets it from the data")
+        return images, labels
 
     def _seeded_generator(self, *keys: int) -> torch.Generator:
         if self._generator is None or self._generator.device != self.device:
@@ -219,21 +254,30 @@ class DiffusionModule(L.LightningModule):
         return (m.in_channels, m.image_size, m.image_size)
 
     # ----------------------------------------------------------------------------------------------- training
-    def _losses(self, batch: torch.Tensor, generator: torch.Generator, t: torch.Tensor | None = None):
-        x0 = to_model_range(batch)
+    def _losses(self, batch, generator: torch.Generator, t: torch.Tensor | None = None, drop_labels: bool = False):
+        images, labels = self.split_batch(batch)
+        x0 = to_model_range(images)
         if t is None:
             t = self.process.sample_timesteps(x0.shape[0], x0.device, generator)
         noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
-        return self.process.training_losses(self.model, x0, t, noise), t
+        model = self.model
+        if labels is not None:
+            p = self.hparams.get("cond_drop_prob", 0.0)
+            if drop_labels and p > 0:  # Ho & Salimans Algorithm 1: c <- null with probability p_uncond
+                dropped = torch.rand(labels.shape, device=labels.device, generator=generator) < p
+                labels = labels.masked_fill(dropped, self.num_classes)
+            model = _Conditioned(self.model, labels)
+        return self.process.training_losses(model, x0, t, noise), t
 
-    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         g = self._seeded_generator(1, self.global_rank, self.global_step)
         if self.timestep_sampler is None:
-            losses, t = self._losses(batch, g)
+            losses, t = self._losses(batch, g, drop_labels=True)
             loss = losses.mean()
         else:  # importance: the weighted mean estimates the uniform one; every rank's losses update the history
-            t, weights = self.timestep_sampler.sample(batch.shape[0], batch.device, g)
-            losses, _ = self._losses(batch, g, t)
+            images, _ = self.split_batch(batch)
+            t, weights = self.timestep_sampler.sample(images.shape[0], images.device, g)
+            losses, _ = self._losses(batch, g, t, drop_labels=True)
             self.timestep_sampler.update(self.all_gather(t), self.all_gather(losses.detach()))
             loss = (losses * weights).mean()
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=losses.shape[0])
@@ -245,7 +289,7 @@ class DiffusionModule(L.LightningModule):
             self.log(f"train/loss_q{q}", metric, on_step=False, on_epoch=True)
         return loss
 
-    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+    def validation_step(self, batch, batch_idx: int) -> None:
         # The same noise for the same batch every epoch: val/loss curves compare like with like.
         losses, _ = self._losses(batch, self._seeded_generator(2, self.global_rank, batch_idx))
         self.log("val/loss", losses.mean(), prog_bar=True, sync_dist=True, batch_size=losses.shape[0])
@@ -273,12 +317,25 @@ class DiffusionModule(L.LightningModule):
         return_trajectory: bool = False,
         progress: bool = False,
         trajectory_points: int | None = None,
+        labels=None,
     ):
-        """Draw ``n`` images in [-1, 1] with ``sampler`` (default: the configured one); see :meth:`Sampler.sample`."""
+        """Draw ``n`` images in [-1, 1] with ``sampler`` (default: the configured one); see :meth:`Sampler.sample`.
+
+        ``labels``: ``n`` classes of a class-conditional model, guided at the sampler's ``guidance_scale``; None
+        draws unconditionally (the null class). ValueError (one line) for classes outside the model's, classes for an
+        unconditional model, or guidance without classes."""
+        sampler = sampler or self.sampler
+        if labels is not None:
+            labels = check_labels(labels, self.num_classes)
+            if len(labels) != n:
+                raise ValueError(f"{len(labels)} labels for {n} images")
+        elif sampler.guidance_scale != 1.0 and self.num_classes is None:
+            raise ValueError(f"sampler guidance_scale={sampler.guidance_scale:g} is invalid for this model: it is "
+                             "unconditional (trained without data.conditional=true), so there is nothing to guide")
         was_training = self.training
         self.eval()
         try:
-            return (sampler or self.sampler).sample(
+            return sampler.sample(
                 self.model,
                 (n, *self.image_shape),
                 generator=generator,
@@ -286,6 +343,7 @@ class DiffusionModule(L.LightningModule):
                 return_trajectory=return_trajectory,
                 progress=progress,
                 trajectory_points=trajectory_points,
+                labels=None if labels is None else labels.to(self.device),
             )
         finally:
             self.train(was_training)
@@ -300,16 +358,22 @@ class DiffusionModule(L.LightningModule):
         seed = self.hparams.seed
         g = torch.Generator(device=self.device).manual_seed(seed)
         profiler = getattr(self._trainer, "profiler", None)
+        labels, per_class = self.grid_labels(n)
         key = (self.global_step, self.sampler.describe(), n, seed, _weights_sum(self.model))
         if self._last_grid is not None and self._last_grid[0] == key:  # the same weights, sampler and noise: the
             images = self._last_grid[1]  # same images (the final grid after a last epoch that drew one)
         else:
             with profiler.profile("sample_grid") if profiler is not None else nullcontext():  # in the profiler's report
-                images = self.sample(n, generator=g).samples
+                images = self.sample(n if labels is None else len(labels), generator=g, labels=labels).samples
             self._last_grid = (key, images)
-        image = grid_image(images, nrow=max(1, int(n**0.5)))
         when = f"epoch {epoch}" if epoch is not None else f"end of training, {self.current_epoch} epochs"
         caption = f"{name}: {when}, step {self.global_step}; {self.sampler.describe()}, seed {seed}"
+        if labels is None:
+            image = grid_image(images, nrow=max(1, int(n**0.5)))
+        else:  # one row per class, named
+            image = class_rows_image(images, per_class, self.class_names, f"{when}, step {self.global_step}; "
+                                     f"{self.sampler.describe()}, seed {seed}")
+            caption += "; one row per class"
         path = None
         if self._trainer is not None:
             path = Path(self.trainer.default_root_dir) / "samples" / f"{name}.png"
@@ -324,6 +388,14 @@ class DiffusionModule(L.LightningModule):
                     logger.experiment.add_image("samples", pixels, self.global_step,
                                                 dataformats="HW" if pixels.ndim == 2 else "HWC")
         return path
+
+    def grid_labels(self, n: int) -> tuple[torch.Tensor | None, int]:
+        """A sample grid's classes: for a class-conditional model every class, ``max(1, n // num_classes)`` images
+        each, in rows (labels, images per class); for an unconditional one (None, n)."""
+        if self.num_classes is None:
+            return None, n
+        per_class = max(1, n // self.num_classes)
+        return torch.arange(self.num_classes).repeat_interleave(per_class), per_class
 
     # ----------------------------------------------------------------------------------------------- optimiser
     _lr_total_steps = 0  # the run's optimizer steps, for lr_schedule=cosine (0 until training starts)
@@ -347,6 +419,16 @@ class DiffusionModule(L.LightningModule):
                                         self.hparams.get("lr_min_ratio", 0.0))
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+class _Conditioned:
+    """``(x, t) -> network(x, t, labels)``: what the process's losses call for a class-conditional network."""
+
+    def __init__(self, network, labels: torch.Tensor):
+        self.network, self.labels = network, labels
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.network(x, t, self.labels)
 
 
 @torch.no_grad()

@@ -123,7 +123,7 @@ _SETTING = {"model.in_channels": "the data's channels (model.in_channels)", "mod
 
 
 _NO_TENSORS = ("sampler", "optimizer", "data", "seed", "num_samples", "sample_every_n_epochs", "lr_warmup_steps",
-               "lr_schedule", "lr_min_ratio")
+               "lr_schedule", "lr_min_ratio", "cond_drop_prob", "class_names")
 
 
 def _settings(hparams: dict) -> dict:

@@ -4,6 +4,10 @@ Loads any checkpoint of this framework without its training config (EMA weights 
 ``n`` images in batches with a progress bar, and writes ``grid.png`` (the images enlarged by an integer factor,
 nearest neighbour, to >= 64 px each, white padding) and ``samples.npz`` (``samples``: the raw uint8 N x H x W x C)
 into the run's output directory. The same seed, ``n`` and ``batch_size`` give the same images.
+
+A class-conditional checkpoint (trained with ``data.conditional=true``) draws ``n`` images of each of ``classes``
+(``all``, the default, or a list such as ``[3,7]``), one row per class in ``grid.png`` (named by the class), with
+classifier-free guidance ``sampler.guidance_scale=w``; ``samples.npz`` then also holds ``labels``.
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from diffusion.grids import grid_image
+from diffusion.grids import class_rows_image, grid_image
 from diffusion.module import DiffusionModule, to_uint8
+from diffusion.samplers.guidance import check_labels
 from diffusion.runtime import CONFIG_DIR, UsageError, build_or_usage_error, exits_on_usage_error, require_ckpt
 
 log = logging.getLogger("diffusion.sample")
@@ -49,32 +54,76 @@ def chosen_sampler(module: DiffusionModule, config: DictConfig):
     return module.build_sampler(dict(module.hparams.sampler), **{k: v for k, v in config.items() if v is not None})
 
 
-def draw(module: DiffusionModule, sampler, n: int, batch_size: int, seed: int) -> torch.Tensor:
-    """``n`` images in [-1, 1] on the CPU, batch by batch, from one generator seeded with ``seed``."""
+def draw(module: DiffusionModule, sampler, n: int, batch_size: int, seed: int, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """``n`` images in [-1, 1] on the CPU, batch by batch, from one generator seeded with ``seed``; ``labels`` (n,):
+    their classes (a class-conditional model)."""
     generator = torch.Generator(device=module.device).manual_seed(seed)
     batches = []
     for start in tqdm(range(0, n, batch_size), desc=f"sampling {n} images", unit="batch"):
         size = min(batch_size, n - start)
-        batches.append(module.sample(size, sampler=sampler, generator=generator, progress=True).samples.cpu())
+        part = None if labels is None else labels[start : start + size]
+        batches.append(module.sample(size, sampler=sampler, generator=generator, progress=True, labels=part).samples.cpu())
     return torch.cat(batches)
+
+
+def chosen_classes(cfg: DictConfig, module: DiffusionModule) -> torch.Tensor | None:
+    """The ``classes`` to draw (``all`` or null: every class of a class-conditional model; a list), None for an
+    unconditional model; a UsageError for classes it does not have, or guidance without classes."""
+    classes = cfg.get("classes")
+    if module.num_classes is None:
+        if classes is not None:
+            raise UsageError(f"classes={classes} is invalid for ckpt={cfg.ckpt}: the model is unconditional (trained "
+                             "without data.conditional=true); leave classes unset")
+        return None
+    if classes is None or classes == "all":
+        return torch.arange(module.num_classes)
+    if isinstance(classes, int) and not isinstance(classes, bool):
+        classes = [classes]
+    if isinstance(classes, str) or not classes:
+        raise UsageError(f"classes={classes!r} is invalid: it must be all or a list of class indices in "
+                         f"0..{module.num_classes - 1} (e.g. classes=[3,7])")
+    return build_or_usage_error("classes", lambda: check_labels(list(classes), module.num_classes))
+
+
+def check_guidance(module: DiffusionModule, sampler, cfg: DictConfig) -> None:
+    if sampler.guidance_scale != 1.0 and module.num_classes is None:
+        raise UsageError(f"sampler.guidance_scale={sampler.guidance_scale:g} is invalid for ckpt={cfg.ckpt}: the model "
+                         "is unconditional (trained without data.conditional=true), so there is nothing to guide")
 
 
 def sample(cfg: DictConfig) -> Path:
     require_ckpt(cfg)
     for key in ("n", "batch_size"):
-        if not isinstance(cfg[key], int) or cfg[key] < 1:
+        if cfg[key] is not None and (not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1):
             raise UsageError(f"{key}={cfg[key]!r} is invalid: it must be a positive integer")
     out = Path(cfg.paths.output_dir)
     if (out / "samples.npz").exists():
         raise UsageError(f"output directory {out} already holds samples.npz: choose another hydra.run.dir")
     module, sampler = load_for_sampling(cfg)
-    images = draw(module, sampler, cfg.n, cfg.batch_size, cfg.seed)
+    classes = chosen_classes(cfg, module)
+    check_guidance(module, sampler, cfg)
+    if classes is None:
+        n, labels = cfg.n or 64, None
+    else:  # n of each class, class by class: one row each
+        n_each = cfg.n or 8
+        labels = classes.repeat_interleave(n_each)
+        n = len(labels)
+    images = draw(module, sampler, n, cfg.batch_size, cfg.seed, labels)
     out.mkdir(parents=True, exist_ok=True)
-    nrow = cfg.nrow or max(1, int(math.sqrt(cfg.n)))
-    grid_image(images, nrow=nrow).save(out / "grid.png")  # enlarged (nearest) to >= 64 px per image
-    np.savez_compressed(out / "samples.npz", samples=to_uint8(images).permute(0, 2, 3, 1).numpy())
-    log.info("%d samples (%s, %s weights) written to %s", cfg.n, sampler.describe(),
-             "EMA" if cfg.ema and module.has_ema else "raw", out)
+    if labels is None:
+        nrow = cfg.nrow or max(1, int(math.sqrt(n)))
+        grid = grid_image(images, nrow=nrow)  # enlarged (nearest) to >= 64 px per image
+    else:
+        names = [module.class_names[k] for k in classes.tolist()]
+        grid = class_rows_image(images, n_each, names, f"{sampler.describe()}, seed {cfg.seed}")
+    grid.save(out / "grid.png")
+    arrays = {"samples": to_uint8(images).permute(0, 2, 3, 1).numpy()}
+    if labels is not None:
+        arrays["labels"] = labels.numpy()
+    np.savez_compressed(out / "samples.npz", **arrays)
+    log.info("%d samples (%s, %s weights%s) written to %s", n, sampler.describe(),
+             "EMA" if cfg.ema and module.has_ema else "raw",
+             "" if labels is None else f", classes {classes.tolist()}", out)
     return out
 
 

@@ -44,9 +44,25 @@ log = logging.getLogger("diffusion.train")
 
 
 
-def build_module(cfg: DictConfig, channels: int, image_size: int) -> DiffusionModule:
-    """The LightningModule from plain dicts; the network's in_channels and image_size follow the data."""
+def conditioning(model: dict, num_classes: int | None, class_names: list[str] | None) -> dict:
+    """The network's ``num_classes`` from the data's (``data.conditional=true``), as channels and image size are;
+    ValueError (one line) for a ``model.num_classes`` the data cannot feed."""
+    asked = model.get("num_classes")
+    if num_classes is None and asked is not None:
+        raise ValueError(f"model.num_classes={asked} is invalid without data.conditional=true (the batches carry no "
+                         "labels): pass data.conditional=true and leave model.num_classes null, it follows the data")
+    if num_classes is not None and asked is not None and asked != num_classes:
+        raise ValueError(f"model.num_classes={asked} is invalid: the data has {num_classes} classes "
+                         f"({', '.join(map(str, (class_names or [])[:10]))}); leave it null, it follows the data")
+    return {**model, "num_classes": num_classes} if num_classes is not None or "num_classes" in model else model
+
+
+def build_module(cfg: DictConfig, channels: int, image_size: int, num_classes: int | None = None,
+                 class_names: list[str] | None = None) -> DiffusionModule:
+    """The LightningModule from plain dicts; the network's in_channels, image_size and (conditional data)
+    num_classes follow the data."""
     model = {**OmegaConf.to_container(cfg.model, resolve=True), "in_channels": channels, "image_size": image_size}
+    model = conditioning(model, num_classes, class_names)
     return DiffusionModule(
         model=model,
         schedule=OmegaConf.to_container(cfg.schedule, resolve=True),
@@ -55,6 +71,7 @@ def build_module(cfg: DictConfig, channels: int, image_size: int) -> DiffusionMo
         process=OmegaConf.to_container(cfg.process, resolve=True),
         seed=cfg.seed,
         data=OmegaConf.to_container(cfg.data, resolve=True) if "data" in cfg else None,
+        class_names=class_names if num_classes is not None else None,
         **OmegaConf.to_container(cfg.module, resolve=True),
     )
 
@@ -86,7 +103,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_or_usage_error("data", lambda: instantiate(cfg.data))
     preflight.prepare_data(datamodule)
-    module = build_or_usage_error("model/schedule/sampler", lambda: build_module(cfg, datamodule.channels, datamodule.image_size))
+    module = build_or_usage_error("model/schedule/sampler", lambda: build_module(
+        cfg, datamodule.channels, datamodule.image_size, getattr(datamodule, "num_classes", None),
+        getattr(datamodule, "class_names", None)))
     preflight.check_resume_fits(cfg, resume, module)
     resume_run_id, resume_step = wandb_run_id(resume), (resume or {}).get("global_step")
     del resume

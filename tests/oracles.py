@@ -62,3 +62,34 @@ class GaussianOracle:
         a_T, a_0, mu, s2 = abar_T, abar_0, self.mu, self.s**2
         z = (x_T.double() - a_T**0.5 * mu) / (a_T * s2 + 1 - a_T) ** 0.5
         return a_0**0.5 * mu + (a_0 * s2 + 1 - a_0) ** 0.5 * z
+
+
+class ClassGaussianOracle:
+    """A class-conditional network with exact answers: class k's data ~ N(mu_k, s^2 I) (the ``mus``, equally likely),
+    called as ``net(x, t, y)``; ``y = len(mus)`` (the null class) answers for the whole mixture. Under the mixture,
+    x_t given class k is N(sqrt(abar) mu_k, (abar s^2 + 1 - abar) I), so E[eps | x_t] = sum_k r_k(x_t) E[eps | x_t, k]
+    with r_k the posterior class probabilities (a softmax of the Gaussian log-likelihoods over all dimensions).
+    ``num_classes`` is ``len(mus)``, as a conditional UNet's; every call records its labels in ``seen``."""
+
+    def __init__(self, process: GaussianDiffusion, mus: list[float], s: float):
+        self.process, self.mus, self.s = process, [float(m) for m in mus], s
+        self.num_classes, self.calls, self.seen = len(mus), 0, []
+        self.per_class = [GaussianOracle(process, m, s) for m in self.mus]
+
+    def posterior(self, x, t) -> torch.Tensor:
+        """(B, K): p(class k | x_t) under equal priors."""
+        abar = _bcast(self.process.alphas_cumprod_at(t), x).double()
+        var = abar * self.s**2 + 1 - abar
+        xd = x.double()
+        logp = torch.stack([-((xd - abar.sqrt() * m) ** 2 / (2 * var)).flatten(1).sum(1) for m in self.mus], dim=1)
+        return logp.softmax(dim=1)
+
+    def __call__(self, x, t, y=None):
+        self.calls += 1
+        y = torch.full((x.shape[0],), self.num_classes) if y is None else y.cpu()
+        self.seen.append(y.clone())
+        answers = torch.stack([oracle(x, t).double() for oracle in self.per_class])  # (K, B, ...)
+        r = self.posterior(x, t).T.reshape(self.num_classes, x.shape[0], *((1,) * (x.dim() - 1)))
+        mixture = (r * answers).sum(0)  # eps, x0 and v are all affine in eps: the mixture's answer in any objective
+        out = torch.where(_bcast(y == self.num_classes, x), mixture, answers[y.clamp(max=self.num_classes - 1), torch.arange(x.shape[0])])
+        return out.to(x.dtype)

@@ -21,6 +21,28 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return emb
 
 
+class ClassEmbedding(nn.Embedding):
+    """One learned vector per class plus one for the "null" class (index ``num_classes``), of the time embedding's
+    width, added to it (improved-diffusion's ``label_emb``; Ho & Salimans 2022 train the null class by dropping
+    labels). ``y=None`` is the null class for the whole batch: the unconditional model."""
+
+    def __init__(self, num_classes: int, dim: int):
+        super().__init__(num_classes + 1, dim)
+        self.num_classes = num_classes
+
+    def forward(self, y: torch.Tensor | None, batch: int | None = None, device=None) -> torch.Tensor:
+        if y is None:
+            y = torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
+        return super().forward(y)
+
+
+def check_num_classes(num_classes) -> int | None:
+    """None (unconditional) or an integer >= 2, else a one-line ValueError."""
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2):
+        raise ValueError(f"model num_classes={num_classes!r} is invalid: it must be null (unconditional) or an integer >= 2")
+    return num_classes
+
+
 class TimeEmbedding(nn.Module):
     """Sinusoidal embedding followed by a two-layer MLP (Ho et al.)."""
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from diffusion.checks import check_positive_int
-from diffusion.models.blocks import timestep_embedding
+from diffusion.models.blocks import ClassEmbedding, check_num_classes, timestep_embedding
 
 ACTIVATIONS = {"relu": nn.ReLU, "leaky_relu": nn.LeakyReLU}
 
@@ -38,7 +38,8 @@ class SimpleBlock(nn.Module):
 
 
 class SimpleUNet(nn.Module):
-    """Channels ``base_channels * channel_mult[i]``; ``len(channel_mult) - 1`` halvings of the image."""
+    """Channels ``base_channels * channel_mult[i]``; ``len(channel_mult) - 1`` halvings of the image.
+    ``num_classes``: a class embedding added to the time embedding, as in :class:`diffusion.models.UNet`."""
 
     def __init__(
         self,
@@ -49,6 +50,7 @@ class SimpleUNet(nn.Module):
         time_emb_dim: int = 32,
         activation: str = "relu",
         out_channels: int | None = None,
+        num_classes: int | None = None,
     ):
         super().__init__()
         check_positive_int("in_channels", in_channels)
@@ -71,16 +73,22 @@ class SimpleUNet(nn.Module):
         chans = [base_channels * m for m in channel_mult]
         self.time_dim = time_emb_dim
         self.time_mlp = nn.Sequential(nn.Linear(time_emb_dim, time_emb_dim), act())
+        self.num_classes = check_num_classes(num_classes)
+        self.class_embed = ClassEmbedding(num_classes, time_emb_dim) if num_classes is not None else None
         self.conv0 = nn.Conv2d(in_channels, chans[0], 3, padding=1)
         self.downs = nn.ModuleList(SimpleBlock(chans[i], chans[i + 1], time_emb_dim, False, act) for i in range(len(chans) - 1))
         up = chans[::-1]
         self.ups = nn.ModuleList(SimpleBlock(up[i], up[i + 1], time_emb_dim, True, act) for i in range(len(up) - 1))
         self.output = nn.Conv2d(chans[0], self.out_channels, 1)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         if x.shape[-1] % self.divisor or x.shape[-2] % self.divisor:
             raise ValueError(f"input size {tuple(x.shape[-2:])} is not divisible by {self.divisor} as this UNet needs")
         temb = self.time_mlp(timestep_embedding(t, self.time_dim))
+        if self.class_embed is not None:
+            temb = temb + self.class_embed(y, x.shape[0], x.device)
+        elif y is not None:
+            raise ValueError("class labels given to an unconditional SimpleUNet (model.num_classes is null)")
         h = self.conv0(x)
         skips = []
         for block in self.downs:

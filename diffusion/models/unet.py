@@ -13,10 +13,12 @@ from diffusion.models.blocks import (
     CBAM,
     AttentionBlock,
     AttentionGate,
+    ClassEmbedding,
     Downsample,
     ResBlock,
     TimeEmbedding,
     Upsample,
+    check_num_classes,
     group_norm,
 )
 
@@ -65,6 +67,9 @@ class UNet(nn.Module):
         block_attention: what the blocks at ``attention_resolutions`` get: ``self`` (self-attention), ``cbam``
             (channel + spatial attention, Woo et al.) or ``none`` (only the middle block's self-attention).
         skip_gates: attention gates (Oktay et al.) on every skip connection, driven by the decoder's features.
+        num_classes: null for an unconditional network; K for a class-conditional one, ``forward(x, t, y)`` with y in
+            0..K-1, or K (or ``y=None``) for "no class": a class embedding added to the time embedding
+            (:class:`ClassEmbedding`). ``diffusion.train`` sets it from the data (``data.conditional=true``).
     """
 
     def __init__(
@@ -83,6 +88,7 @@ class UNet(nn.Module):
         learn_sigma: bool = False,
         block_attention: str = "self",
         skip_gates: bool = False,
+        num_classes: int | None = None,
     ):
         super().__init__()
         check_positive_int("in_channels", in_channels)
@@ -118,7 +124,9 @@ class UNet(nn.Module):
         self.divisor = divisor
         self.gradient_checkpointing = bool(gradient_checkpointing)
 
+        self.num_classes = check_num_classes(num_classes)
         self.time_embed = TimeEmbedding(base_channels, time_emb_dim)
+        self.class_embed = ClassEmbedding(num_classes, time_emb_dim) if num_classes is not None else None
         self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
 
         def attn(ch: int, res: int) -> list[nn.Module]:
@@ -164,10 +172,14 @@ class UNet(nn.Module):
             return checkpoint(block, h, temb, use_reentrant=False)
         return block(h, temb)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         if x.shape[-1] % self.divisor or x.shape[-2] % self.divisor:
             raise ValueError(f"input size {tuple(x.shape[-2:])} is not divisible by {self.divisor} as this UNet needs")
         temb = self.time_embed(t)
+        if self.class_embed is not None:
+            temb = temb + self.class_embed(y, x.shape[0], x.device)
+        elif y is not None:
+            raise ValueError("class labels given to an unconditional UNet (model.num_classes is null)")
         h = self.conv_in(x)
         skips = [h]
         for block in self.down:

@@ -19,6 +19,10 @@ possibly fractional) and ``state_times`` (the paper's t of every state, x_T firs
 ``step(model_output, i, x, generator)`` is the update. ``predict_x0_eps`` turns any objective's output into
 (x_0, eps), clipped where asked. ``nfe`` counts network calls and ``steps_for_nfe`` inverts it, for comparisons at
 equal cost.
+
+Class-conditional models: ``sample(network, shape, labels=y)`` calls ``network(x, t, y)``, guided at the sampler's
+``guidance_scale`` (and ``guidance_rescale``) by :class:`diffusion.samplers.guidance.Guided`: one batched forward
+pass per call, so ``nfe`` is unchanged.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import torch
 from diffusion.checks import check_choice
 from diffusion.objectives import eps_from_x0, to_x0_eps
 from diffusion.processes.base import randn
+from diffusion.samplers.guidance import Guided
 
 SPACINGS = ("leading", "trailing", "linspace", "quadratic")
 
@@ -117,6 +122,10 @@ class Sampler:
     stochastic: bool = False
     #: the starting noise scale: x_T = init_noise_sigma * a prior draw (sigma_max-scale samplers set it)
     init_noise_sigma: float = 1.0
+    #: classifier-free guidance (every sampler; build_sampler sets them from ``sampler.guidance_scale`` ...): w
+    #: (1: conditional, 0: unconditional, > 1: guided) and Lin et al.'s rescale phi; used when sample() gets labels
+    guidance_scale: float = 1.0
+    guidance_rescale: float = 0.0
 
     def __init__(self, process, num_steps: int | None = None, clip_denoised: bool = False):
         kind = getattr(process, "kind", type(process).__name__)
@@ -225,13 +234,22 @@ class Sampler:
         return_trajectory: bool = False,
         progress: bool = False,
         trajectory_points: int | None = None,
+        labels: torch.Tensor | None = None,
+        null_label: int | None = None,
     ) -> SampleOutput:
         """Run the whole reverse chain from x_T (a prior draw, or ``noise``: the same noise gives every sampler the
         same start) and return x_0.
 
         ``return_trajectory`` keeps the state after every network call (and each call's predicted x_0);
         ``trajectory_points=K`` keeps only K evenly spaced states, x_T and x_0 included, so long chains fit.
+        ``labels`` (B,): the classes of a class-conditional ``model`` (``model(x, t, y)``), guided at
+        ``guidance_scale``; ``null_label``: its "no class" index (default ``model.num_classes``).
         """
+        if labels is not None:
+            model = Guided(model, labels, self.guidance_scale, self.guidance_rescale, null_label)
+        elif self.guidance_scale != 1.0:
+            raise ValueError(f"sampler guidance_scale={self.guidance_scale:g} needs classes to guide towards: sample a "
+                             "class-conditional model with classes (or leave guidance_scale at 1)")
         x = self.initial_state(shape, noise, generator, device)
         self.reset()
         keep = self.trajectory_indices(trajectory_points) if return_trajectory else ()
@@ -255,7 +273,12 @@ class Sampler:
     def describe(self) -> str:
         """``ddim, 50 steps`` plus the settings that change what it draws (figure titles, captions)."""
         name = getattr(self, "name", None) or type(self).__name__  # the registry's name (sampler=<name>)
-        return f"{name}, {self.num_steps} steps" + ("" if self.nfe == self.num_steps else f" ({self.nfe} NFE)")
+        text = f"{name}, {self.num_steps} steps" + ("" if self.nfe == self.num_steps else f" ({self.nfe} NFE)")
+        if self.guidance_scale != 1.0:
+            text += f", guidance {self.guidance_scale:g}"
+        if self.guidance_rescale:
+            text += f" (rescale {self.guidance_rescale:g})"
+        return text
 
     def noise_like(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         return randn(x.shape, generator, x.device, x.dtype)

@@ -57,18 +57,19 @@ class ColdSampler(Sampler):
 
     @torch.inference_mode()
     def sample(self, model, shape=None, *, noise=None, generator=None, device=None, return_trajectory=False, progress=False,
-               trajectory_points=None):
+               trajectory_points=None, labels=None, null_label=None):
         """As :meth:`Sampler.sample`; without ``noise``, x_T = prior + ``prior_noise_std`` z, z removed at the end
         (Algorithm 2 only: Algorithm 1 re-blurs every step, which does not carry z)."""
         if noise is not None:
-            return super().sample(model, noise=noise, generator=generator, device=device,
-                                  return_trajectory=return_trajectory, progress=progress, trajectory_points=trajectory_points)
+            return super().sample(model, noise=noise, generator=generator, device=device, return_trajectory=return_trajectory,
+                                  progress=progress, trajectory_points=trajectory_points, labels=labels, null_label=null_label)
         if shape is None:
             raise ValueError("sample() needs a shape or an initial noise tensor")
         prior = self.process.sample_prior(shape, generator, device)
         perturbation = self.prior_noise_std * self.noise_like(prior, generator)
         out = super().sample(model, noise=prior + perturbation, generator=generator, device=device,
-                             return_trajectory=return_trajectory, progress=progress, trajectory_points=trajectory_points)
+                             return_trajectory=return_trajectory, progress=progress, trajectory_points=trajectory_points,
+                             labels=labels, null_label=null_label)
         if not (self.improved and self.remove_prior_noise):
             return out
         samples = out.samples - perturbation

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from diffusion.samplers.base import Sampler
+from diffusion.samplers.guidance import GUIDANCE_OPTIONS, check_guidance
 
 SAMPLER_DIR = Path(__file__).resolve().parents[2] / "conf" / "sampler"
 #: the classes' paths before the samplers/ package (checkpoints written by earlier versions name them)
@@ -63,7 +64,8 @@ def sampler_name(config: dict) -> str:
 def build_sampler(config: dict | str, process, **overrides: Any) -> Sampler:
     """Instantiate a sampler (a name, or a config with ``_target_``) for ``process``, with ``overrides``.
 
-    Options a sampler does not take are refused in one line naming the sampler and what it takes."""
+    Options a sampler does not take are refused in one line naming the sampler and what it takes; every sampler
+    takes the classifier-free guidance options (``guidance_scale``, ``guidance_rescale``: :mod:`.guidance`)."""
     import inspect
 
     from hydra.utils import get_class
@@ -74,10 +76,14 @@ def build_sampler(config: dict | str, process, **overrides: Any) -> Sampler:
     target = LEGACY_TARGETS.get(config["_target_"], config["_target_"])
     cls = get_class(target)
     options = {k: v for k, v in config.items() if not k.startswith("_")}
+    guidance = {k: options.pop(k) for k in GUIDANCE_OPTIONS if k in options}
     allowed = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "process")]
     unknown = sorted(set(options) - set(allowed))
     if unknown:
-        raise ValueError(f"sampler {sampler_name(config)} has no option {unknown[0]!r}: it takes {', '.join(allowed)}")
+        raise ValueError(f"sampler {sampler_name(config)} has no option {unknown[0]!r}: it takes "
+                         f"{', '.join(allowed + list(GUIDANCE_OPTIONS))}")
+    scale, phi = check_guidance(guidance.get("guidance_scale", 1.0), guidance.get("guidance_rescale", 0.0))
     sampler = cls(process, **options)
     sampler.name = sampler_name(config)
+    sampler.guidance_scale, sampler.guidance_rescale = scale, phi
     return sampler
