@@ -124,3 +124,36 @@ def classifier_cache(ckpt, tmp_path_factory):
     cache = tmp_path_factory.mktemp("classifier_cache")
     trained_classifier(read_checkpoint(ckpt)["hyper_parameters"]["data"], cache)
     return cache
+
+
+def make_conditional_checkpoint(path: Path, num_classes: int = 10, seed: int = 0) -> Path:
+    """An untrained class-conditional digits checkpoint (16 px, a narrow UNet, DDIM-3), written as diffusion.train
+    writes one (hyper-parameters + state_dict + EMA's current_model_state): for tests of what reads checkpoints, where
+    the pixels do not matter."""
+    import torch
+
+    from diffusion.module import DiffusionModule
+
+    torch.manual_seed(seed)
+    module = DiffusionModule(
+        model={"_target_": "diffusion.models.UNet", "in_channels": 1, "image_size": 16, "base_channels": 8,
+               "channel_mult": [1, 2, 4], "num_res_blocks": 1, "attention_resolutions": [4], "num_classes": num_classes},
+        schedule={"_target_": "diffusion.schedules.LinearSchedule", "T": 1000},
+        sampler={"_target_": "diffusion.samplers.ddim.DDIMSampler", "_partial_": True, "num_steps": 3, "eta": 0.0,
+                 "spacing": "leading", "clip_denoised": True, "guidance_scale": 1.0, "guidance_rescale": 0.0},
+        optimizer={"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-3},
+        process={"_target_": "diffusion.processes.GaussianDiffusion", "_partial_": True},
+        data={"_target_": "diffusion.data.DigitsDataModule", "image_size": 16, "batch_size": 64, "val_fraction": 0.1,
+              "num_workers": 0, "hflip": False, "seed": 42},
+        class_names=[str(k) for k in range(num_classes)], num_samples=20, seed=42)
+    state = module.state_dict()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"hyper_parameters": dict(module.hparams), "state_dict": state, "current_model_state": state,
+                "global_step": 0, "epoch": 0}, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def cond_ckpt(tmp_path_factory):
+    """An untrained class-conditional digits checkpoint (:func:`make_conditional_checkpoint`)."""
+    return make_conditional_checkpoint(tmp_path_factory.mktemp("cond") / "cond.ckpt")
