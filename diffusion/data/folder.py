@@ -104,6 +104,13 @@ class ImageFolderDataModule(ImageDataModule):
         if conditional:
             self.class_names, self.file_labels = self._classes(pattern)
             self.num_classes = len(self.class_names)
+            # what the labels depend on (part of the cache key): how classes are found, their names, each file's label
+            self._classes_spec = {
+                "by": "subfolder" if class_from is None else "class_from",
+                "class_from": class_from,
+                "names": list(self.class_names),
+                "labels_sha256": hashlib.sha256(self.file_labels.tobytes()).hexdigest(),
+            }
         self._labels: np.ndarray | None = None
         self.check_batch_size(len(self.files))  # at most this many readable images: refuse before decoding any
 
@@ -111,7 +118,7 @@ class ImageFolderDataModule(ImageDataModule):
         if self.class_from is None:
             return None
         if not self.conditional:
-            raise ValueError(f"data class_from={self.class_from!r} is only used with data.conditional=true: "
+            raise ValueError(f"data class_from='{self.class_from}' is only used with data.conditional=true: "
                              "pass data.conditional=true, or drop class_from")
         if not isinstance(self.class_from, str) or not self.class_from:
             raise ValueError(f"data class_from={self.class_from!r} is invalid: it must be a regular expression on the "
@@ -119,7 +126,7 @@ class ImageFolderDataModule(ImageDataModule):
         try:
             return re.compile(self.class_from)
         except re.error as err:
-            raise ValueError(f"data class_from={self.class_from!r} is not a valid regular expression ({err}): pass a "
+            raise ValueError(f"data class_from='{self.class_from}' is not a valid regular expression ({err}): pass a "
                              "Python regex on the file name whose first group is the class, e.g. '^(cat|dog)\\.'") from None
 
     def _classes(self, pattern: re.Pattern | None) -> tuple[list[str], np.ndarray]:
@@ -135,7 +142,7 @@ class ImageFolderDataModule(ImageDataModule):
                 )
             classes = [f.split("/", 1)[0] for f in self.files]
         else:
-            how = f"class_from={self.class_from!r}"
+            how = f"class_from='{self.class_from}'"
             classes, unmatched = [], []
             for f in self.files:
                 m = pattern.search(f.rsplit("/", 1)[-1])
@@ -146,7 +153,7 @@ class ImageFolderDataModule(ImageDataModule):
                     unmatched.append(f)
             if unmatched:
                 raise ValueError(
-                    f"data class_from={self.class_from!r} gives no class for {len(unmatched)} of the {len(self.files)} "
+                    f"data class_from='{self.class_from}' gives no class for {len(unmatched)} of the {len(self.files)} "
                     f"images under root={self.root} (e.g. {unmatched[0]}): it must match every file name (its first "
                     "group, or the whole match, is the class); leave the others out with data.exclude=[...]"
                 )
@@ -193,16 +200,7 @@ class ImageFolderDataModule(ImageDataModule):
             "include": self.include,
             "exclude": self.exclude,
             "limit": self.limit,
-            **({"classes": self._classes_spec()} if self.conditional else {}),
-        }
-
-    def _classes_spec(self) -> dict:
-        """What the labels depend on: how classes are found, their names and every file's label."""
-        return {
-            "by": "subfolder" if self.class_from is None else "class_from",
-            "class_from": self.class_from,
-            "names": self.class_names,
-            "labels_sha256": hashlib.sha256(self.file_labels.tobytes()).hexdigest(),
+            **({"classes": self._classes_spec} if self.conditional else {}),
         }
 
     def prepare_data(self) -> None:
@@ -233,7 +231,7 @@ class ImageFolderDataModule(ImageDataModule):
                              f"(e.g. {skipped[0]}): point data.root at a folder of images PIL can open")
         if skipped:
             warnings.warn(f"{len(skipped)} of {len(jobs)} image files could not be read and were skipped (e.g. {skipped[0]})", stacklevel=2)
-        labels = {} if self.file_labels is None else {"labels": self.file_labels[ok], "class_names": self.class_names}
+        labels = {} if self.file_labels is None else {"labels": self.file_labels[ok], "class_names": self._classes_spec["names"]}
         path, _ = cache.write(self.cache_dir, self.name, self.cache_spec, out[ok], skipped=len(skipped),
                               skipped_examples=skipped[:20], **labels)
         log.info("data %s: cached %d images in %s", self.name, int(ok.sum()), path)
