@@ -1,4 +1,5 @@
-"""The shared LightningDataModule: uint8 images, a seeded train/val split, per-epoch shuffling, start-up report."""
+"""The shared LightningDataModule: uint8 images (and, ``conditional``, their class labels), a seeded train/val split,
+per-epoch shuffling, start-up report."""
 
 from __future__ import annotations
 
@@ -16,19 +17,28 @@ log = logging.getLogger("diffusion.data")
 
 
 class UInt8Images(Dataset):
-    """Rows ``indices`` of a uint8 (N, C, H, W) array (in memory or memory-mapped); optional horizontal flip."""
+    """Rows ``indices`` of a uint8 (N, C, H, W) array (in memory or memory-mapped); optional horizontal flip.
 
-    def __init__(self, images: np.ndarray, indices: np.ndarray, hflip: bool = False):
-        self.images, self.indices, self.hflip = images, indices, hflip
+    Item ``i`` is the image, a uint8 (C, H, W) tensor; with ``labels`` (int64 (N,), aligned with ``images``) it is
+    ``(image, label)``, the label an int64 0-dim tensor, so that batches are ``(uint8 (B, C, H, W), int64 (B,))``.
+    """
+
+    def __init__(self, images: np.ndarray, indices: np.ndarray, hflip: bool = False, labels: np.ndarray | None = None):
+        if labels is not None and len(labels) != len(images):
+            raise ValueError(f"{len(labels)} labels for {len(images)} images")
+        self.images, self.indices, self.hflip, self.labels = images, indices, hflip, labels
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        x = torch.from_numpy(np.array(self.images[self.indices[i]]))
+    def __getitem__(self, i: int) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        j = self.indices[i]
+        x = torch.from_numpy(np.array(self.images[j]))
         if self.hflip and torch.rand(()) < 0.5:
             x = x.flip(-1)
-        return x
+        if self.labels is None:
+            return x
+        return x, torch.tensor(int(self.labels[j]), dtype=torch.int64)
 
 
 class EpochSeededSampler(RandomSampler):
@@ -52,7 +62,10 @@ class EpochSeededSampler(RandomSampler):
 class ImageDataModule(L.LightningDataModule):
     """Base class: subclasses implement :meth:`load_images`, a uint8 (N, C, H, W) array at ``image_size``.
 
-    Batches are uint8 tensors; the LightningModule scales them to [-1, 1] on its device.
+    Batches are uint8 tensors; the LightningModule scales them to [-1, 1] on its device. With ``conditional=True``
+    they are ``(images, labels)``, the labels int64 in ``0..num_classes-1`` (:meth:`load_labels`); subclasses set
+    ``num_classes`` and ``class_names`` (the name of label k is ``class_names[k]``) in their ``__init__``, so the
+    model can be built from them before any image is loaded. Without ``conditional`` both are None.
     """
 
     #: image channels the network will see (the model's ``in_channels`` follows it)
@@ -71,8 +84,11 @@ class ImageDataModule(L.LightningDataModule):
         hflip: bool = False,
         seed: int = 0,
         limit: int | None = None,
+        conditional: bool = False,
     ):
         super().__init__()
+        if not isinstance(conditional, bool):
+            raise ValueError(f"data conditional={conditional!r} is invalid: allowed values are true, false")
         self.image_size = check_positive_int("image_size", image_size, "data")
         self.batch_size = check_positive_int("batch_size", batch_size, "data")
         if limit is not None:
@@ -80,6 +96,11 @@ class ImageDataModule(L.LightningDataModule):
         if not 0 <= val_fraction < 1:
             raise ValueError(f"data val_fraction={val_fraction!r} is invalid: it must lie in [0, 1)")
         self.val_fraction, self.num_workers, self.hflip, self.seed, self.limit = val_fraction, num_workers, hflip, seed, limit
+        self.conditional = conditional
+        #: classes the labels index (labels are 0..num_classes-1), None unless ``conditional``
+        self.num_classes: int | None = None
+        #: the name of each label (``class_names[k]`` for label k), None unless ``conditional``
+        self.class_names: list[str] | None = None
         self.train_set: UInt8Images | None = None
         self.val_set: UInt8Images | None = None
         self.num_skipped = 0
@@ -120,17 +141,46 @@ class ImageDataModule(L.LightningDataModule):
             n = len(images)
             self.check_batch_size(n)
             n_val = self.num_val(n)
+            labels = self.class_labels(n) if self.conditional else None
             perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed)).numpy()
-            self.train_set = UInt8Images(images, np.sort(perm[n_val:]), hflip=self.hflip)
-            self.val_set = UInt8Images(images, np.sort(perm[:n_val]))
+            self.train_set = UInt8Images(images, np.sort(perm[n_val:]), hflip=self.hflip, labels=labels)
+            self.val_set = UInt8Images(images, np.sort(perm[:n_val]), labels=labels)
             c, h, w = images.shape[1:]
             skipped = f", {self.num_skipped} unreadable files skipped" if self.num_skipped else ""
-            log.info("data %s: %d train / %d val images of %dx%dx%d%s", self.name, len(self.train_set), len(self.val_set), c, h, w, skipped)
+            if self.conditional:
+                log.info("data %s: %d classes, %s train / %s val images of %dx%dx%d%s; train images per class: %s",
+                         self.name, self.num_classes, f"{len(self.train_set):,}", f"{len(self.val_set):,}", c, h, w,
+                         skipped, self.class_counts(labels[self.train_set.indices]))
+            else:
+                log.info("data %s: %d train / %d val images of %dx%dx%d%s", self.name, len(self.train_set), len(self.val_set), c, h, w, skipped)
         trainer = self.trainer  # None outside a Trainer
         if trainer is not None and trainer.is_global_zero and not self._counts_logged:
             self._counts_logged = True
+            counts = {"data/train_images": len(self.train_set), "data/val_images": len(self.val_set), "data/skipped_files": self.num_skipped}
+            if self.conditional:
+                counts["data/num_classes"] = self.num_classes
             for logger in trainer.loggers:
-                logger.log_hyperparams({"data/train_images": len(self.train_set), "data/val_images": len(self.val_set), "data/skipped_files": self.num_skipped})
+                logger.log_hyperparams(counts)
+
+    def class_labels(self, num_images: int) -> np.ndarray:
+        """:meth:`load_labels`, checked: int64, one per image, each in 0..num_classes-1."""
+        labels = self.load_labels()
+        if labels is None or self.num_classes is None:
+            raise ValueError(f"data {self.name} has no class labels: drop data.conditional=true")
+        labels = np.asarray(labels, dtype=np.int64)
+        if labels.shape != (num_images,):
+            raise ValueError(f"data {self.name}: {labels.shape[0]} labels for {num_images} images")
+        if num_images and not 0 <= labels.min() <= labels.max() < self.num_classes:
+            raise ValueError(f"data {self.name}: labels in [{labels.min()}, {labels.max()}] outside 0..{self.num_classes - 1}")
+        return labels
+
+    def class_counts(self, labels: np.ndarray) -> str:
+        """``"0 160, 1 163, ..."`` (every class, up to 20 of them), or the range and the smallest class."""
+        counts = np.bincount(labels, minlength=self.num_classes)
+        if self.num_classes <= 20:
+            return ", ".join(f"{name} {count:,}" for name, count in zip(self.class_names, counts))
+        k = int(counts.argmin())
+        return f"{counts.min():,} to {counts.max():,} (fewest: {self.class_names[k]})"
 
     def train_dataloader(self) -> DataLoader:
         # resumable: a checkpoint saved in the middle of an epoch continues at the next batch of the same order

@@ -24,6 +24,12 @@ class DigitsDataModule(ImageDataModule):
     name = "digits"
     has_labels = True
 
+    def __init__(self, image_size: int = 32, batch_size: int = 64, val_fraction: float = 0.1, num_workers: int = 0,
+                 hflip: bool = False, seed: int = 0, limit: int | None = None, conditional: bool = False):
+        super().__init__(image_size, batch_size, val_fraction, num_workers, hflip, seed, limit, conditional)
+        if conditional:  # the digit k has label k
+            self.num_classes, self.class_names = 10, [str(k) for k in range(10)]
+
     def load_images(self) -> np.ndarray:
         from sklearn.datasets import load_digits
 

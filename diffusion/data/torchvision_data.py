@@ -16,11 +16,20 @@ from diffusion.data.datamodule import ImageDataModule
 from diffusion.data.digits import resize_uint8
 
 DATASETS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
+#: the class names of each dataset, by label (torchvision's FashionMNIST.classes; MNIST's digits by their value)
+CLASS_NAMES = {
+    "mnist": [str(k) for k in range(10)],
+    "fashion_mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"],
+}
 RAW_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
 class TorchvisionDataModule(ImageDataModule):
-    """The training split of a torchvision grey-scale dataset, optionally only some ``classes``, resized."""
+    """The training split of a torchvision grey-scale dataset, optionally only some ``classes``, resized.
+
+    ``conditional``: batches carry the dataset's own labels; with ``classes`` the labels keep their values (class 3
+    is still 3) and ``num_classes`` is still 10.
+    """
 
     channels = 1
     has_labels = True
@@ -38,11 +47,15 @@ class TorchvisionDataModule(ImageDataModule):
         num_workers: int = 0,
         hflip: bool = False,
         seed: int = 0,
+        conditional: bool = False,
     ):
-        super().__init__(image_size, batch_size, val_fraction, num_workers, hflip, seed, limit)
+        super().__init__(image_size, batch_size, val_fraction, num_workers, hflip, seed, limit, conditional)
         if dataset not in DATASETS:
             raise ValueError(f"data dataset={dataset!r} is invalid: allowed values are {', '.join(DATASETS)}")
         self.dataset, self.name, self.download = dataset, dataset, download
+        if conditional:
+            self.class_names = list(CLASS_NAMES[dataset])
+            self.num_classes = len(self.class_names)
         self.root = Path(os.path.expanduser(str(root))).resolve()
         self.classes = None if classes is None else [int(c) for c in classes]
         if self.classes is not None and (not self.classes or any(not 0 <= c <= 9 for c in self.classes)):
