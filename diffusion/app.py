@@ -19,13 +19,21 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image
 
-from diffusion.grids import GridLayout, class_rows_image, figure_image, grid_array, grid_image, labelled_figure, readable_scale
+from diffusion.grids import (
+    GridLayout,
+    class_rows_image,
+    figure_image,
+    grid_array,
+    grid_image,
+    labelled_figure,
+    readable_scale,
+)
 from diffusion.module import DiffusionModule
+from diffusion.runtime import CONFIG_DIR, UsageError, build_or_usage_error, exits_on_usage_error, require_ckpt
+from diffusion.sample import resolve_device
 from diffusion.samplers.guidance import check_labels
 from diffusion.samplers.registry import sampler_config, sampler_name
 from diffusion.samplers.registry import sampler_names as registered_names
-from diffusion.runtime import CONFIG_DIR, UsageError, build_or_usage_error, exits_on_usage_error, require_ckpt
-from diffusion.sample import resolve_device
 
 log = logging.getLogger("diffusion.app")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is first imported: no usage reports

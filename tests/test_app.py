@@ -2,8 +2,8 @@
 Chromium: pick a sampler and settings, click Generate, and find the model's own samples on the page."""
 
 import io
-import re
 import os
+import re
 import shutil
 import socket
 import subprocess
