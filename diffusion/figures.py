@@ -4,6 +4,13 @@
     python -m diffusion.figures forward --out figs/ data=digits schedule=cosine  # real images noised from t=0 to T
     python -m diffusion.figures reverse --ckpt RUN/checkpoints/last.ckpt --transitions 10 --out figs/
     python -m diffusion.figures progression --run RUN --out figs/                # every checkpoint, same noise
+    python -m diffusion.figures reverse --ckpt COND.ckpt --classes 3 7 --guidance-scale 3 --out figs/
+
+A class-conditional checkpoint (trained with ``data.conditional=true``) draws ``--n`` images of each of
+``--classes`` (default all: one image of each class), guided at ``--guidance-scale`` w (default: the checkpoint's
+sampler's, 1 = conditional): in ``reverse`` one row per image, labelled with its class name, in ``progression`` one
+column per image, labelled likewise; the file name holds the classes and w. ``--classes`` or ``--guidance-scale``
+for an unconditional checkpoint, or a class it does not have, is refused before any work.
 
 Trailing ``key=value`` arguments of ``forward`` are Hydra overrides of the training config (data, schedule).
 Image grids have one row per image (a progression: per checkpoint, labelled with its step and epoch) and one column
@@ -16,6 +23,7 @@ at its last training step.
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 from pathlib import Path
@@ -25,6 +33,7 @@ import torch
 from diffusion.grids import GridLayout, grid_array, labelled_figure, readable_scale, save_new
 from diffusion.module import DiffusionModule, to_model_range
 from diffusion.runtime import CONFIG_DIR, UsageError, build_or_usage_error, log_to_training_run
+from diffusion.samplers.guidance import check_labels
 from diffusion.samplers.registry import sampler_names
 
 
@@ -124,22 +133,68 @@ def trajectory_times(sampler, points: int) -> list[str]:
             for t in (sampler.state_times[i] for i in sorted(sampler.trajectory_indices(points)))]
 
 
-def reverse_figure(ckpt: str, n: int, transitions: int, out: Path, sampler: str | None = None, num_steps: int | None = None, seed: int = 0) -> Path:
-    """``n`` samples (rows) seen at ``transitions`` + 1 evenly spaced points of the reverse chain, x_T to x_0;
-    each column is labelled with its t."""
+def figure_classes(module: DiffusionModule, source: str, classes: list[str] | None,
+                   guidance_scale: float | None) -> torch.Tensor | None:
+    """The class indices a figure of a class-conditional ``module`` draws (``--classes``: None or ``all``: every
+    class; else indices), None for an unconditional one; a UsageError naming the bad value, before any work."""
+    if module.num_classes is None:
+        if classes is not None:
+            raise UsageError(f"--classes {' '.join(classes)} is invalid for {source}: the model is unconditional "
+                             "(trained without data.conditional=true); leave --classes out")
+        if guidance_scale is not None and guidance_scale != 1.0:
+            raise UsageError(f"--guidance-scale {guidance_scale:g} is invalid for {source}: the model is unconditional "
+                             "(trained without data.conditional=true), so there is nothing to guide")
+        return None
+    if classes is None or classes == ["all"]:
+        return torch.arange(module.num_classes)
+    allowed = f"all or class indices in 0..{module.num_classes - 1} (e.g. --classes 3 7)"
+    if not all(re.fullmatch(r"[+-]?\d+", c) for c in classes):
+        raise UsageError(f"--classes {' '.join(classes)} is invalid: it must be {allowed}")
+    return build_or_usage_error("classes", lambda: check_labels([int(c) for c in classes], module.num_classes, "--classes"))
+
+
+def classes_tag(module: DiffusionModule, classes: torch.Tensor) -> str:
+    """``all`` for every class of the model in order, else the indices joined by '-' (file names)."""
+    return "all" if classes.tolist() == list(range(module.num_classes)) else "-".join(str(k) for k in classes.tolist())
+
+
+def guided_sampler(module: DiffusionModule, name: str | None, num_steps: int | None, guidance_scale: float | None):
+    options = {} if guidance_scale is None else {"guidance_scale": guidance_scale}
+    return build_or_usage_error("sampler", lambda: module.named_sampler(name, num_steps, **options))
+
+
+def describe(sampler, conditional: bool) -> str:
+    """The sampler's description, naming the guidance scale of a class-conditional model also at w = 1."""
+    return sampler.describe() + (", guidance 1 (conditional)" if conditional and sampler.guidance_scale == 1.0 else "")
+
+
+def reverse_figure(ckpt: str, n: int | None, transitions: int, out: Path, sampler: str | None = None,
+                   num_steps: int | None = None, seed: int = 0, classes: list[str] | None = None,
+                   guidance_scale: float | None = None) -> Path:
+    """``n`` samples (rows; default 4) seen at ``transitions`` + 1 evenly spaced points of the reverse chain, x_T to
+    x_0; each column is labelled with its t. A class-conditional checkpoint: ``n`` (default 1) of each of
+    ``classes``, class by class, each row labelled with its class name, guided at ``guidance_scale``."""
     if transitions < 1:
         raise UsageError(f"transitions={transitions} is invalid: it must be >= 1")
     module = _load(ckpt)
-    chosen = build_or_usage_error("sampler", lambda: module.named_sampler(sampler, num_steps))
+    chosen_classes = figure_classes(module, ckpt, classes, guidance_scale)
+    chosen = guided_sampler(module, sampler, num_steps, guidance_scale)
     times = trajectory_times(chosen, transitions + 1)
-    name = f"reverse_{chosen.name}_{chosen.num_steps}steps_{len(times) - 1}transitions"
-    path = _new_path(out / f"{name}_{Path(ckpt).stem}_n{n}_seed{seed}.png")
-    out_ = module.sample(n, sampler=chosen, generator=torch.Generator().manual_seed(seed), return_trajectory=True,
-                         progress=True, trajectory_points=transitions + 1)
+    n = n if n is not None else 4 if chosen_classes is None else 1
+    name = f"reverse_{chosen.name}_{chosen.num_steps}steps_{len(times) - 1}transitions_{Path(ckpt).stem}"
+    if chosen_classes is None:
+        labels = row_labels = None
+    else:
+        name += f"_classes{classes_tag(module, chosen_classes)}_w{chosen.guidance_scale:g}"
+        labels = chosen_classes.repeat_interleave(n)  # class by class: n rows each
+        row_labels = [module.class_names[k] for k in labels.tolist()]
+    path = _new_path(out / f"{name}_n{n}_seed{seed}.png")
+    out_ = module.sample(len(labels) if labels is not None else n, sampler=chosen, generator=torch.Generator().manual_seed(seed),
+                         return_trajectory=True, progress=True, trajectory_points=transitions + 1, labels=labels)
     rows = out_.trajectory.transpose(0, 1)
     run_name = Path(ckpt).resolve().parent.parent.name  # <run>/checkpoints/<file>
-    title = f"reverse process: {chosen.describe()}; {run_name}/{Path(ckpt).name}, seed {seed}"
-    return _save_rows(rows, path, title, [f"t={t}" for t in times])
+    title = f"reverse process: {describe(chosen, labels is not None)}; {run_name}/{Path(ckpt).name}, seed {seed}"
+    return _save_rows(rows, path, title, [f"t={t}" for t in times], row_labels)
 
 
 def distinct_checkpoints(run: str) -> list[tuple[int, int, list[Path]]]:
@@ -158,23 +213,38 @@ def distinct_checkpoints(run: str) -> list[tuple[int, int, list[Path]]]:
     return [(step, epoch, paths) for step, (epoch, paths) in sorted(by_step.items())]
 
 
-def progression_figure(run: str, n: int, out: Path, seed: int = 0) -> Path:
+def progression_figure(run: str, n: int | None, out: Path, seed: int = 0, classes: list[str] | None = None,
+                       guidance_scale: float | None = None) -> Path:
     """One row per distinct checkpoint of a run (ordered by training step, labelled with it), all sampled from the
-    same noise; a run with a single distinct checkpoint is refused (there is no progression to show)."""
+    same noise; a run with a single distinct checkpoint is refused (there is no progression to show). A
+    class-conditional run: ``n`` (default 1) images of each of ``classes`` per row, each column labelled with its
+    class name, guided at ``guidance_scale``."""
     loaded = distinct_checkpoints(run)
     if len(loaded) < 2:
         step, _, paths = loaded[0]
         raise UsageError(f"run={run} has one distinct checkpoint (step {step}: {', '.join(p.name for p in paths)}): "
                          "a progression needs two; train with callbacks.model_checkpoint.save_top_k=-1 to keep one per epoch")
+    first = _load(str(loaded[0][2][0]))
+    chosen_classes = figure_classes(first, run, classes, guidance_scale)
+    scale = guided_sampler(first, None, None, guidance_scale).guidance_scale  # a bad one: refused before any work
+    n = n if n is not None else 8 if chosen_classes is None else 1
     steps = "-".join(str(s) for s, _, _ in loaded)
-    path = _new_path(out / f"progression_{Path(run).resolve().name}_steps{steps}_n{n}_seed{seed}.png")
+    name = f"progression_{Path(run).resolve().name}_steps{steps}"
+    labels = column_labels = None
+    if chosen_classes is not None:
+        name += f"_classes{classes_tag(first, chosen_classes)}_w{scale:g}"
+        labels = chosen_classes.repeat_interleave(n)  # class by class: n columns each
+        column_labels = [first.class_names[k] for k in labels.tolist()]
+    path = _new_path(out / f"{name}_n{n}_seed{seed}.png")
     rows, samplers = [], set()
     for _, _, paths in loaded:  # the same seed: the same x_T (N(0, I), or a blur model's prior draw) for every checkpoint
         module = _load(str(paths[0]))
-        samplers.add(module.sampler.describe())
-        rows.append(module.sample(n, generator=torch.Generator().manual_seed(seed)).samples)
+        sampler = guided_sampler(module, None, None, guidance_scale)
+        samplers.add(describe(sampler, labels is not None))
+        count = n if labels is None else len(labels)
+        rows.append(module.sample(count, sampler=sampler, generator=torch.Generator().manual_seed(seed), labels=labels).samples)
     title = f"samples of each checkpoint of {Path(run).resolve().name}: {'; '.join(sorted(samplers))}, seed {seed}"
-    return _save_rows(torch.stack(rows), path, title, row_labels=[f"step {s}, epoch {e}" for s, e, _ in loaded])
+    return _save_rows(torch.stack(rows), path, title, column_labels, row_labels=[f"step {s}, epoch {e}" for s, e, _ in loaded])
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -188,29 +258,40 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("overrides", nargs="*", help="Hydra overrides of the training config, e.g. data=digits schedule=cosine")
     p = sub.add_parser("reverse", help="the reverse process of a checkpoint in K transitions")
     p.add_argument("--ckpt", required=True)
-    p.add_argument("--n", type=int, default=4)
+    p.add_argument("--n", type=int, default=None, help="images (default 4), or of each class (default 1)")
     p.add_argument("--transitions", type=int, default=10)
     p.add_argument("--sampler", choices=sampler_names(), default=None, help="default: the checkpoint's own")
     p.add_argument("--num-steps", type=int, default=None)
     p = sub.add_parser("progression", help="samples of every checkpoint of a run from the same noise")
     p.add_argument("--run", required=True)
-    p.add_argument("--n", type=int, default=8)
+    p.add_argument("--n", type=int, default=None, help="images (default 8), or of each class (default 1)")
+    for p in (sub.choices["reverse"], sub.choices["progression"]):
+        p.add_argument("--classes", nargs="+", default=None, metavar="K",
+                       help="a class-conditional checkpoint: the classes to draw, e.g. 3 7 (default: all)")
+        p.add_argument("--guidance-scale", type=float, default=None, metavar="W",
+                       help="a class-conditional checkpoint: classifier-free guidance w (1 conditional, 0 "
+                       "unconditional, > 1 guided; default: the checkpoint's sampler's)")
     for p in sub.choices.values():
         p.add_argument("--out", type=Path, default=Path("figures"))
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--wandb-run", default=None, help="a training run directory: also log the figure to its W&B run")
     args = parser.parse_args(argv)
     try:
-        if getattr(args, "n", 1) < 1:
+        if getattr(args, "n", None) is not None and args.n < 1:
             raise UsageError(f"--n {args.n} is invalid: it must be >= 1 (the number of images)")
+        w = getattr(args, "guidance_scale", None)
+        if w is not None and not (math.isfinite(w) and w >= 0):
+            raise UsageError(f"--guidance-scale {w:g} is invalid: it must be a number >= 0 (1 conditional, 0 "
+                             "unconditional, > 1 guided)")
         if args.figure == "schedules":
             path = schedules_figure(args.T, args.out)
         elif args.figure == "forward":
             path = forward_figure(args.overrides, args.n, args.columns, args.out, args.seed)
         elif args.figure == "reverse":
-            path = reverse_figure(args.ckpt, args.n, args.transitions, args.out, args.sampler, args.num_steps, args.seed)
+            path = reverse_figure(args.ckpt, args.n, args.transitions, args.out, args.sampler, args.num_steps, args.seed,
+                                  args.classes, args.guidance_scale)
         else:
-            path = progression_figure(args.run, args.n, args.out, args.seed)
+            path = progression_figure(args.run, args.n, args.out, args.seed, args.classes, args.guidance_scale)
         if args.wandb_run:
             log_to_training_run(args.wandb_run, images={f"figures/{args.figure}": path})  # at the run's last step
     except (UsageError, ValueError) as err:

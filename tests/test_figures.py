@@ -179,3 +179,78 @@ def test_figure_errors_are_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "diffusion.figures", "reverse", "--ckpt", str(tmp_path / "none.ckpt")],
                           cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2 and "none.ckpt" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_reverse_figure_of_a_conditional_checkpoint_has_one_named_row_per_class(cond_ckpt, tmp_path):
+    from diffusion.module import DiffusionModule
+
+    module = DiffusionModule.from_checkpoint(cond_ckpt)
+    path = main(["reverse", "--ckpt", str(cond_ckpt), "--classes", "7", "2", "--guidance-scale", "3", "--transitions", "3",
+                 "--out", str(tmp_path)])
+    assert path.name == "reverse_ddim_3steps_3transitions_cond_classes7-2_w3_n1_seed0.png"  # the classes and w
+    meta = labels(path)
+    assert meta["Rows"] == "7 | 2" and "ddim, 3 steps, guidance 3, eta 0" in meta["Title"]
+    figure, box = pixels(path), grid_box(path)
+    assert box[3] == SCALE * (2 * (SIDE + PAD) + PAD)  # two rows: one per class
+    x_T = torch.randn(2, 1, SIDE, SIDE, generator=torch.Generator().manual_seed(0))
+    guided = module.sample(2, sampler=module.named_sampler(None, guidance_scale=3.0), labels=torch.tensor([7, 2]),
+                           generator=torch.Generator().manual_seed(0)).samples
+    conditional = module.sample(2, labels=torch.tensor([7, 2]), generator=torch.Generator().manual_seed(0)).samples
+    for r in range(2):
+        assert np.array_equal(cell(figure, box[:2], r, 0), enlarged(uint8(x_T[r, 0])))
+        assert np.array_equal(cell(figure, box[:2], r, 3), enlarged(uint8(guided[r, 0])))
+        assert not np.array_equal(cell(figure, box[:2], r, 3), enlarged(uint8(conditional[r, 0])))  # w = 3, not 1
+
+    every = main(["reverse", "--ckpt", str(cond_ckpt), "--n", "2", "--transitions", "1", "--out", str(tmp_path)])
+    assert every.name == "reverse_ddim_3steps_1transitions_cond_classesall_w1_n2_seed0.png"
+    assert labels(every)["Rows"] == " | ".join(str(k) for k in range(10) for _ in range(2))  # 2 rows of each class
+    assert "guidance 1 (conditional)" in labels(every)["Title"]
+    figure, box = pixels(every), grid_box(every)
+    expected = module.sample(20, labels=torch.arange(10).repeat_interleave(2), generator=torch.Generator().manual_seed(0)).samples
+    for r in (0, 7, 19):
+        assert np.array_equal(cell(figure, box[:2], r, 1), enlarged(uint8(expected[r, 0]))), r
+
+
+def test_progression_of_a_conditional_run_has_one_named_column_per_image(tmp_path):
+    from diffusion.module import DiffusionModule
+    from tests.conftest import make_conditional_checkpoint
+
+    run = tmp_path / "run"
+    for step, seed in ((1, 0), (2, 1)):  # two checkpoints with different weights
+        path = make_conditional_checkpoint(run / "checkpoints" / f"step{step}.ckpt", seed=seed)
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        torch.save({**ckpt, "global_step": step}, path)
+    path = main(["progression", "--run", str(run), "--classes", "3", "7", "--n", "2", "--guidance-scale", "2",
+                 "--out", str(tmp_path / "figs")])
+    assert path.name == "progression_run_steps1-2_classes3-7_w2_n2_seed0.png"
+    meta = labels(path)
+    assert meta["Columns"] == "3 | 3 | 7 | 7" and meta["Rows"] == "step 1, epoch 0 | step 2, epoch 0"
+    figure, box = pixels(path), grid_box(path)[:2]
+    for r, name in enumerate(["step1.ckpt", "step2.ckpt"]):
+        module = DiffusionModule.from_checkpoint(run / "checkpoints" / name)
+        expected = module.sample(4, sampler=module.named_sampler(None, guidance_scale=2.0), labels=torch.tensor([3, 3, 7, 7]),
+                                 generator=torch.Generator().manual_seed(0)).samples
+        for c in range(4):
+            assert np.array_equal(cell(figure, box, r, c), enlarged(uint8(expected[c, 0]))), (name, c)
+
+
+@pytest.mark.parametrize("which, args, text", [
+    ("cond", ["--classes", "10"], "--classes=[10] is invalid: class 10 is not in 0..9"),
+    ("cond", ["--classes", "x"], "--classes x is invalid: it must be all or class indices in 0..9"),
+    ("cond", ["--guidance-scale", "-1"], "--guidance-scale -1 is invalid"),
+    ("plain", ["--classes", "3"], "--classes 3 is invalid for"),
+    ("plain", ["--guidance-scale", "2"], "--guidance-scale 2 is invalid for"),
+])
+def test_class_and_guidance_errors_of_the_figures_are_one_line(which, args, text, cond_ckpt, ckpt, tmp_path, capsys):
+    path = cond_ckpt if which == "cond" else ckpt
+    for figure in (["reverse", "--ckpt", str(path)], ["progression", "--run", str(tmp_path / "run")]):
+        if figure[0] == "progression":  # a run of two distinct checkpoints of that kind
+            (tmp_path / "run" / "checkpoints").mkdir(parents=True, exist_ok=True)
+            for step in (1, 2):
+                ckpt_ = torch.load(path, map_location="cpu", weights_only=False)
+                torch.save({**ckpt_, "global_step": step}, tmp_path / "run" / "checkpoints" / f"s{step}.ckpt")
+        with pytest.raises(SystemExit) as exit_:
+            main([*figure, *args, "--out", str(tmp_path / "figs")])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and text in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "figs").exists()  # refused before any work
