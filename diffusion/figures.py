@@ -112,7 +112,9 @@ def forward_figure(overrides: list[str], n: int, columns: int, out: Path, seed: 
     T, schedule = process.num_timesteps, schedule_name(cfg.schedule._target_)
     path = _new_path(out / f"forward_{schedule}_T{T}_{datamodule.name}_n{n}_cols{columns}_seed{seed}.png")
     build_or_usage_error("data", lambda: (datamodule.prepare_data(), datamodule.setup("fit")))
-    x0 = to_model_range(torch.stack([datamodule.train_set[i] for i in range(min(n, len(datamodule.train_set)))]))
+    from diffusion.metrics.classifier import split_images
+
+    x0 = to_model_range(split_images(datamodule, "train", n))  # the images alone (data.conditional: no labels), unflipped
     times = torch.linspace(0, T, columns).round().long().tolist()
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(x0.shape, generator=g)  # one eps per image for every column
