@@ -167,6 +167,16 @@ def figure_image(figure):
     return image
 
 
+def save_png(image, path) -> None:
+    """Save a PIL image as PNG with its text chunks (a :func:`figure_image`'s title, row labels and grid box)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in (getattr(image, "text", None) or {}).items():
+        info.add_text(key, value)
+    image.save(path, format="png", pnginfo=info)
+
+
 def class_rows_image(images: torch.Tensor, per_class: int, class_labels: list[str], title: str):
     """A class-conditional grid as a PIL image: row r holds ``per_class`` images of class ``class_labels[r]``, named
     left of the row, under ``title``."""

@@ -20,7 +20,7 @@ import torch
 from hydra.utils import instantiate
 from torchmetrics import MeanMetric
 
-from diffusion.grids import class_rows_image, grid_image, to_uint8  # noqa: F401 - to_uint8 is also imported from here
+from diffusion.grids import class_rows_image, grid_image, save_png, to_uint8  # noqa: F401 - to_uint8 is also imported from here
 from diffusion.models.speed import apply_speed_options, split_speed_options
 from diffusion.processes.base import build_process
 from diffusion.samplers.base import Sampler
@@ -378,7 +378,7 @@ class DiffusionModule(L.LightningModule):
         if self._trainer is not None:
             path = Path(self.trainer.default_root_dir) / "samples" / f"{name}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
-            image.save(path)
+            save_png(image, path)  # with a labelled grid's text chunks (its rows' classes)
             for logger in self.trainer.loggers:
                 log_image = getattr(logger, "log_image", None)
                 if callable(log_image):  # W&B: a PIL image is logged as is (a float tensor would be scaled to 0..1)

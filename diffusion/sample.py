@@ -22,7 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from diffusion.grids import class_rows_image, grid_image
+from diffusion.grids import class_rows_image, grid_image, save_png
 from diffusion.module import DiffusionModule, to_uint8
 from diffusion.samplers.guidance import check_labels
 from diffusion.runtime import CONFIG_DIR, UsageError, build_or_usage_error, exits_on_usage_error, require_ckpt
@@ -116,7 +116,7 @@ def sample(cfg: DictConfig) -> Path:
     else:
         names = [module.class_names[k] for k in classes.tolist()]
         grid = class_rows_image(images, n_each, names, f"{sampler.describe()}, seed {cfg.seed}")
-    grid.save(out / "grid.png")
+    save_png(grid, out / "grid.png")
     arrays = {"samples": to_uint8(images).permute(0, 2, 3, 1).numpy()}
     if labels is not None:
         arrays["labels"] = labels.numpy()

@@ -75,21 +75,35 @@ def test_a_held_out_classifier_recognises_the_classes_and_guidance_helps(cond_ru
 
 
 def test_sample_cli_draws_the_chosen_classes_of_the_checkpoint(cond_run, tmp_path):
-    """python -m diffusion.sample ckpt=... classes=[3,7] n=4 sampler.guidance_scale=2: samples.npz holds 4 images of
-    class 3 then 4 of class 7 (the labels too), exactly module.sample's for those labels and that seed."""
+    """The README's two commands: ``"classes=[3,7]" n=4 sampler.guidance_scale=4 sampler.guidance_rescale=0.7`` (a
+    subprocess) writes 4 images of class 3 then 4 of class 7, exactly module.sample's for those labels, guidance and
+    seed, with the labels; ``classes=all n=1 sampler.guidance_scale=2`` (in-process) one of each class, a named row
+    each."""
+    from diffusion.sample import sample
+    from tests.test_errors import compose_cfg
+
     out, _ = cond_run
-    proc = run_train(f"ckpt={out / 'checkpoints' / 'last.ckpt'}", "classes=[3,7]", "n=4", "sampler.guidance_scale=2",
+    ckpt = out / "checkpoints" / "last.ckpt"
+    proc = run_train(f"ckpt={ckpt}", "classes=[3,7]", "n=4", "sampler.guidance_scale=4", "sampler.guidance_rescale=0.7",
                      "seed=5", f"hydra.run.dir={tmp_path / 's'}", tmp_path=tmp_path, module="diffusion.sample")
     assert proc.returncode == 0, proc.output[-2000:]
     saved = np.load(tmp_path / "s" / "samples.npz")
     assert saved["labels"].tolist() == [3] * 4 + [7] * 4
-    module = DiffusionModule.from_checkpoint(out / "checkpoints" / "last.ckpt")
-    sampler = module.build_sampler(dict(module.hparams.sampler), guidance_scale=2.0)
-    images = module.sample(8, sampler=sampler, generator=torch.Generator().manual_seed(5), labels=torch.tensor([3] * 4 + [7] * 4)).samples
+    module = DiffusionModule.from_checkpoint(ckpt)
+    sampler = module.build_sampler(dict(module.hparams.sampler), guidance_scale=4.0, guidance_rescale=0.7)
+    labels = torch.tensor([3] * 4 + [7] * 4)
+    images = module.sample(8, sampler=sampler, generator=torch.Generator().manual_seed(5), labels=labels).samples
     expected = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     assert np.array_equal(saved["samples"], expected)
-    _, text = _grid_box(tmp_path / "s" / "grid.png")
-    assert text["Rows"] == "3 | 7" and "guidance 2" in text["Title"]
+    pixels, text = _grid_box(tmp_path / "s" / "grid.png")
+    assert text["Rows"] == "3 | 7" and "guidance 4 (rescale 0.7)" in text["Title"]
+    assert np.array_equal(pixels, grid_array(images, nrow=4))
+
+    sample(compose_cfg(f"ckpt={ckpt}", "classes=all", "n=1", "sampler.guidance_scale=2",
+                       f"paths.output_dir={tmp_path / 'all'}", config_name="sample"))
+    saved = np.load(tmp_path / "all" / "samples.npz")
+    assert saved["labels"].tolist() == list(range(10)) and saved["samples"].shape == (10, 16, 16, 1)
+    assert _grid_box(tmp_path / "all" / "grid.png")[1]["Rows"] == " | ".join(map(str, range(10)))
 
 
 @pytest.mark.parametrize("overrides, message", [

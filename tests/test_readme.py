@@ -83,6 +83,15 @@ COVERAGE = {
     "python -m diffusion.train data=dog data.root=$HOME/dogs-vs-cats/train": TRAIN,
     "python -m diffusion.train data=simpsons data.root=$HOME/simpsons": TRAIN,
     "python -m diffusion.train data=cars data.root=$HOME/cars": TRAIN,
+    # class-conditional models and guidance
+    "python -m diffusion.train data.conditional=true": TRAIN,
+    "python -m diffusion.sample ckpt=outputs/train/<run>/checkpoints/last.ckpt classes=all n=8 sampler.guidance_scale=2": "tests/test_conditional.py::test_sample_cli_draws_the_chosen_classes_of_the_checkpoint",
+    'python -m diffusion.sample ckpt=... "classes=[3,7]" n=16 sampler.guidance_scale=4 sampler.guidance_rescale=0.7': "tests/test_conditional.py::test_sample_cli_draws_the_chosen_classes_of_the_checkpoint",
+    "python -m diffusion.evaluate -m ckpt=... metrics=[fd_classifier] fid.num_samples=400 sampler.guidance_scale=0,1,2,4": "EVAL_SWEEP_TEST",
+    "python -m diffusion.report outputs/evaluate/multirun/<date_time>": "EVAL_SWEEP_TEST",
+    "python -m diffusion.train data=mnist data.root=$HOME/data data.conditional=true": TRAIN,
+    "python -m diffusion.train data=cars data.root=$HOME/cars data.conditional=true": TRAIN,
+    "python -m diffusion.train data=folder data.root=$HOME/dogs-vs-cats/train data.conditional=true \"data.class_from='^(cat|dog)\\.'\"": TRAIN,
     "python -m diffusion.train data=flowers data.root=$HOME/flowers": TRAIN,
     "python -m diffusion.train data=mnist data.root=$HOME/data": TRAIN,
     "python -m diffusion.train data=fashion_mnist data.root=$HOME/data data.download=true": TRAIN,
@@ -216,8 +225,12 @@ def home(tmp_path_factory) -> Path:
     from tests.test_data import make_image_folder, make_mnist
 
     home = tmp_path_factory.mktemp("home")
-    for folder in ("images", "ffhq", "dogs-vs-cats/train", "simpsons", "cars", "flowers"):
+    for folder in ("images", "ffhq", "dogs-vs-cats/train", "simpsons", "flowers"):
         make_image_folder(home / folder)
+    for name in ("Audi TT", "BMW M3"):  # StanfordCars by class: one folder per class
+        make_image_folder(home / "cars" / name)
+    for extra in ("broken.jpg", "sub/white.png"):  # Kaggle's dogs-vs-cats holds cat.N.jpg and dog.N.jpg only
+        (home / "dogs-vs-cats" / "train" / extra).unlink()
     make_mnist(home / "data", "MNIST")
     make_mnist(home / "data", "FashionMNIST")
     return home
@@ -351,7 +364,11 @@ def test_train_command_runs(command, home, tmp_path, monkeypatch):
     (module,) = built
     assert module.model.image_size == cfg.data.image_size and module.model.in_channels == cfg.data.get("channels", 1)
     with Image.open(out / "samples" / "final.png") as grid:  # the final grid of one image
-        assert grid.size[0] == grid.size[1] >= cfg.data.image_size
+        if module.num_classes is None:
+            assert grid.size[0] == grid.size[1] >= cfg.data.image_size
+        else:  # data.conditional=true: one image of each class, a row each, named
+            assert module.num_classes == len(module.class_names) >= 2
+            assert grid.text["Rows"] == " | ".join(module.class_names)
 
 
 def test_error_example_is_what_the_command_prints(tmp_path):
