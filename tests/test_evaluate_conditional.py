@@ -87,12 +87,13 @@ def assert_matches(got: dict, want: dict):
 def test_class_accuracy_and_diversity_of_class_balanced_samples(cond_ckpt, classifier_cache, tmp_path):
     """20 guided samples, the digits cycled (sample i of class i % 10), judged as recomputed here from samples redrawn
     with module.sample and the same seed."""
-    got = run_evaluate(cond_ckpt, classifier_cache, tmp_path / "o", "sampler.guidance_scale=2", "seed=3")["fd_classifier"]
-    assert got["guidance_scale"] == 2.0 and got["guidance_rescale"] == 0.0 and "guidance 2" in got["sampler"]
+    got = run_evaluate(cond_ckpt, classifier_cache, tmp_path / "o", "sampler.guidance_scale=2", "sampler.guidance_rescale=0.5",
+                       "seed=3")["fd_classifier"]
+    assert got["guidance_scale"] == 2.0 and got["guidance_rescale"] == 0.5 and "guidance 2 (rescale 0.5)" in got["sampler"]
     assert got["classes"] == list(range(10)) and got["samples_per_class"] == [2] * 10 and got["chance"] == 0.1
     assert got["class_names"] == [str(k) for k in range(10)] and got["num_fake"] == 20
     labels = torch.arange(20) % 10
-    fake = redrawn(cond_ckpt, 20, 3, labels, num_steps=2, guidance_scale=2.0)
+    fake = redrawn(cond_ckpt, 20, 3, labels, num_steps=2, guidance_scale=2.0, guidance_rescale=0.5)
     assert_matches(got, expected(cond_ckpt, classifier_cache, fake, labels))
     # an untrained model: its samples are no digits, the classifier labels them as their class at about chance
     assert got["class_accuracy"] <= 0.3 and got["value"] > 0 and 0 <= got["confident"] <= 1
@@ -173,6 +174,18 @@ def test_within_class_diversity_by_hand_and_of_identical_images(classifier_cache
     digit = clf.split_images(clf.labelled_datamodule(data_cfg), "val", 1)
     same = clf.class_sums(net, digit.repeat(5, 1, 1, 1), torch.zeros(5, dtype=torch.long), 10)
     assert clf.within_class_diversity(same)[0] == pytest.approx(0.0, abs=1e-5) and float(same["feature_sum"].abs().sum()) > 0
+
+
+def test_the_classifier_of_conditional_data_is_the_one_of_the_same_data():
+    """data.conditional=true only makes the loaders yield labels: the same cached classifier; it also gives labels to
+    sources without them otherwise (image folders with class subfolders)."""
+    digits = {"_target_": "diffusion.data.DigitsDataModule", "image_size": 16, "seed": 42}
+    options = clf.check_options({})
+    assert clf.classifier_spec({**digits, "conditional": True}, options) == clf.classifier_spec(digits, options)
+    folder = {"_target_": "diffusion.data.ImageFolderDataModule", "root": "x"}
+    clf.check_labels({**folder, "conditional": True})
+    with pytest.raises(ValueError, match="folders with data.conditional=true"):
+        clf.check_labels(folder)
 
 
 #: what fd_classifier holds for an unconditional checkpoint (unchanged by class-conditional evaluation)
