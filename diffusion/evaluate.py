@@ -202,7 +202,8 @@ def class_metrics(feature, fake: torch.Tensor, fake_labels: torch.Tensor, images
 
     - ``class_accuracy``: the fraction of all samples that the classifier (argmax of its logits) labels as the class
       they were drawn for; ``class_accuracy_per_class``: that fraction among the samples of each of C (in the order of
-      ``classes``); ``chance``: 1 / K, the accuracy of samples that ignore their class (the classifier picks one of K);
+      ``classes``); ``chance``: 1 / K, the accuracy of a classifier guessing at random, and of samples that ignore
+      their class when every class is drawn (the classes balanced: whatever the classes they look like);
       ``samples_per_class``: the samples drawn of each of C.
     - ``within_class_diversity``: for each class of C, the root-mean-square Euclidean distance between the
       classifier features (the fd_classifier features: its penultimate layer, scaled to mean square 1 over the
