@@ -224,7 +224,10 @@ def class_metrics(feature, fake: torch.Tensor, fake_labels: torch.Tensor, images
     count, correct = fake_sums["count"], fake_sums["correct"]
     fake_div, real_div = within_class_diversity(fake_sums), within_class_diversity(real_sums)
     compared = [k for k in classes if fake_div[k] is not None and real_div[k] is not None]
-    mean = lambda values: sum(values) / len(values) if values else None  # noqa: E731
+
+    def mean(values: list[float]) -> float | None:
+        return sum(values) / len(values) if values else None
+
     fake_mean, real_mean = mean([fake_div[k] for k in compared]), mean([real_div[k] for k in compared])
     if not compared:
         log.warning("fd_classifier: no class has 2 samples and 2 real images: no within-class diversity (raise "

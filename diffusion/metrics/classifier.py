@@ -50,8 +50,8 @@ LOADER_KEYS = ("batch_size", "num_workers", "download", "decode_workers", "hflip
 #: the accuracy below which the metric's value is flagged as unreliable (a warning)
 LOW_ACCURACY = 0.9
 
-__all__ = ["CONFIDENT", "DEFAULTS", "LeNet", "PenultimateFeatures", "accuracy", "class_confidence", "class_sums", "merge_confidence",
-           "check_labels", "check_options", "classifier_spec", "labelled_datamodule", "set_up_datamodule", "split_images",
+__all__ = ["CONFIDENT", "DEFAULTS", "LeNet", "PenultimateFeatures", "accuracy", "check_labels", "check_options", "class_confidence",
+           "class_sums", "classifier_spec", "labelled_datamodule", "merge_confidence", "set_up_datamodule", "split_images",
            "train_classifier", "trained_classifier", "within_class_diversity"]
 
 
