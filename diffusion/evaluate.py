@@ -11,6 +11,17 @@ on the features of a small classifier trained on the data's training split, offl
 (:mod:`diffusion.metrics.classifier`; trained once, cached in ``paths.cache_dir``). Results are printed and written to
 ``results.json`` in the output directory.
 
+A class-conditional checkpoint (trained with ``data.conditional=true``) draws the samples of every sample metric
+class-balanced: the ``classes`` given (null or ``all``: every class; a list such as ``[3,7]``) cycled over the
+``fid.num_samples`` samples (sample i is of class ``classes[i % len(classes)]``, so each class gets n/K or one more),
+guided at ``sampler.guidance_scale`` (and ``sampler.guidance_rescale``), which the results record. ``fd_classifier``
+then also judges them by class (:func:`class_metrics`): ``class_accuracy``, the fraction of samples the classifier
+labels as the class they were drawn for (``chance``: 1 / the number of classes), and the within-class diversity of the
+samples and of the real images, whose ratio ``diversity_ratio`` shows whether guidance collapsed the classes (a ratio
+well below 1). ``nll`` of a conditional checkpoint is the bound of its unconditional (null-class) model. Sweep the
+guidance with ``python -m diffusion.evaluate -m ckpt=PATH metrics=[fd_classifier] sampler.guidance_scale=0,1,2,4``
+and tabulate the sweep with ``python -m diffusion.report <its multirun directory>``.
+
 ``devices=N`` evaluates on N ranks (DDP, launched by Lightning Fabric): every rank takes every N-th image, generates
 its share of the samples (seed ``seed + rank``) and updates its metric states; every rank then computes, the states
 being summed / gathered across ranks by torchmetrics, and rank 0 writes the results.
@@ -20,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import hydra
@@ -30,11 +42,12 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from diffusion.metrics import fid_kid, inception, inception_weights
-from diffusion.metrics.classifier import check_labels, check_options, class_confidence, merge_confidence, trained_classifier
+from diffusion.metrics.classifier import (check_labels, check_options, class_confidence, class_sums, merge_confidence, trained_classifier,
+                                         within_class_diversity)
 from diffusion.module import DiffusionModule, to_model_range, to_uint8
 from diffusion.runtime import (CONFIG_DIR, UsageError, build_or_usage_error, exits_on_usage_error, log_to_training_run, require_ckpt,
                                save_run_config)
-from diffusion.sample import chosen_sampler, draw, resolve_device
+from diffusion.sample import check_guidance, chosen_classes, chosen_sampler, draw, resolve_device
 
 log = logging.getLogger("diffusion.evaluate")
 
@@ -53,7 +66,8 @@ def data_config(cfg: DictConfig, module: DiffusionModule):
 
 def evaluation_images(cfg: DictConfig, module: DiffusionModule, with_datamodule: bool = False):
     """The first ``max_images`` uint8 images of the chosen split of the data the model was trained on (and the
-    set-up data module, ``with_datamodule``)."""
+    set-up data module, ``with_datamodule``). Their labels, if the data yields them, are
+    ``datamodule.split_labels(cfg.split)[:len(images)]`` (:func:`evaluation_labels`)."""
     data_cfg = data_config(cfg, module)
     datamodule = build_or_usage_error("data", lambda: instantiate(data_cfg))
     build_or_usage_error("data", lambda: (datamodule.prepare_data(), datamodule.setup("fit")))
@@ -61,8 +75,20 @@ def evaluation_images(cfg: DictConfig, module: DiffusionModule, with_datamodule:
     n = len(dataset) if cfg.max_images is None else min(cfg.max_images, len(dataset))
     if n == 0:
         raise UsageError(f"split={cfg.split} holds no images (data val_fraction is 0?): use split=train")
-    images = torch.stack([dataset[i] for i in range(n)])
+    items = [dataset[i] for i in range(n)]  # data.conditional=true: (image, label)
+    images = torch.stack([item[0] if isinstance(item, (tuple, list)) else item for item in items])
     return (images, datamodule) if with_datamodule else images
+
+
+def evaluation_labels(cfg: DictConfig, datamodule, num_images: int) -> torch.Tensor:
+    """The true classes of :func:`evaluation_images`' images (the split's labels, in the split's order)."""
+    labels = build_or_usage_error("data", lambda: datamodule.split_labels(cfg.split))
+    return torch.as_tensor(labels[:num_images], dtype=torch.long)
+
+
+def balanced_labels(classes: torch.Tensor, n: int) -> torch.Tensor:
+    """The classes of ``n`` class-balanced samples: ``classes`` cycled, sample i of class ``classes[i % K]``."""
+    return classes.repeat(math.ceil(n / len(classes)))[:n]
 
 
 def nll(module: DiffusionModule, images: torch.Tensor, cfg: DictConfig, fabric: Fabric) -> dict:
@@ -130,22 +156,31 @@ def generation_sampler(module: DiffusionModule, cfg: DictConfig):
     return chosen_sampler(module, OmegaConf.create(config))
 
 
-def generated(module: DiffusionModule, num_real: int, cfg: DictConfig, fabric: Fabric) -> tuple[torch.Tensor, dict]:
-    """This rank's share of ``fid.num_samples`` generated uint8 images (one draw for every sample metric), and the
-    sampler that drew them."""
+def generated(module: DiffusionModule, num_real: int, cfg: DictConfig, fabric: Fabric,
+              classes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+    """This rank's share of ``fid.num_samples`` generated uint8 images (one draw for every sample metric), their
+    classes (a class-conditional model: :func:`balanced_labels` of ``classes``, every ``world_size``-th; else None)
+    and the sampler that drew them (with its guidance and the classes, for a class-conditional model)."""
     n_total = cfg.fid.num_samples or num_real
     n = len(range(fabric.global_rank, n_total, fabric.world_size))
     sampler = generation_sampler(module, cfg)
-    fake = to_uint8(draw(module, sampler, n, cfg.batch_size, cfg.seed + fabric.global_rank))
-    return fake, {"num_real": num_real, "num_fake": n_total, "sampler": sampler.describe(), "num_steps": sampler.num_steps,
-                  "nfe": sampler.nfe}
+    labels = None if classes is None else balanced_labels(classes, n_total)[fabric.global_rank :: fabric.world_size]
+    fake = to_uint8(draw(module, sampler, n, cfg.batch_size, cfg.seed + fabric.global_rank, labels))
+    info = {"num_real": num_real, "num_fake": n_total, "sampler": sampler.describe(), "num_steps": sampler.num_steps,
+            "nfe": sampler.nfe}
+    if classes is not None:
+        info.update(guidance_scale=sampler.guidance_scale, guidance_rescale=sampler.guidance_rescale, classes=classes.tolist())
+    return fake, labels, info
 
 
 def fd_classifier(module: DiffusionModule, images: torch.Tensor, fake: torch.Tensor, info: dict, classifier, cfg: DictConfig,
-                  fabric: Fabric | None = None) -> dict:
+                  fabric: Fabric | None = None, fake_labels: torch.Tensor | None = None,
+                  real_labels: torch.Tensor | None = None) -> dict:
     """The Frechet distance and KID on the classifier's features (this rank's shards; the states sync across ranks),
     and how sure the classifier is of the samples and of the real images: ``confident`` (the fraction with a class
-    probability > 0.8), ``class_kl`` (the predicted classes' histogram, KL to uniform, nats) and ``real_confident``."""
+    probability > 0.8), ``class_kl`` (the predicted classes' histogram, KL to uniform, nats) and ``real_confident``.
+    Class-conditional samples (``fake_labels``, the class each was drawn for; ``real_labels``, the true classes of
+    ``images``): also :func:`class_metrics`."""
     feature, about = classifier
     out = fid_kid(images, fake, feature.to(module.device), ("fid", "kid"), cfg.fid.kid_subset_size, cfg.fid.kid_subsets,
                   cfg.batch_size, module.device, num_real=info["num_real"], num_fake=info["num_fake"])
@@ -155,7 +190,61 @@ def fd_classifier(module: DiffusionModule, images: torch.Tensor, fake: torch.Ten
             "class_histogram": [round(h, 4) for h in sure["fake"]["histogram"]],
             "real_confident": sure["real"]["confident"], "real_class_kl": sure["real"]["class_kl"],
             "classifier_accuracy": about["accuracy"], "classifier_train_accuracy": about["train_accuracy"],
-            "classifier": about["path"], "features": about["features"], **info}
+            "classifier": about["path"], "features": about["features"], **info,
+            **({} if fake_labels is None else class_metrics(feature, fake, fake_labels, images, real_labels, info["classes"],
+                                                            module.class_names, cfg.batch_size, fabric))}
+
+
+def class_metrics(feature, fake: torch.Tensor, fake_labels: torch.Tensor, images: torch.Tensor, real_labels: torch.Tensor,
+                  classes: list[int], class_names: list[str], batch_size: int, fabric: Fabric | None = None) -> dict:
+    """How the classifier judges class-conditional samples by class (this rank's shards; the sums are reduced across
+    ranks, so every rank returns the full result). With K the classifier's classes and C the ``classes`` drawn:
+
+    - ``class_accuracy``: the fraction of all samples that the classifier (argmax of its logits) labels as the class
+      they were drawn for; ``class_accuracy_per_class``: that fraction among the samples of each of C (in the order of
+      ``classes``); ``chance``: 1 / K, the accuracy of a classifier guessing at random, and of samples that ignore
+      their class when every class is drawn (the classes balanced: whatever the classes they look like);
+      ``samples_per_class``: the samples drawn of each of C.
+    - ``within_class_diversity``: for each class of C, the root-mean-square Euclidean distance between the
+      classifier features (the fd_classifier features: its penultimate layer, scaled to mean square 1 over the
+      training images) of two distinct samples drawn for the class, sqrt(mean over pairs |f_i - f_j|^2) =
+      sqrt(2 tr Cov) (:func:`~diffusion.metrics.classifier.within_class_diversity`), averaged over the compared
+      classes: those of C with >= 2 samples and >= 2 real images; ``real_within_class_diversity``: the same for the
+      evaluated real images of the split grouped by their true labels; ``diversity_ratio``: samples / real (1: as
+      varied as the data within a class; near 0: each class collapsed to one image). The ``*_per_class`` lists hold
+      each class of C (None where it has < 2 images); ``diversity_classes``: the compared classes.
+    """
+    num_classes = feature.classifier.num_classes
+    sums = {"fake": class_sums(feature, fake, fake_labels, num_classes, batch_size),
+            "real": class_sums(feature, images, real_labels, num_classes, batch_size)}
+    if fabric is not None and fabric.world_size > 1:
+        sums = {kind: {key: fabric.all_reduce(value.to(fabric.device), reduce_op="sum").cpu() for key, value in part.items()}
+                for kind, part in sums.items()}
+    fake_sums, real_sums = sums["fake"], sums["real"]
+    count, correct = fake_sums["count"], fake_sums["correct"]
+    fake_div, real_div = within_class_diversity(fake_sums), within_class_diversity(real_sums)
+    compared = [k for k in classes if fake_div[k] is not None and real_div[k] is not None]
+
+    def mean(values: list[float]) -> float | None:
+        return sum(values) / len(values) if values else None
+
+    fake_mean, real_mean = mean([fake_div[k] for k in compared]), mean([real_div[k] for k in compared])
+    if not compared:
+        log.warning("fd_classifier: no class has 2 samples and 2 real images: no within-class diversity (raise "
+                    "fid.num_samples, max_images)")
+    return {
+        "class_accuracy": float(correct.sum() / count.sum()),
+        "class_accuracy_per_class": [float(correct[k] / count[k]) if count[k] else None for k in classes],
+        "chance": 1.0 / num_classes,
+        "samples_per_class": [int(count[k]) for k in classes],
+        "class_names": [class_names[k] for k in classes],
+        "within_class_diversity": fake_mean,
+        "real_within_class_diversity": real_mean,
+        "diversity_ratio": fake_mean / real_mean if fake_mean is not None and real_mean else None,
+        "within_class_diversity_per_class": [fake_div[k] for k in classes],
+        "real_within_class_diversity_per_class": [real_div[k] for k in classes],
+        "diversity_classes": compared,
+    }
 
 
 def _all_ranks(part: dict, fabric: Fabric | None) -> dict:
@@ -209,23 +298,39 @@ def evaluate(cfg: DictConfig) -> dict:
     k = cfg.nll.num_timesteps
     if "nll" in cfg.metrics and k is not None and (not isinstance(k, int) or not 1 <= k <= module.process.num_timesteps):
         raise UsageError(f"nll.num_timesteps={k} is invalid: it must be in [1, {module.process.num_timesteps}] (or null for all T)")
-    if {"fid", "kid", "fd_classifier"} & set(cfg.metrics):
-        build_or_usage_error("sampler", lambda: generation_sampler(module, cfg))
+    classes = chosen_classes(cfg, module)  # None: an unconditional model (classes= refused for it)
+    sample_metrics = bool(set(SAMPLE_METRICS) & set(cfg.metrics))
+    if sample_metrics:
+        sampler = build_or_usage_error("sampler", lambda: generation_sampler(module, cfg))
+        check_guidance(module, sampler, cfg)
+        n_samples = cfg.fid.num_samples
+        if classes is not None and n_samples is not None and n_samples < len(classes):
+            raise UsageError(f"fid.num_samples={n_samples} is too few for the {len(classes)} classes drawn: it must be "
+                             f">= {len(classes)} (one sample per class; >= {2 * len(classes)} for the within-class diversity)")
     if "fd_classifier" in cfg.metrics:
         build_or_usage_error("fd_classifier", lambda: (check_labels(data_config(cfg, module)),
                                                        check_options(OmegaConf.to_container(cfg.classifier, resolve=True))))
     save_run_config(cfg)  # every check passed: record the config (a refused run leaves the directory as it was)
     # prepared once, here: ranks never race to build a data cache or to train the classifier
     images, datamodule = evaluation_images(cfg, module, with_datamodule=True)
-    classifier = None
+    if classes is not None and sample_metrics and (cfg.fid.num_samples or len(images)) < len(classes):
+        raise UsageError(f"max_images={cfg.max_images} gives {len(images)} samples (fid.num_samples=null: as many as the "
+                         f"real images), too few for the {len(classes)} classes drawn: raise max_images or set fid.num_samples")
+    classifier, real_labels = None, None
     if "fd_classifier" in cfg.metrics:
         options = OmegaConf.to_container(cfg.classifier, resolve=True)
         classifier = build_or_usage_error("classifier", lambda: trained_classifier(
             data_config(cfg, module), cfg.paths.cache_dir, device, datamodule=datamodule, **options))
+        if classes is not None:
+            if classifier[1]["num_classes"] != module.num_classes:
+                raise UsageError(f"the fd_classifier classifier of data {data_config(cfg, module).get('_target_')} tells "
+                                 f"{classifier[1]['num_classes']} classes apart, ckpt={cfg.ckpt} draws "
+                                 f"{module.num_classes}: evaluate it on the data it was trained on")
+            real_labels = evaluation_labels(cfg, datamodule, len(images))
     resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))  # spawned ranks have no Hydra context
     strategy = "ddp_spawn" if cfg.devices > 1 else "auto"
     fabric = Fabric(accelerator=device.type, devices=cfg.devices, strategy=strategy)
-    results = fabric.launch(evaluate_rank, resolved, module, images, feature, classifier)
+    results = fabric.launch(evaluate_rank, resolved, module, images, feature, classifier, classes, real_labels)
     if cfg.get("wandb_run"):
         flat = {}
         for metric, values in results.items():
@@ -236,23 +341,28 @@ def evaluate(cfg: DictConfig) -> dict:
     return results
 
 
-def evaluate_rank(fabric: Fabric, cfg: DictConfig, module: DiffusionModule, all_images: torch.Tensor, feature, classifier=None) -> dict:
-    """One rank's share: every ``world_size``-th image; metric states are reduced so that every rank computes."""
+def evaluate_rank(fabric: Fabric, cfg: DictConfig, module: DiffusionModule, all_images: torch.Tensor, feature, classifier=None,
+                  classes: torch.Tensor | None = None, all_labels: torch.Tensor | None = None) -> dict:
+    """One rank's share: every ``world_size``-th image (and its label, ``all_labels``: the true classes, for a
+    class-conditional model's fd_classifier); metric states are reduced so that every rank computes. ``classes``:
+    those a class-conditional model draws (None: unconditional)."""
     if not logging.getLogger().handlers:  # a spawned rank: Hydra's logging setup stayed in the parent
         logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     module = module.to(fabric.device)
     images = all_images[fabric.global_rank :: fabric.world_size]
+    real_labels = None if all_labels is None else all_labels[fabric.global_rank :: fabric.world_size]
     log.info("rank %d of %d evaluates %d of %d images", fabric.global_rank, fabric.world_size, len(images), len(all_images))
     results = {"ckpt": str(cfg.ckpt), "ema": bool(cfg.ema and module.has_ema), "split": cfg.split, "world_size": fabric.world_size}
     try:
         if "nll" in cfg.metrics:
             results["nll"] = nll(module, images, cfg, fabric)
         if set(SAMPLE_METRICS) & set(cfg.metrics):
-            fake, info = generated(module, len(all_images), cfg, fabric)
+            fake, fake_labels, info = generated(module, len(all_images), cfg, fabric, classes)
             if feature is not None:
                 results.update(fid_and_kid(module, images, fake, info, feature, cfg))
             if classifier is not None:
-                results["fd_classifier"] = fd_classifier(module, images, fake, info, classifier, cfg, fabric)
+                results["fd_classifier"] = fd_classifier(module, images, fake, info, classifier, cfg, fabric, fake_labels,
+                                                         real_labels)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     if fabric.global_rank == 0:

@@ -6,6 +6,13 @@ Each job directory of the sweep holds ``.hydra/overrides.yaml`` (what was swept)
 final metrics, and plots each metric against each swept parameter. It writes ``report.csv``, ``report.md`` and
 ``report.png`` into the sweep directory.
 
+An evaluate sweep (``python -m diffusion.evaluate -m ckpt=PATH metrics=[fd_classifier] sampler.guidance_scale=0,1,2,4``,
+in ``outputs/evaluate/multirun/<date_time>``) is read the same way, each job's own ``results.json`` holding its
+metrics: ``fd_classifier`` (the Frechet distance on the classifier's features), ``class_accuracy`` (a class-conditional
+checkpoint's samples labelled as their class; the plot marks chance), ``confident`` and ``diversity_ratio`` (within-class
+diversity of the samples over the real images'), besides ``nll_bpd``, ``fid`` and ``kid``; jobs without
+``results.json`` (failed) are listed.
+
 It names the best job, in its row and in a last line ``best: trial N val/loss=... params ...``: for a search
 (``hparams_search=...``) the job of the sweeper's ``optimization_results.yaml`` (best_params, best_value); N is its
 directory, which is Optuna's trial number unless a stored study (``hydra.sweeper.storage``) continued an earlier
@@ -23,6 +30,12 @@ from pathlib import Path
 import yaml
 
 METRIC_KEYS = ("val/loss", "train/loss_epoch")
+#: the columns of the table, in this order (those that some job has)
+COLUMNS = ("val/loss", "train/loss_epoch", "nll_bpd", "fid", "kid", "fd_classifier", "class_accuracy", "confident",
+           "diversity_ratio", "global_step")
+#: what each fd_classifier column reads in results.json's "fd_classifier"
+FD_CLASSIFIER_KEYS = {"fd_classifier": "value", "class_accuracy": "class_accuracy", "confident": "confident",
+                      "diversity_ratio": "diversity_ratio", "chance": "chance"}
 
 
 def _value(text: str):
@@ -30,6 +43,20 @@ def _value(text: str):
         return yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+
+
+def job_kind(job: Path) -> str:
+    """``evaluate`` for a job of a ``diffusion.evaluate`` sweep (its config's task_name; without one, a results.json
+    of its own and no metrics.json), else ``train``."""
+    config = job / ".hydra" / "config.yaml"
+    if config.is_file():
+        try:
+            task = (yaml.safe_load(config.read_text()) or {}).get("task_name")
+        except yaml.YAMLError:
+            task = None
+        if task is not None:
+            return "evaluate" if task == "evaluate" else "train"
+    return "evaluate" if (job / "results.json").is_file() and not (job / "metrics.json").is_file() else "train"
 
 
 def read_job(job: Path) -> dict | None:
@@ -52,7 +79,12 @@ def read_job(job: Path) -> dict | None:
         for name in ("fid", "kid"):
             if name in data:
                 metrics[name] = data[name]["value"] if isinstance(data[name], dict) else data[name]
-    return {"job": job.name, "params": params, "metrics": metrics}
+        if isinstance(data.get("fd_classifier"), dict):
+            metrics.update({column: data["fd_classifier"][key] for column, key in FD_CLASSIFIER_KEYS.items()
+                            if data["fd_classifier"].get(key) is not None})
+    kind = job_kind(job)
+    done = (job / "results.json").is_file() if kind == "evaluate" else "global_step" in metrics
+    return {"job": job.name, "params": params, "metrics": metrics, "kind": kind, "done": done}
 
 
 def collect(sweep_dir: Path) -> tuple[list[dict], list[str], list[str]]:
@@ -61,7 +93,7 @@ def collect(sweep_dir: Path) -> tuple[list[dict], list[str], list[str]]:
         raise ValueError(f"{sweep_dir} holds no Hydra job directories (<job>/.hydra/overrides.yaml)")
     keys = sorted({k for j in jobs for k in j["params"]})
     swept = [k for k in keys if len({json.dumps(j["params"].get(k), default=str) for j in jobs}) > 1]
-    metrics = [m for m in ("val/loss", "train/loss_epoch", "nll_bpd", "fid", "kid", "global_step") if any(m in j["metrics"] for j in jobs)]
+    metrics = [m for m in COLUMNS if any(m in j["metrics"] for j in jobs)]
     return jobs, swept, metrics
 
 
@@ -118,9 +150,10 @@ def write_tables(sweep_dir: Path, jobs, swept, metrics, best: dict | None = None
     marked = best["job"] if best else None
     lines += ["| " + " | ".join(_fmt(v) + (" (best)" if i == 0 and v == marked else "") for i, v in enumerate(row)) + " |"
               for row in rows]
-    unfinished = [j["job"] for j in jobs if "global_step" not in j["metrics"]]
-    if unfinished:  # no metrics.json: the job failed (its error is in the sweep's log) or is still running
-        lines += ["", f"no metrics.json (failed or running): job {', '.join(unfinished)}"]
+    for kind, written in (("train", "metrics.json"), ("evaluate", "results.json")):
+        unfinished = [j["job"] for j in jobs if j["kind"] == kind and not j["done"]]
+        if unfinished:  # no metrics.json / results.json: the job failed (its error is in the sweep's log) or is still running
+            lines += ["", f"no {written} (failed or running): job {', '.join(unfinished)}"]
     if best:
         lines += ["", best_line(best, swept)]
     md_path.write_text("\n".join(lines) + "\n")
@@ -150,18 +183,36 @@ def plot(sweep_dir: Path, jobs, swept, metrics) -> Path | None:
                 pts = sorted((values.index(_fmt(j["params"].get(param))), j["metrics"][metric]) for j in members if j["metrics"].get(metric) is not None)
                 if pts:
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+            chance = {j["metrics"]["chance"] for j in jobs if j["metrics"].get("chance") is not None}
+            reference = {"class_accuracy": (chance.pop(), "chance") if len(chance) == 1 else None,  # samples ignoring their class
+                         "diversity_ratio": (1.0, "as diverse as the data")}.get(metric)
+            if reference is not None:
+                line = ax.axhline(reference[0], color="grey", linestyle="--", linewidth=1, label=reference[1])
+                ax.legend(**({} if len(groups) > 1 else {"handles": [line]}), fontsize=7)
             ax.set_xticks(range(len(values)), values)
             ax.set_xlabel(param)
             ax.set_ylabel(metric)
             ax.grid(alpha=0.3)
             if len(groups) > 1 and row == 0:
                 ax.legend(fontsize=7)
-    fig.suptitle(f"sweep {sweep_dir.name}: {len(jobs)} jobs")
+    fig.suptitle(title(sweep_dir, jobs))
     fig.tight_layout()
     path = sweep_dir / "report.png"
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def title(sweep_dir: Path, jobs) -> str:
+    """``sweep <dir>: N jobs``; an evaluate sweep of one checkpoint also names it (its run folder and file)."""
+    text = f"sweep {sweep_dir.name}: {len(jobs)} jobs"
+    if all(j["kind"] == "evaluate" for j in jobs):
+        ckpts = {str(j["params"].get("ckpt")) for j in jobs}
+        text = f"evaluate {text}"
+        if len(ckpts) == 1 and None not in {j["params"].get("ckpt") for j in jobs}:
+            path = Path(ckpts.pop())
+            text += f" of {path.parent.parent.name + '/' if path.parent.name == 'checkpoints' else ''}{path.name}"
+    return text
 
 
 def _is_number(v: str) -> bool:

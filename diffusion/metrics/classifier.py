@@ -43,13 +43,16 @@ DEFAULTS = {"epochs": 20, "max_steps": 3000, "batch_size": 64, "lr": 1e-3, "seed
 #: what a cache entry holds
 ENTRY_KEYS = ("state_dict", "spec", "in_channels", "num_classes", "accuracy", "train_accuracy", "feature_scale",
               "num_train", "num_val", "train_seconds")
-#: data settings that change how batches are served, not which images the training split holds
-LOADER_KEYS = ("batch_size", "num_workers", "download", "decode_workers", "hflip", "cache_dir")
+#: data settings that change how batches are served, not which images the training split holds nor their labels
+#: (``conditional`` only makes the loaders yield the labels too: the classifier of a class-conditional run is the
+#: one of the same data unconditioned)
+LOADER_KEYS = ("batch_size", "num_workers", "download", "decode_workers", "hflip", "cache_dir", "conditional")
 #: the accuracy below which the metric's value is flagged as unreliable (a warning)
 LOW_ACCURACY = 0.9
 
-__all__ = ["CONFIDENT", "DEFAULTS", "LeNet", "PenultimateFeatures", "accuracy", "class_confidence", "merge_confidence", "check_labels", "check_options", "classifier_spec",
-           "labelled_datamodule", "set_up_datamodule", "split_images", "train_classifier", "trained_classifier"]
+__all__ = ["CONFIDENT", "DEFAULTS", "LeNet", "PenultimateFeatures", "accuracy", "check_labels", "check_options", "class_confidence",
+           "class_sums", "classifier_spec", "labelled_datamodule", "merge_confidence", "set_up_datamodule", "split_images",
+           "train_classifier", "trained_classifier", "within_class_diversity"]
 
 
 class LeNet(nn.Module):
@@ -110,14 +113,16 @@ def _plain(config) -> dict:
 
 
 def check_labels(data_cfg) -> None:
-    """ValueError (one line) unless the data source of ``data_cfg`` gives class labels; nothing is loaded."""
+    """ValueError (one line) unless the data source of ``data_cfg`` gives class labels (a source that always has
+    them, or any data with ``conditional: true``, e.g. image folders with class subfolders); nothing is loaded."""
     from hydra.utils import get_class
 
-    target = _plain(data_cfg).get("_target_")
-    if target is None or not getattr(get_class(target), "has_labels", False):
+    config = _plain(data_cfg)
+    target = config.get("_target_")
+    if target is None or not (getattr(get_class(target), "has_labels", False) or config.get("conditional") is True):
         raise ValueError(f"metric fd_classifier needs class labels to train its classifier, and data {target} has none "
-                         "(digits, mnist and fashion_mnist have them): use metric fid with the Inception weights "
-                         "(fid.weights=PATH)")
+                         "(digits, mnist and fashion_mnist have them, folders with data.conditional=true): use metric "
+                         "fid with the Inception weights (fid.weights=PATH)")
 
 
 def set_up_datamodule(data_cfg):
@@ -221,6 +226,53 @@ def merge_confidence(parts: list[dict]) -> dict:
     histogram = (sum(torch.tensor(p["histogram"], dtype=torch.float64) * p["n"] for p in parts) / n)
     return {"confident": confident, "class_kl": kl_to_uniform(histogram), "histogram": histogram.tolist(),
             "threshold": parts[0]["threshold"], "n": n}
+
+
+@torch.inference_mode()
+def class_sums(feature: PenultimateFeatures, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
+               batch_size: int = 256) -> dict[str, torch.Tensor]:
+    """Per-class sums over ``images`` grouped by ``labels`` (the class each was drawn for, or its true class), float64
+    on the CPU, that add up over disjoint image sets (DDP ranks): ``count`` (K,), ``correct`` (K,), the images the
+    classifier (``feature.classifier``, argmax of its logits) labels as their class, ``feature_sum`` (K, D), the sum
+    of the features ``feature(x)`` (the scaled penultimate features of the FD), and ``square_sum`` (K,), the sum of
+    their squared norms: what :func:`within_class_diversity` needs."""
+    device = next(feature.parameters()).device
+    count = torch.zeros(num_classes, dtype=torch.float64)
+    correct = torch.zeros(num_classes, dtype=torch.float64)
+    square_sum = torch.zeros(num_classes, dtype=torch.float64)
+    feature_sum = None
+    for start in range(0, len(images), batch_size):
+        x = images[start : start + batch_size].to(device)
+        y = labels[start : start + batch_size].long().cpu()
+        f = feature(x).double().cpu()
+        hit = (feature.classifier(x).argmax(1).cpu() == y).double()
+        if feature_sum is None:
+            feature_sum = torch.zeros(num_classes, f.shape[1], dtype=torch.float64)
+        count.index_add_(0, y, torch.ones(len(y), dtype=torch.float64))
+        correct.index_add_(0, y, hit)
+        feature_sum.index_add_(0, y, f)
+        square_sum.index_add_(0, y, f.pow(2).sum(1))
+    if feature_sum is None:  # no images (a rank without any): the width from one blank image
+        width = feature(torch.zeros(1, *images.shape[1:], dtype=images.dtype, device=device)).shape[1]
+        feature_sum = torch.zeros(num_classes, width, dtype=torch.float64)
+    return {"count": count, "correct": correct, "feature_sum": feature_sum, "square_sum": square_sum}
+
+
+def within_class_diversity(sums: dict[str, torch.Tensor]) -> list[float | None]:
+    """For each class of :func:`class_sums`, the root-mean-square Euclidean distance between the features of two
+    distinct images of the class: sqrt(mean over the n (n - 1) / 2 pairs i < j of |f_i - f_j|^2), from the sums as
+    sqrt(2 (n sum |f|^2 - |sum f|^2) / (n (n - 1))) (= sqrt(2 tr Cov), Cov the unbiased covariance of the class's
+    features); None for a class with fewer than 2 images. 0: all the class's images look the same to the classifier."""
+    n, s1, s2 = sums["count"], sums["feature_sum"], sums["square_sum"]
+    out = []
+    for k in range(len(n)):
+        nk = float(n[k])
+        if nk < 2:
+            out.append(None)
+            continue
+        total = nk * float(s2[k]) - float(s1[k].pow(2).sum())  # sum over pairs i < j of |f_i - f_j|^2
+        out.append(math.sqrt(max(2.0 * total / (nk * (nk - 1)), 0.0)))
+    return out
 
 
 @torch.inference_mode()
