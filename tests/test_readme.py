@@ -87,7 +87,7 @@ COVERAGE = {
     "python -m diffusion.train data.conditional=true": TRAIN,
     "python -m diffusion.sample ckpt=outputs/train/<run>/checkpoints/last.ckpt classes=all n=8 sampler.guidance_scale=2": "tests/test_conditional.py::test_sample_cli_draws_the_chosen_classes_of_the_checkpoint",
     'python -m diffusion.sample ckpt=... "classes=[3,7]" n=16 sampler.guidance_scale=4 sampler.guidance_rescale=0.7': "tests/test_conditional.py::test_sample_cli_draws_the_chosen_classes_of_the_checkpoint",
-    "python -m diffusion.evaluate -m ckpt=... metrics=[fd_classifier] fid.num_samples=400 sampler.guidance_scale=0,1,2,4": "tests/test_evaluate_conditional.py::test_a_guidance_sweep_and_its_report",
+    "python -m diffusion.evaluate -m ckpt=... metrics=[fd_classifier] fid.num_samples=400 sampler.guidance_scale=0,1,2,4": (SWEEP, "tests/test_evaluate_conditional.py::test_a_guidance_sweep_and_its_report"),
     "python -m diffusion.report outputs/evaluate/multirun/<date_time>": "tests/test_evaluate_conditional.py::test_a_guidance_sweep_and_its_report",
     "python -m diffusion.train data=mnist data.root=$HOME/data data.conditional=true": TRAIN,
     "python -m diffusion.train data=cars data.root=$HOME/cars data.conditional=true": TRAIN,
