@@ -195,7 +195,9 @@ def plot(sweep_dir: Path, jobs, swept, metrics) -> Path | None:
             ax.grid(alpha=0.3)
             if len(groups) > 1 and row == 0:
                 ax.legend(fontsize=7)
-    fig.suptitle(title(sweep_dir, jobs))
+    import textwrap
+
+    fig.suptitle("\n".join(textwrap.wrap(title(sweep_dir, jobs), width=int(8 * 4.5 * len(swept)))))  # ~8 characters an inch
     fig.tight_layout()
     path = sweep_dir / "report.png"
     fig.savefig(path, dpi=100)
