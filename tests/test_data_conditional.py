@@ -69,7 +69,7 @@ def test_unconditional_digits_are_plain_image_batches_as_before(caplog):
     with caplog.at_level(logging.INFO, logger="diffusion.data"):
         plain.setup()
         cond.setup()
-    batch, (images, labels) = next(iter(plain.train_dataloader())), next(iter(cond.train_dataloader()))
+    batch, (images, _) = next(iter(plain.train_dataloader())), next(iter(cond.train_dataloader()))
     assert type(batch) is torch.Tensor and torch.equal(batch, images)  # the same images, in the same order
     assert type(plain.train_set[0]) is torch.Tensor
     messages = [r.getMessage() for r in caplog.records]
@@ -275,7 +275,7 @@ def _flat(root: Path) -> Path:
 @pytest.mark.parametrize(
     "layout, options, text",
     [
-        ("flat", {}, f"and 7 of its 8 images lie directly in it (e.g. bird.0.png): put each class in its own subfolder, or pass data.class_from=<regex"),
+        ("flat", {}, "and 7 of its 8 images lie directly in it (e.g. bird.0.png): put each class in its own subfolder, or pass data.class_from=<regex"),
         ("one class", {}, "data conditional=true needs at least 2 classes, and the 3 images under root="),
         ("one class", {"limit": 2}, "the 2 images (the first limit=2) under root="),
         ("flat", {"class_from": "(cat|dog"}, "data class_from='(cat|dog' is not a valid regular expression (missing ), unterminated subpattern"),
