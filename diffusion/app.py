@@ -244,7 +244,8 @@ def main(cfg: DictConfig) -> None:
         import gradio as gr
     except ImportError as exc:
         raise UsageError('the app needs gradio: pip install -e ".[app]"') from exc
-    module = build_or_usage_error("ckpt", lambda: DiffusionModule.from_checkpoint(cfg.ckpt, ema=cfg.ema))
+    module = build_or_usage_error("ckpt", lambda: DiffusionModule.from_checkpoint(cfg.ckpt, ema=cfg.ema,
+                                                                                 trust=cfg.get("trust_checkpoint", False)))
     module = module.to(resolve_device(cfg.device))
     demo = build_app(module, str(cfg.ckpt), cfg.max_count, cfg.strip_images, cfg.strip_points)
     log.info("serving %s on http://%s:%d", cfg.ckpt, cfg.host, cfg.port)

@@ -326,7 +326,8 @@ def compare(cfg: DictConfig) -> list[Row]:
     if cfg.metric == "fid":
         feature = build_or_usage_error("fid", lambda: inception(inception_weights(cfg.fid.weights)))
     device = resolve_device(cfg.device)
-    module = build_or_usage_error("ckpt", lambda: DiffusionModule.from_checkpoint(cfg.ckpt, ema=cfg.ema))
+    module = build_or_usage_error("ckpt", lambda: DiffusionModule.from_checkpoint(cfg.ckpt, ema=cfg.ema,
+                                                                                 trust=cfg.get("trust_checkpoint", False)))
     kind = module.process.kind
     allowed = sampler_names(kind)
     if names is None:

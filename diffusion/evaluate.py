@@ -291,7 +291,8 @@ def evaluate(cfg: DictConfig) -> dict:
     device = resolve_device(cfg.device)
     if device.type == "cuda" and cfg.devices > torch.cuda.device_count():
         raise UsageError(f"devices={cfg.devices} is invalid: this machine has {torch.cuda.device_count()} GPU(s)")
-    module = build_or_usage_error("ckpt", lambda: DiffusionModule.from_checkpoint(cfg.ckpt, ema=cfg.ema))
+    module = build_or_usage_error("ckpt", lambda: DiffusionModule.from_checkpoint(cfg.ckpt, ema=cfg.ema,
+                                                                                 trust=cfg.get("trust_checkpoint", False)))
     if "nll" in cfg.metrics and not hasattr(module.process, "calc_bpd_loop"):
         raise UsageError(f"metrics=[nll] is invalid for {cfg.ckpt}: its {module.process.kind} process is deterministic "
                          "and has no likelihood bound; use metrics=[fid,kid]")

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from diffusion.checkpoints import load_file
 from diffusion.grids import GridLayout, grid_array, labelled_figure, readable_scale, save_new
 from diffusion.module import DiffusionModule, to_model_range
 from diffusion.runtime import CONFIG_DIR, UsageError, build_or_usage_error, log_to_training_run
@@ -124,8 +125,8 @@ def forward_figure(overrides: list[str], n: int, columns: int, out: Path, seed: 
     return _save_rows(torch.stack(cols, dim=1), path, title, [f"t={t}" for t in times])
 
 
-def _load(ckpt: str, ema: bool = True) -> DiffusionModule:
-    return build_or_usage_error("ckpt", lambda: DiffusionModule.from_checkpoint(ckpt, ema=ema))
+def _load(ckpt: str, ema: bool = True, trust: bool = False) -> DiffusionModule:
+    return build_or_usage_error("ckpt", lambda: DiffusionModule.from_checkpoint(ckpt, ema=ema, trust=trust))
 
 
 def trajectory_times(sampler, points: int) -> list[str]:
@@ -172,13 +173,13 @@ def describe(sampler, conditional: bool) -> str:
 
 def reverse_figure(ckpt: str, n: int | None, transitions: int, out: Path, sampler: str | None = None,
                    num_steps: int | None = None, seed: int = 0, classes: list[str] | None = None,
-                   guidance_scale: float | None = None) -> Path:
+                   guidance_scale: float | None = None, trust: bool = False) -> Path:
     """``n`` samples (rows; default 4) seen at ``transitions`` + 1 evenly spaced points of the reverse chain, x_T to
     x_0; each column is labelled with its t. A class-conditional checkpoint: ``n`` (default 1) of each of
     ``classes``, class by class, each row labelled with its class name, guided at ``guidance_scale``."""
     if transitions < 1:
         raise UsageError(f"transitions={transitions} is invalid: it must be >= 1")
-    module = _load(ckpt)
+    module = _load(ckpt, trust=trust)
     chosen_classes = figure_classes(module, ckpt, classes, guidance_scale)
     chosen = guided_sampler(module, sampler, num_steps, guidance_scale)
     times = trajectory_times(chosen, transitions + 1)
@@ -199,7 +200,7 @@ def reverse_figure(ckpt: str, n: int | None, transitions: int, out: Path, sample
     return _save_rows(rows, path, title, [f"t={t}" for t in times], row_labels)
 
 
-def distinct_checkpoints(run: str) -> list[tuple[int, int, list[Path]]]:
+def distinct_checkpoints(run: str, trust: bool = False) -> list[tuple[int, int, list[Path]]]:
     """(global step, epoch, files) of every distinct checkpoint of a run, by step ('last' often equals 'best')."""
     ckpts = sorted(Path(run).glob("checkpoints/*.ckpt"))
     if not ckpts:
@@ -207,26 +208,26 @@ def distinct_checkpoints(run: str) -> list[tuple[int, int, list[Path]]]:
     by_step: dict[int, tuple[int, list[Path]]] = {}
     for path in ckpts:
         try:
-            meta = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as exc:  # noqa: BLE001 - a truncated or foreign file: one line naming it
-            raise UsageError(f"{path} is not a readable checkpoint ({type(exc).__name__})") from exc
+            meta = load_file(path, "checkpoint", mmap=True, trust=trust)
+        except ValueError as exc:  # a truncated or foreign file: one line naming it
+            raise UsageError(str(exc)) from exc
         step, epoch = int(meta.get("global_step", 0)), int(meta.get("epoch", 0))
         by_step.setdefault(step, (epoch, []))[1].append(path)
     return [(step, epoch, paths) for step, (epoch, paths) in sorted(by_step.items())]
 
 
 def progression_figure(run: str, n: int | None, out: Path, seed: int = 0, classes: list[str] | None = None,
-                       guidance_scale: float | None = None) -> Path:
+                       guidance_scale: float | None = None, trust: bool = False) -> Path:
     """One row per distinct checkpoint of a run (ordered by training step, labelled with it), all sampled from the
     same noise; a run with a single distinct checkpoint is refused (there is no progression to show). A
     class-conditional run: ``n`` (default 1) images of each of ``classes`` per row, each column labelled with its
     class name, guided at ``guidance_scale``."""
-    loaded = distinct_checkpoints(run)
+    loaded = distinct_checkpoints(run, trust)
     if len(loaded) < 2:
         step, _, paths = loaded[0]
         raise UsageError(f"run={run} has one distinct checkpoint (step {step}: {', '.join(p.name for p in paths)}): "
                          "a progression needs two; train with callbacks.model_checkpoint.save_top_k=-1 to keep one per epoch")
-    first = _load(str(loaded[0][2][0]))
+    first = _load(str(loaded[0][2][0]), trust=trust)
     chosen_classes = figure_classes(first, run, classes, guidance_scale)
     scale = guided_sampler(first, None, None, guidance_scale).guidance_scale  # a bad one: refused before any work
     n = n if n is not None else 8 if chosen_classes is None else 1
@@ -240,7 +241,7 @@ def progression_figure(run: str, n: int | None, out: Path, seed: int = 0, classe
     path = _new_path(out / f"{name}_n{n}_seed{seed}.png")
     rows, samplers = [], set()
     for _, _, paths in loaded:  # the same seed: the same x_T (N(0, I), or a blur model's prior draw) for every checkpoint
-        module = _load(str(paths[0]))
+        module = _load(str(paths[0]), trust=trust)
         sampler = guided_sampler(module, None, None, guidance_scale)
         samplers.add(describe(sampler, labels is not None))
         count = n if labels is None else len(labels)
@@ -277,6 +278,8 @@ def main(argv: list[str] | None = None) -> Path:
         p.add_argument("--out", type=Path, default=Path("figures"))
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--wandb-run", default=None, help="a training run directory: also log the figure to its W&B run")
+        p.add_argument("--trust-checkpoint", action="store_true", help="read checkpoints with the full unpickler (runs "
+                       "code a file may hold: only for files you trust; default: weights-only)")
     args = parser.parse_args(argv)
     try:
         if getattr(args, "n", None) is not None and args.n < 1:
@@ -291,9 +294,10 @@ def main(argv: list[str] | None = None) -> Path:
             path = forward_figure(args.overrides, args.n, args.columns, args.out, args.seed)
         elif args.figure == "reverse":
             path = reverse_figure(args.ckpt, args.n, args.transitions, args.out, args.sampler, args.num_steps, args.seed,
-                                  args.classes, args.guidance_scale)
+                                  args.classes, args.guidance_scale, args.trust_checkpoint)
         else:
-            path = progression_figure(args.run, args.n, args.out, args.seed, args.classes, args.guidance_scale)
+            path = progression_figure(args.run, args.n, args.out, args.seed, args.classes, args.guidance_scale,
+                                      args.trust_checkpoint)
         if args.wandb_run:
             log_to_training_run(args.wandb_run, images={f"figures/{args.figure}": path})  # at the run's last step
     except (UsageError, ValueError) as err:

@@ -20,6 +20,7 @@ import torch
 from hydra.utils import instantiate
 from torchmetrics import MeanMetric
 
+from diffusion.checkpoints import load_file
 from diffusion.grids import class_rows_image, grid_image, save_png, to_uint8  # noqa: F401 - to_uint8 is also imported from here
 from diffusion.models.speed import apply_speed_options, split_speed_options
 from diffusion.processes.base import build_process
@@ -87,20 +88,15 @@ def upgrade_hyper_parameters(hparams: dict) -> dict:
     return hparams
 
 
-def read_checkpoint(path: str | Path, setting: str = "ckpt", map_location: str | torch.device = "cpu", mmap: bool = False) -> dict:
-    """A checkpoint this framework wrote, as ``torch.load`` returns it (``mmap``: tensors stay on disk until read).
+def read_checkpoint(path: str | Path, setting: str = "ckpt", map_location: str | torch.device = "cpu", mmap: bool = False,
+                    trust: bool = False) -> dict:
+    """A checkpoint this framework wrote, as ``torch.load`` returns it (``mmap``: tensors stay on disk until read),
+    read weights-only (:mod:`diffusion.checkpoints`) unless ``trust`` (``trust_checkpoint=true``).
 
-    Raises ValueError naming ``<setting>=<path>`` when the file is missing, unreadable (truncated, a text file) or
-    not one of this framework's checkpoints.
+    Raises ValueError naming ``<setting>=<path>`` when the file is missing, unreadable (truncated, a text file),
+    holds objects beyond tensors and plain data (nothing of it is run), or is not one of this framework's checkpoints.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{setting}={path} does not exist or is not a file")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same one-line answer
-        raise ValueError(f"{setting}={path} is not a readable checkpoint ({type(exc).__name__}: truncated, or not a "
-                         "file torch.save wrote): pass a .ckpt file written by python -m diffusion.train") from exc
+    ckpt = load_file(path, setting, map_location, mmap, trust)
     hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
     if not hparams or not {"model", "schedule", "sampler"} <= set(hparams) or "state_dict" not in ckpt:
         raise ValueError(f"{setting}={path} is not a checkpoint of this framework (no model/schedule hyper-parameters): "
@@ -188,12 +184,14 @@ class DiffusionModule(L.LightningModule):
         self._last_grid = None  # (what drew it, its images): log_sample_grid reuses them for the same weights
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, ema: bool = True, map_location: str | torch.device = "cpu") -> "DiffusionModule":
-        """Rebuild a trained module from a checkpoint alone (no Hydra config), with its EMA or its raw weights.
+    def from_checkpoint(cls, path: str | Path, ema: bool = True, map_location: str | torch.device = "cpu",
+                        trust: bool = False) -> "DiffusionModule":
+        """Rebuild a trained module from a checkpoint alone (no Hydra config), with its EMA or its raw weights; read
+        weights-only unless ``trust`` (:func:`read_checkpoint`).
 
         Raises ValueError naming the path when it is not a checkpoint written by this framework.
         """
-        ckpt = read_checkpoint(path, map_location=map_location)
+        ckpt = read_checkpoint(path, map_location=map_location, trust=trust)
         module = cls(**ckpt["hyper_parameters"])
         # With the EMA callback, state_dict holds the EMA weights and current_model_state the raw ones.
         raw = ckpt.get("current_model_state")

@@ -87,7 +87,8 @@ def read_resume_checkpoint(cfg: DictConfig) -> dict | None:
     path = cfg.get("ckpt_path")
     if path is None:
         return None
-    ckpt = build_or_usage_error("ckpt_path", lambda: read_checkpoint(path, setting="ckpt_path", mmap=True))
+    ckpt = build_or_usage_error("ckpt_path", lambda: read_checkpoint(path, setting="ckpt_path", mmap=True,
+                                                                            trust=bool(cfg.get("trust_checkpoint", False))))
     if cfg.trainer.get("fast_dev_run"):
         return ckpt
     # Lightning's fit loop stops when epoch_progress.current.processed >= max_epochs (a checkpoint written at an

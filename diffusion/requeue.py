@@ -62,9 +62,9 @@ def own_last_checkpoint(ckpt_dir: str | Path) -> tuple[Path | None, str]:
     if not last.is_file():
         return None, f"it has no last.ckpt for SLURM job {job} to continue"
     try:
-        import torch
+        from diffusion.checkpoints import load_file
 
-        theirs = recorded_job_id(torch.load(last, map_location="cpu", mmap=True, weights_only=False))
+        theirs = recorded_job_id(load_file(last, mmap=True))  # weights-only: the run's own file, read safely
     except Exception as exc:  # noqa: BLE001 - an unreadable file is not this job's checkpoint
         return None, f"its last.ckpt cannot be read ({type(exc).__name__})"
     if theirs != job:

@@ -305,9 +305,9 @@ def last_training_step(run_dir: str | Path) -> int | None:
     except (OSError, ValueError, KeyError, TypeError):
         pass
     try:
-        import torch
+        from diffusion.checkpoints import load_file
 
-        return int(torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", mmap=True, weights_only=False)["global_step"])
+        return int(load_file(run_dir / "checkpoints" / "last.ckpt", mmap=True)["global_step"])
     except Exception:  # noqa: BLE001 - no usable checkpoint either
         return None
 

@@ -38,7 +38,8 @@ def resolve_device(name: str) -> torch.device:
 
 def load_for_sampling(cfg: DictConfig) -> tuple[DiffusionModule, object]:
     """The module (on its device) and the requested sampler; every bad value is a UsageError."""
-    module = build_or_usage_error("ckpt", lambda: DiffusionModule.from_checkpoint(cfg.ckpt, ema=cfg.ema))
+    module = build_or_usage_error("ckpt", lambda: DiffusionModule.from_checkpoint(cfg.ckpt, ema=cfg.ema,
+                                                                                 trust=cfg.get("trust_checkpoint", False)))
     sampler = build_or_usage_error("sampler", lambda: chosen_sampler(module, cfg.sampler))
     if cfg.ema and not module.has_ema:
         log.warning("%s holds no EMA weights (trained without the EMA callback): sampling the raw weights", cfg.ckpt)

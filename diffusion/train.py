@@ -125,7 +125,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     save_run_config(cfg, keep_existing=requeued is not None)  # every check passed (a refused run changes nothing)
     fit_started = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    # the resume checkpoint weights-only (diffusion.checkpoints) unless trust_checkpoint=true
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=not cfg.get("trust_checkpoint", False))
     fit_ended = time.perf_counter()
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
