@@ -7,6 +7,10 @@ same), which torch's weights-only unpickler reads without running anything. :dat
 classes beyond those that a checkpoint may hold (none today); a file that names any other global is refused in one
 line naming it, before any of it is built. ``trust_checkpoint=true`` (every CLI that reads a checkpoint) is the
 explicit way to open an old or foreign file with the full unpickler, for files whose origin you trust.
+
+The formats a model is shared in: an exported folder (``model.safetensors``: tensors only, + ``config.json``: the
+hyper-parameters as plain data; :func:`write_safetensors_folder`), and a diffusers ``UNet2DModel`` / ``DDPMPipeline``
+folder (:mod:`diffusion.diffusers_bridge`). ``ckpt=`` of every CLI accepts either (:func:`folder_kind`).
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ import torch
 #: OrderedDict, ...): none; add a class here, never a function, if a checkpoint must hold one
 ALLOWED_GLOBALS: list = []
 
-__all__ = ["ALLOWED_GLOBALS", "load_file", "unsafe_globals"]
+__all__ = ["ALLOWED_GLOBALS", "load_file", "unsafe_globals", "folder_kind", "write_safetensors_folder",
+           "read_safetensors_folder", "SAFETENSORS_FORMAT"]
 
 
 def unsafe_globals(path: str | Path) -> list[str]:
@@ -62,3 +67,76 @@ def load_file(path: str | Path, setting: str = "ckpt", map_location: str | torch
 def _unreadable(setting: str, path: Path, exc: Exception) -> ValueError:
     return ValueError(f"{setting}={path} is not a readable checkpoint ({type(exc).__name__}: truncated, or not a file "
                       "torch.save wrote): pass a .ckpt file written by python -m diffusion.train")
+
+
+# ----------------------------------------------------------------------------------------------- shared formats
+#: the exported-folder format: ``model.safetensors`` (the module's state dict: network, EMA weights when the
+#: checkpoint had them, and the process's buffers) + ``config.json`` (this, the hyper-parameters as plain data)
+SAFETENSORS_FORMAT = "diffusion-safetensors"
+WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
+
+
+def folder_kind(path: str | Path) -> str | None:
+    """``safetensors`` (a folder diffusion.export wrote), ``diffusers`` (a UNet2DModel or DDPMPipeline folder), or
+    None (not a folder either knows)."""
+    import json
+
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    config = path / CONFIG_FILE
+    if config.is_file():
+        try:
+            data = json.loads(config.read_text())
+        except ValueError:
+            return None
+        if data.get("format") == SAFETENSORS_FORMAT:
+            return "safetensors"
+        if data.get("_class_name") == "UNet2DModel":
+            return "diffusers"
+    if (path / "model_index.json").is_file() and (path / "unet").is_dir():
+        return "diffusers"
+    return None
+
+
+def write_safetensors_folder(module, out: str | Path, source: dict) -> Path:
+    """Write ``module`` (its weights as loaded: the EMA ones by default) as ``out/model.safetensors`` plus
+    ``out/config.json`` (its hyper-parameters and ``source``: where it came from). The folder is written under a
+    temporary name and renamed into place: it is complete or absent. ``out`` must not exist."""
+    import json
+    import os
+    import shutil
+
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    tmp.mkdir(parents=True)
+    try:
+        tensors = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": SAFETENSORS_FORMAT})
+        config = {"format": SAFETENSORS_FORMAT, "version": 1, "hyper_parameters": dict(module.hparams),
+                  "has_ema": bool(module.has_ema), "source": source}
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str))
+        os.replace(tmp, out)  # a rename: a folder of the same name appearing meanwhile makes it fail, not merge
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def read_safetensors_folder(path: str | Path, setting: str = "ckpt") -> tuple[dict, dict, bool]:
+    """(hyper-parameters, state dict, has_ema) of a folder :func:`write_safetensors_folder` wrote; safetensors holds
+    tensors only, so reading it runs nothing. ValueError (one line) for a missing or unreadable file."""
+    import json
+
+    from safetensors.torch import load_file as load_safetensors
+
+    path = Path(path)
+    try:
+        config = json.loads((path / CONFIG_FILE).read_text())
+        state = load_safetensors(str(path / WEIGHTS_FILE))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{setting}={path} is not a readable exported model ({type(exc).__name__}: it needs "
+                         f"{CONFIG_FILE} and {WEIGHTS_FILE} as python -m diffusion.export writes them)") from exc
+    return config["hyper_parameters"], state, bool(config.get("has_ema"))

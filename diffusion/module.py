@@ -20,7 +20,7 @@ import torch
 from hydra.utils import instantiate
 from torchmetrics import MeanMetric
 
-from diffusion.checkpoints import load_file
+from diffusion.checkpoints import folder_kind, load_file, read_safetensors_folder
 from diffusion.grids import class_rows_image, grid_image, save_png, to_uint8  # noqa: F401 - to_uint8 is also imported from here
 from diffusion.models.speed import apply_speed_options, split_speed_options
 from diffusion.processes.base import build_process
@@ -191,12 +191,42 @@ class DiffusionModule(L.LightningModule):
 
         Raises ValueError naming the path when it is not a checkpoint written by this framework.
         """
+        kind = folder_kind(path)
+        if kind is not None:
+            return cls._from_folder(Path(path), kind, ema, map_location)
+        if Path(path).is_dir():
+            raise ValueError(f"ckpt={path} is a folder, but neither a model python -m diffusion.export wrote (config.json "
+                             "+ model.safetensors) nor a diffusers UNet2DModel / DDPMPipeline folder")
         ckpt = read_checkpoint(path, map_location=map_location, trust=trust)
         module = cls(**ckpt["hyper_parameters"])
         # With the EMA callback, state_dict holds the EMA weights and current_model_state the raw ones.
         raw = ckpt.get("current_model_state")
         module.load_state_dict(raw if (not ema and raw is not None) else ckpt["state_dict"])
         module.has_ema = raw is not None
+        module.eval()
+        return module
+
+    @classmethod
+    def _from_folder(cls, path: Path, kind: str, ema: bool, map_location) -> "DiffusionModule":
+        """A shared model: an exported safetensors folder (its hyper-parameters and the weights it was exported
+        with) or a diffusers UNet2DModel / DDPMPipeline folder (:mod:`diffusion.diffusers_bridge`)."""
+        if kind == "safetensors":
+            hparams, state, has_ema = read_safetensors_folder(path)
+            if not ema and has_ema:
+                raise ValueError(f"ema=false is invalid for ckpt={path}: an exported model holds one set of weights, "
+                                 "the EMA ones; export the raw ones with python -m diffusion.export ema=false")
+            module = cls(**upgrade_hyper_parameters(hparams))
+            module.load_state_dict(state)
+        else:
+            from diffusion.diffusers_bridge import import_pipeline
+
+            spec = import_pipeline(path)
+            module = cls(model=spec["model"], schedule=spec["schedule"], sampler=spec["sampler"], process=spec["process"],
+                         optimizer={"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-4})
+            module.model.load_state_dict(spec["state_dict"])
+            has_ema = False
+        module.has_ema = has_ema
+        module.to(map_location)
         module.eval()
         return module
 

@@ -71,6 +71,20 @@ def check_devices(devices, accelerator=None) -> None:
                          "(trainer.accelerator=cpu runs that many processes on the CPU)")
 
 
+def read_init_from(cfg: DictConfig):
+    """The model a fine-tuning run starts from (``init_from``: a checkpoint, an exported folder or a diffusers
+    folder), with its EMA weights; None without init_from. Refused in one line: unreadable, or with ``ckpt_path``
+    (a resume continues its own weights)."""
+    path = cfg.get("init_from")
+    if path is None:
+        return None
+    if cfg.get("ckpt_path") is not None:
+        raise UsageError(f"init_from={path} is invalid with ckpt_path={cfg.ckpt_path}: a resumed run continues its own "
+                         "weights; pass one of them")
+    return build_or_usage_error("init_from", lambda: DiffusionModule.from_checkpoint(
+        str(path), trust=bool(cfg.get("trust_checkpoint", False))))
+
+
 def _epoch_limits(trainer: DictConfig) -> tuple[int, int]:
     """(max_epochs, max_steps) as Lightning resolves them (-1: no limit; neither given: 1000 epochs)."""
     max_steps = trainer.get("max_steps")

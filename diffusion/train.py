@@ -58,22 +58,43 @@ def conditioning(model: dict, num_classes: int | None, class_names: list[str] | 
 
 
 def build_module(cfg: DictConfig, channels: int, image_size: int, num_classes: int | None = None,
-                 class_names: list[str] | None = None) -> DiffusionModule:
+                 class_names: list[str] | None = None, init_from: DiffusionModule | None = None) -> DiffusionModule:
     """The LightningModule from plain dicts; the network's in_channels, image_size and (conditional data)
-    num_classes follow the data."""
+    num_classes follow the data. ``init_from`` (fine-tuning): its network, schedule and process, and its weights; this
+    run's data, optimizer, sampler, module and speed settings."""
     model = {**OmegaConf.to_container(cfg.model, resolve=True), "in_channels": channels, "image_size": image_size}
+    schedule, process = OmegaConf.to_container(cfg.schedule, resolve=True), OmegaConf.to_container(cfg.process, resolve=True)
+    if init_from is not None:
+        model = init_network(cfg, init_from, model, channels, image_size)
+        schedule, process = dict(init_from.hparams.schedule), dict(init_from.hparams.process)
     model = conditioning(model, num_classes, class_names)
-    return DiffusionModule(
+    module = DiffusionModule(
         model=model,
-        schedule=OmegaConf.to_container(cfg.schedule, resolve=True),
+        schedule=schedule,
         sampler=OmegaConf.to_container(cfg.sampler, resolve=True),
         optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
-        process=OmegaConf.to_container(cfg.process, resolve=True),
+        process=process,
         seed=cfg.seed,
         data=OmegaConf.to_container(cfg.data, resolve=True) if "data" in cfg else None,
         class_names=class_names if num_classes is not None else None,
         **OmegaConf.to_container(cfg.module, resolve=True),
     )
+    if init_from is not None:
+        module.load_state_dict(init_from.state_dict())  # the same network and process: every tensor fits
+    return module
+
+
+def init_network(cfg: DictConfig, source: DiffusionModule, model: dict, channels: int, image_size: int) -> dict:
+    """The network config of a fine-tuning run (``init_from``): the source's, with this run's speed switches;
+    ValueError (one line) when the data's images are not the size and channels it was trained on."""
+    from diffusion.models.speed import SPEED_KEYS
+
+    theirs = dict(source.hparams.model)
+    if (theirs.get("in_channels"), theirs.get("image_size")) != (channels, image_size):
+        raise ValueError(f"init_from={cfg.init_from} was trained on {theirs.get('in_channels')}-channel "
+                         f"{theirs.get('image_size')} px images, and this run's data gives {channels}-channel {image_size} px "
+                         "ones: pass the data (data.image_size, data.channels) it was trained on")
+    return {**theirs, **{k: model[k] for k in SPEED_KEYS if k in model}}
 
 
 def build_loggers(cfg: DictConfig, resume_run_id: str | None = None) -> list:
@@ -99,13 +120,19 @@ def train(cfg: DictConfig) -> dict[str, float]:
     started = time.perf_counter()
     adopt_submitit_local_ranks()  # a submitit local job's tasks are its DDP ranks (as SLURM's are)
     requeued = check_resume_and_outputs(cfg)  # a requeued SLURM job: ckpt_path is now its own last.ckpt
+    source = preflight.read_init_from(cfg)  # fine-tuning: the network to start from, read before any work
     resume = preflight.check_settings(cfg)  # each bad value is refused before the data and the model are built
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_or_usage_error("data", lambda: instantiate(cfg.data))
     preflight.prepare_data(datamodule)
     module = build_or_usage_error("model/schedule/sampler", lambda: build_module(
         cfg, datamodule.channels, datamodule.image_size, getattr(datamodule, "num_classes", None),
-        getattr(datamodule, "class_names", None)))
+        getattr(datamodule, "class_names", None), source))
+    if source is not None:
+        log.info("init_from=%s: the network, schedule and process of that model, and its %s weights; this run's model.*, "
+                 "schedule.* and process.* settings other than the speed switches are not used", cfg.init_from,
+                 "EMA" if source.has_ema else "raw")
+        del source
     preflight.check_resume_fits(cfg, resume, module)
     resume_run_id, resume_step = wandb_run_id(resume), (resume or {}).get("global_step")
     del resume
