@@ -83,6 +83,10 @@ COVERAGE = {
     "python -m diffusion.train data=dog data.root=$HOME/dogs-vs-cats/train": TRAIN,
     "python -m diffusion.train data=simpsons data.root=$HOME/simpsons": TRAIN,
     "python -m diffusion.train data=cars data.root=$HOME/cars": TRAIN,
+    # share a model
+    "python -m diffusion.export ckpt=outputs/train/<run>/checkpoints/last.ckpt format=safetensors out=shared/digits": "tests/test_export.py::test_safetensors_export_reproduces_the_checkpoints_samples_exactly",
+    "python -m diffusion.sample ckpt=shared/digits": "tests/test_export.py::test_sample_reads_an_exported_folder_and_train_fine_tunes_from_it",
+    "python -m diffusion.train init_from=shared/digits trainer.max_epochs=10": "tests/test_export.py::test_sample_reads_an_exported_folder_and_train_fine_tunes_from_it",
     # class-conditional models and guidance
     "python -m diffusion.train data.conditional=true": TRAIN,
     "python -m diffusion.sample ckpt=outputs/train/<run>/checkpoints/last.ckpt classes=all n=8 sampler.guidance_scale=2": "tests/test_conditional.py::test_sample_cli_draws_the_chosen_classes_of_the_checkpoint",
@@ -132,7 +136,8 @@ COVERAGE = {
 RUNNERS = {TRAIN, ONE_DEVICE, SWEEP, CI, EXTRA}
 #: the Hydra CLIs and the config each composes
 HYDRA_CONFIGS = {"diffusion.train": "config", "diffusion.sample": "sample", "diffusion.evaluate": "evaluate",
-                 "diffusion.compare": "compare", "diffusion.app": "app", "experiments/benchmark.py": "config"}
+                 "diffusion.compare": "compare", "diffusion.app": "app", "diffusion.export": "export",
+                 "experiments/benchmark.py": "config"}
 #: appended to a command that runs here: one batch, a narrow network, one image in the final grid
 SMALL = ["trainer.fast_dev_run=true", "data.batch_size=2", "model.base_channels=8", "module.num_samples=1", "logger=none"]
 
