@@ -100,3 +100,46 @@ def test_sample_reads_an_exported_folder_and_train_fine_tunes_from_it(ckpt, tmp_
         train(compose_cfg(*FAST, "logger=none", "data.image_size=32", f"init_from={out}", f"paths.output_dir={tmp_path / 'x'}"))
     with pytest.raises(UsageError, match="init_from=.* is invalid with ckpt_path="):
         train(compose_cfg(*FAST, "logger=none", f"init_from={out}", f"ckpt_path={ckpt}", f"paths.output_dir={tmp_path / 'y'}"))
+
+
+def _diffusers_compatible_checkpoint(path):
+    """An untrained 16 px UNet whose every GroupNorm has 32 groups (widths multiples of 128), the form UNet2DModel
+    can hold, written as diffusion.train writes a checkpoint (DDIM-3, clipped)."""
+    from diffusion.module import DiffusionModule
+
+    torch.manual_seed(0)
+    module = DiffusionModule(
+        model={"_target_": "diffusion.models.UNet", "in_channels": 1, "image_size": 16, "base_channels": 128,
+               "channel_mult": [1, 1], "num_res_blocks": 1, "attention_resolutions": [8]},
+        schedule={"_target_": "diffusion.schedules.LinearSchedule", "T": 1000},
+        sampler={"_target_": "diffusion.samplers.ddim.DDIMSampler", "_partial_": True, "num_steps": 3,
+                 "clip_denoised": True},
+        optimizer={"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-3},
+        process={"_target_": "diffusion.processes.GaussianDiffusion", "_partial_": True}, seed=0)
+    torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, path)
+    return path
+
+
+def test_diffusers_export_loads_in_diffusers_and_reads_back(tmp_path):
+    """format=diffusers: DDPMPipeline.from_pretrained(DIR) loads it and its UNet computes ours; ckpt=DIR reads it back
+    and DDIM samples the same pixels as the checkpoint; the digits default (GroupNorm groups 4, 8, 16) is refused."""
+    diffusers = pytest.importorskip("diffusers")
+    ckpt = _diffusers_compatible_checkpoint(tmp_path / "wide.ckpt")
+    out = tmp_path / "pipe"
+    _export(ckpt, out, "format=diffusers")
+    pipe = diffusers.DDPMPipeline.from_pretrained(str(out), local_files_only=True)
+    original = DiffusionModule.from_checkpoint(ckpt)
+    x, t = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 900])
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.unet(x, t).sample, original.model(x, t), atol=1e-5, rtol=1e-5)
+    shared = DiffusionModule.from_checkpoint(out)  # ckpt=<a diffusers folder>
+    sampler = shared.named_sampler("ddim", 3)
+    ours = original.named_sampler("ddim", 3)
+    g1, g2 = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    torch.testing.assert_close(shared.sample(2, sampler=sampler, generator=g1).samples,
+                               original.sample(2, sampler=ours, generator=g2).samples, atol=1e-5, rtol=0)
+    with pytest.raises(UsageError, match="GroupNorm"):
+        from tests.conftest import make_conditional_checkpoint
+
+        _export(make_conditional_checkpoint(tmp_path / "digits.ckpt"), tmp_path / "no", "format=diffusers")
+    assert not (tmp_path / "no").exists()
