@@ -88,7 +88,7 @@ COVERAGE = {
     "python -m diffusion.sample ckpt=shared/digits": "tests/test_export.py::test_sample_reads_an_exported_folder_and_train_fine_tunes_from_it",
     "python -m diffusion.train init_from=shared/digits trainer.max_epochs=10": "tests/test_export.py::test_sample_reads_an_exported_folder_and_train_fine_tunes_from_it",
     "python -m diffusion.export ckpt=... format=diffusers out=shared/wide_diffusers": "tests/test_export.py::test_diffusers_export_loads_in_diffusers_and_reads_back",
-    "python -m diffusion.sample ckpt=$HOME/ddpm-cifar10-32 sampler=ddim": ("tests/test_export.py::test_diffusers_export_loads_in_diffusers_and_reads_back", "tests/test_diffusers_bridge.py::test_import_unet_folder_samples_like_ddim_pipeline"),
+    "python -m diffusion.sample ckpt=$HOME/my_unet sampler=ddim": ("tests/test_export.py::test_diffusers_export_loads_in_diffusers_and_reads_back", "tests/test_diffusers_bridge.py::test_import_unet_folder_samples_like_ddim_pipeline"),
     # class-conditional models and guidance
     "python -m diffusion.train data.conditional=true": TRAIN,
     "python -m diffusion.sample ckpt=outputs/train/<run>/checkpoints/last.ckpt classes=all n=8 sampler.guidance_scale=2": "tests/test_conditional.py::test_sample_cli_draws_the_chosen_classes_of_the_checkpoint",
