@@ -26,6 +26,7 @@ from diffusion.grids import (
     grid_array,
     grid_image,
     labelled_figure,
+    plural,
     readable_scale,
 )
 from diffusion.module import DiffusionModule
@@ -106,7 +107,7 @@ def generate(module: DiffusionModule, sampler: str, steps: int, eta: float, seed
         grid = to_pil(images, nrow=max(1, round(count ** 0.5)))
         strip = trajectory[:, :strip_images].transpose(0, 1)  # rows: images, columns: x_T ... x_0
         strip = to_pil(strip.reshape(-1, *strip.shape[2:]), nrow=trajectory.shape[0])
-        summary = f"{count} images with {chosen.describe()}, seed {seed}: {seconds:.1f} s on {module.device}"
+        summary = f"{plural(int(count), 'image')} with {chosen.describe()}, seed {seed}: {seconds:.1f} s on {module.device}"
         return grid, strip, summary
     names = [module.class_names[k] for k in labels_of.tolist()]
     title = f"{chosen.describe()}, seed {seed}"
@@ -119,7 +120,7 @@ def generate(module: DiffusionModule, sampler: str, steps: int, eta: float, seed
     listed = ", ".join(names) if len(names) <= 20 else f"{len(names)} classes"
     what = f"all classes ({listed})" if len(names) == module.num_classes else f"class{'es' * (len(names) > 1)} {listed}"
     described = chosen.describe() + (", guidance 1 (conditional)" if chosen.guidance_scale == 1.0 else "")
-    summary = f"{n} images, {count} of each of {what}, with {described}, seed {seed}: {seconds:.1f} s on {module.device}"
+    summary = f"{plural(n, 'image')}, {count} of each of {what}, with {described}, seed {seed}: {seconds:.1f} s on {module.device}"
     return grid, strip, summary
 
 

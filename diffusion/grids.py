@@ -167,14 +167,20 @@ def figure_image(figure):
     return image
 
 
-def save_png(image, path) -> None:
-    """Save a PIL image as PNG with its text chunks (a :func:`figure_image`'s title, row labels and grid box)."""
+def save_png(image, path, settings: dict | None = None) -> None:
+    """Save a PIL image as PNG with its text chunks (a :func:`figure_image`'s title, row labels and grid box) and
+    ``settings`` (what made it: read back with ``PIL.Image.open(path).text``)."""
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
-    for key, value in (getattr(image, "text", None) or {}).items():
-        info.add_text(key, value)
+    for key, value in {**(getattr(image, "text", None) or {}), **(settings or {})}.items():
+        info.add_text(str(key), str(value))
     image.save(path, format="png", pnginfo=info)
+
+
+def plural(n: int, word: str) -> str:
+    """``1 image``, ``2 images``."""
+    return f"{n} {word}" + ("" if n == 1 else "s")
 
 
 def class_rows_image(images: torch.Tensor, per_class: int, class_labels: list[str], title: str):

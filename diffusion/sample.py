@@ -92,6 +92,21 @@ def check_guidance(module: DiffusionModule, sampler, cfg: DictConfig) -> None:
                          "is unconditional (trained without data.conditional=true), so there is nothing to guide")
 
 
+def settings(cfg: DictConfig, module: DiffusionModule, sampler, n: int, labels: torch.Tensor | None) -> dict:
+    """What drew a grid, as ``diffusion.sample`` options (the PNG's text chunks: ``PIL.Image.open(p).text``): passing
+    them again (``ckpt=... sampler.num_steps=... seed=... n=... batch_size=...``) draws the same pixels."""
+    text = {"Software": "diffusion.sample", "ckpt": str(cfg.ckpt), "weights": "EMA" if cfg.ema and module.has_ema else "raw",
+            "sampler": getattr(sampler, "name", type(sampler).__name__), "sampler.num_steps": sampler.num_steps,
+            "seed": cfg.seed, "n": n if labels is None else n // max(1, len(set(labels.tolist()))),
+            "batch_size": cfg.batch_size, "description": sampler.describe()}
+    if hasattr(sampler, "eta"):
+        text["sampler.eta"] = sampler.eta
+    if labels is not None:
+        text["classes"] = str(sorted(set(labels.tolist())))
+        text["sampler.guidance_scale"], text["sampler.guidance_rescale"] = sampler.guidance_scale, sampler.guidance_rescale
+    return text
+
+
 def sample(cfg: DictConfig) -> Path:
     require_ckpt(cfg)
     for key in ("n", "batch_size"):
@@ -117,7 +132,7 @@ def sample(cfg: DictConfig) -> Path:
     else:
         names = [module.class_names[k] for k in classes.tolist()]
         grid = class_rows_image(images, n_each, names, f"{sampler.describe()}, seed {cfg.seed}")
-    save_png(grid, out / "grid.png")
+    save_png(grid, out / "grid.png", settings(cfg, module, sampler, n, labels))  # what made it, in its text chunks
     arrays = {"samples": to_uint8(images).permute(0, 2, 3, 1).numpy()}
     if labels is not None:
         arrays["labels"] = labels.numpy()

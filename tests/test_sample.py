@@ -147,3 +147,25 @@ def test_readme_sampler_commands_draw_what_their_sampler_draws(ckpt, tmp_path, n
     assert sampler.nfe == nfe
     expected = to_uint8(draw(module, sampler, 3, cfg.batch_size, cfg.seed)).permute(0, 2, 3, 1).numpy()
     assert np.array_equal(written, expected) and written.std() > 0
+
+
+def test_grid_png_carries_its_settings_and_they_draw_it_again(ckpt, tmp_path):
+    """grid.png's text chunks (PIL.Image.open(p).text) name the checkpoint, sampler, steps, eta, seed, count and batch
+    size; passing them to diffusion.sample again draws the same pixels."""
+    import numpy as np
+    from PIL import Image
+
+    from diffusion.sample import sample
+    from tests.test_errors import compose_cfg
+
+    sample(compose_cfg(f"ckpt={ckpt}", "n=3", "seed=7", "batch_size=2", "sampler.num_steps=2",
+                       f"paths.output_dir={tmp_path / 'a'}", config_name="sample"))
+    with Image.open(tmp_path / "a" / "grid.png") as image:
+        text, pixels = dict(image.text), np.asarray(image)
+    assert text["ckpt"] == str(ckpt) and text["sampler"] == "ddim" and text["sampler.num_steps"] == "2"
+    assert (text["seed"], text["n"], text["batch_size"], text["weights"]) == ("7", "3", "2", "EMA")
+    assert float(text["sampler.eta"]) == 0.0 and text["description"].startswith("ddim, 2 steps")
+    again = [f"{k}={text[k]}" for k in ("ckpt", "sampler.num_steps", "seed", "n", "batch_size")]  # its own sampler
+    sample(compose_cfg(*again, f"paths.output_dir={tmp_path / 'b'}", config_name="sample"))
+    with Image.open(tmp_path / "b" / "grid.png") as image:
+        assert np.array_equal(np.asarray(image), pixels)
