@@ -19,16 +19,7 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image
 
-from diffusion.grids import (
-    GridLayout,
-    class_rows_image,
-    figure_image,
-    grid_array,
-    grid_image,
-    labelled_figure,
-    plural,
-    readable_scale,
-)
+from diffusion.grids import class_rows_image, grid_image, plural
 from diffusion.module import DiffusionModule
 from diffusion.runtime import CONFIG_DIR, UsageError, build_or_usage_error, exits_on_usage_error, require_ckpt
 from diffusion.sample import resolve_device
@@ -115,21 +106,13 @@ def generate(module: DiffusionModule, sampler: str, steps: int, eta: float, seed
     picked = strip_order(len(names), count, strip_images)
     strip = trajectory[:, picked].transpose(0, 1)  # rows: images (one per class first), columns: x_T ... x_0
     strip_labels = [module.class_names[int(labels[i])] for i in picked]
-    strip = labelled_rows(strip.reshape(-1, *strip.shape[2:]), trajectory.shape[0], strip_labels,
-                          f"reverse process, x_T to x_0: {title}")
+    strip = class_rows_image(strip.reshape(-1, *strip.shape[2:]), trajectory.shape[0], strip_labels,
+                             f"reverse process, x_T to x_0: {title}").convert("RGB")
     listed = ", ".join(names) if len(names) <= 20 else f"{len(names)} classes"
     what = f"all classes ({listed})" if len(names) == module.num_classes else f"class{'es' * (len(names) > 1)} {listed}"
     described = chosen.describe() + (", guidance 1 (conditional)" if chosen.guidance_scale == 1.0 else "")
     summary = f"{plural(n, 'image')}, {count} of each of {what}, with {described}, seed {seed}: {seconds:.1f} s on {module.device}"
     return grid, strip, summary
-
-
-def labelled_rows(images: torch.Tensor, ncol: int, row_labels: list[str], title: str) -> Image.Image:
-    """(R * ncol, C, H, W) -> R rows of ``ncol`` images, each row named left of it, as an RGB image."""
-    scale = readable_scale(max(images.shape[-2:]))
-    layout = GridLayout.of(len(images), max(images.shape[-2:]), ncol, scale=scale)
-    return figure_image(labelled_figure(grid_array(images, nrow=ncol, scale=scale), layout, title,
-                                        row_labels=row_labels)).convert("RGB")
 
 
 def own_config(module: DiffusionModule, name: str) -> dict:

@@ -79,7 +79,7 @@ class Guided:
     """The denoiser ``(x, t) -> output`` of a conditional network for ``labels`` (B,) at guidance scale w.
 
     ``null_label`` (default: the network's ``num_classes``) is the class the network was trained to read as "no
-    class". ``calls`` counts forward passes (one per step, whatever w)."""
+    class"."""
 
     def __init__(self, network, labels: torch.Tensor, guidance_scale: float = 1.0, guidance_rescale: float = 0.0,
                  null_label: int | None = None):
@@ -89,10 +89,8 @@ class Guided:
         self.null_label = getattr(network, "num_classes", None) if null_label is None else null_label
         if self.null_label is None:
             raise ValueError("classifier-free guidance needs a class-conditional network (model.num_classes)")
-        self.calls = 0
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
         labels = self.labels.to(x.device)
         w = self.guidance_scale
         if w == 1.0:  # the conditional model, exactly
