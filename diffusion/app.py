@@ -1,34 +1,59 @@
 """A page to sample a checkpoint: ``python -m diffusion.app ckpt=PATH [port=7860]``, then open http://127.0.0.1:7860.
 
-Pick the sampler, its steps (and DDIM's eta), the seed and the number of images, press Generate, and see the grid
-and the reverse-process strip (a few of the images from x_T to x_0). A class-conditional checkpoint (trained with
-``data.conditional=true``) adds a class picker ("all classes" or some of them), the classifier-free guidance scale
-w (1 conditional, 0 unconditional, > 1 guided) and its rescale (Lin et al. 2023); the grid then has one row of
-"images per class" per chosen class, named left of it, and the strip follows one image of each of the first classes.
-Needs the optional ``app`` extra (``pip install -e ".[app]"``: gradio). The page loads nothing from the internet.
+Pick the sampler and its steps, the seed (-1, the default: a new random seed at each press; the seed used is shown
+beside the result) and the number of images, press Generate, and see the grid and the reverse-process strip (a few
+of the images from x_T to x_0, each column labelled with its t, each row with its image). The sampler's own controls
+(DDIM's eta, DPM-Solver's order, Heun's churn, ...) come from the sampler registry (each class's ``controls``) and
+show only for the samplers that take them; a class-conditional checkpoint (trained with ``data.conditional=true``)
+adds a class picker ("all classes" or some of them) and the classifier-free guidance scale w and its rescale (Lin et
+al. 2023): the grid then has one row of "images per class" per chosen class, named left of it.
+
+Every field is checked before any work: a bad value gets a one-line message on the page (and none in the server's
+log). The grid and the strip download under names made of their settings (``digits_ddim-50_seed-1234_n-16.png``),
+with the settings, and the ``python -m diffusion.sample`` command that draws the same images, in the PNG's text
+chunks (``PIL.Image.open(path).text``). Requests queue: ``concurrency`` of them sample at once, the rest wait (at
+most ``queue_size``). ``host=0.0.0.0`` serves other machines: set ``DIFFUSION_APP_AUTH=user:password`` (in the
+environment, never on the command line) to ask for a login. Needs the optional ``app`` extra
+(``pip install -e ".[app]"``: gradio). The page loads nothing from the internet.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
+import re
+import secrets
+import shlex
+import tempfile
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import hydra
 import torch
 from omegaconf import DictConfig
 from PIL import Image
 
-from diffusion.grids import class_rows_image, grid_image, plural
+from diffusion.grids import grid_image, labelled_grid_image, plural, save_png
 from diffusion.module import DiffusionModule
 from diffusion.runtime import CONFIG_DIR, UsageError, build_or_usage_error, exits_on_usage_error, require_ckpt
 from diffusion.sample import resolve_device
 from diffusion.samplers.guidance import check_labels
-from diffusion.samplers.registry import sampler_config, sampler_name
+from diffusion.samplers.registry import sampler_config, sampler_controls, sampler_name
 from diffusion.samplers.registry import sampler_names as registered_names
 
 log = logging.getLogger("diffusion.app")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is first imported: no usage reports
+
+#: the seed field's value that asks for a new random seed at each press
+RANDOM_SEED = -1
+SEED_MAX = 2**63 - 1
+#: the environment variable holding the page's logins: ``user:password``, several separated by commas
+AUTH_ENV = "DIFFUSION_APP_AUTH"
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+#: the class picker's choice that stands for every class of the model
+ALL_CLASSES = "all"
 
 
 def sampler_names(module: DiffusionModule) -> list[str]:
@@ -42,8 +67,24 @@ def to_pil(images: torch.Tensor, nrow: int) -> Image.Image:
     return grid_image(images, nrow=nrow, scale=max(1, 256 // images.shape[-1])).convert("RGB")
 
 
-#: the class picker's choice that stands for every class of the model
-ALL_CLASSES = "all"
+def check_whole(name: str, value, low: int, high: int) -> int:
+    """A whole number in [low, high] from a page field (an int, or a float such as 3.0), or a one-line ValueError."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or not float(value).is_integer() or not low <= value <= high:
+        raise ValueError(f"{name}={value!r} is invalid: it must be a whole number in [{low}, {high}]")
+    return int(value)
+
+
+def check_seed(seed) -> int:
+    """The seed to draw with: the field's whole number in [0, 2^63 - 1], or a new random one for -1."""
+    if isinstance(seed, (int, float)) and not isinstance(seed, bool) and seed == RANDOM_SEED:
+        return secrets.randbelow(2**32)
+    if seed is None or seed == "":
+        raise ValueError("seed is empty: it must be a whole number in [0, 2^63 - 1], or -1 for a random seed")
+    ok = isinstance(seed, (int, float)) and not isinstance(seed, bool) and math.isfinite(seed)
+    if not ok or not float(seed).is_integer() or not 0 <= seed <= SEED_MAX:
+        raise ValueError(f"seed={seed!r} is invalid: it must be a whole number in [0, 2^63 - 1], or -1 for a random seed")
+    return int(seed)
 
 
 def chosen_classes(module: DiffusionModule, classes) -> torch.Tensor | None:
@@ -71,57 +112,163 @@ def strip_order(num_classes: int, per_class: int, k: int) -> list[int]:
     return [c * per_class + j for j in range(per_class) for c in range(num_classes)][:k]
 
 
-def generate(module: DiffusionModule, sampler: str, steps: int, eta: float, seed: int, count: int,
-             strip_images: int = 4, strip_points: int = 9, classes=None, guidance_scale: float = 1.0,
-             guidance_rescale: float = 0.0) -> tuple[Image.Image, Image.Image, str]:
-    """(grid of ``count`` samples, reverse-process strip of the first ``strip_images``, a one-line summary).
-
-    A class-conditional model: ``count`` images of each of ``classes`` (None or a list holding ``"all"``: every
-    class; else class indices), guided at ``guidance_scale`` (rescale ``guidance_rescale``), one named row per class;
-    the strip follows the first image of each class (:func:`strip_order`). ValueError (one line) for a bad value."""
-    labels_of = chosen_classes(module, classes)
-    own = sampler == sampler_name(module.hparams.sampler)  # the trained sampler keeps its own settings
-    options = {"eta": float(eta)} if "eta" in own_config(module, sampler) else {}  # the samplers that have an eta
-    if labels_of is not None:  # only a class-conditional model has a guidance scale on the page
-        options.update(guidance_scale=float(guidance_scale), guidance_rescale=float(guidance_rescale))
-    chosen = module.named_sampler(None if own else sampler, int(steps), **options)
-    count = int(count)
-    labels = None if labels_of is None else labels_of.repeat_interleave(count)  # class by class: one row each
-    n = count if labels is None else len(labels)
-    start = time.perf_counter()
-    generator = torch.Generator(device=module.device).manual_seed(int(seed))
-    out = module.sample(n, sampler=chosen, generator=generator, return_trajectory=True,
-                        trajectory_points=strip_points, progress=True, labels=labels)
-    seconds = time.perf_counter() - start
-    images, trajectory = out.samples.cpu(), out.trajectory.cpu()
-    if labels is None:
-        grid = to_pil(images, nrow=max(1, round(count ** 0.5)))
-        strip = trajectory[:, :strip_images].transpose(0, 1)  # rows: images, columns: x_T ... x_0
-        strip = to_pil(strip.reshape(-1, *strip.shape[2:]), nrow=trajectory.shape[0])
-        summary = f"{plural(int(count), 'image')} with {chosen.describe()}, seed {seed}: {seconds:.1f} s on {module.device}"
-        return grid, strip, summary
-    names = [module.class_names[k] for k in labels_of.tolist()]
-    title = f"{chosen.describe()}, seed {seed}"
-    grid = class_rows_image(images, count, names, title).convert("RGB")
-    picked = strip_order(len(names), count, strip_images)
-    strip = trajectory[:, picked].transpose(0, 1)  # rows: images (one per class first), columns: x_T ... x_0
-    strip_labels = [module.class_names[int(labels[i])] for i in picked]
-    strip = class_rows_image(strip.reshape(-1, *strip.shape[2:]), trajectory.shape[0], strip_labels,
-                             f"reverse process, x_T to x_0: {title}").convert("RGB")
-    listed = ", ".join(names) if len(names) <= 20 else f"{len(names)} classes"
-    what = f"all classes ({listed})" if len(names) == module.num_classes else f"class{'es' * (len(names) > 1)} {listed}"
-    described = chosen.describe() + (", guidance 1 (conditional)" if chosen.guidance_scale == 1.0 else "")
-    summary = f"{plural(n, 'image')}, {count} of each of {what}, with {described}, seed {seed}: {seconds:.1f} s on {module.device}"
-    return grid, strip, summary
-
-
 def own_config(module: DiffusionModule, name: str) -> dict:
     """The config the page builds ``name`` from: the checkpoint's for its trained sampler, else the registry's."""
     return dict(module.hparams.sampler) if name == sampler_name(module.hparams.sampler) else sampler_config(name)
 
 
-def default_eta(module: DiffusionModule, name: str) -> float:
-    return float(own_config(module, name).get("eta", 0.0))
+def controls_of(module: DiffusionModule, name: str):
+    """The controls of sampler ``name`` on this checkpoint's page (the guidance ones for a class-conditional one)."""
+    return sampler_controls(name, conditional=module.num_classes is not None)
+
+
+def default_value(module: DiffusionModule, name: str, control):
+    """A control's starting value for sampler ``name``: its config's (the checkpoint's for its trained sampler)."""
+    value = own_config(module, name).get(control.name)
+    if value is None:  # e.g. guidance in a checkpoint written before it existed
+        value = sampler_config(name).get(control.name)
+    return value if control.choices is not None else float(value) if not control.integer else int(value)
+
+
+def data_name(module: DiffusionModule, ckpt: str) -> str:
+    """A short name of what the checkpoint draws, for file names: its data's ``name`` (or class: ``digits``), else
+    the checkpoint file's stem."""
+    data = module.hparams.get("data") or {}
+    name = data.get("name") or re.sub(r"DataModule$", "", str(data.get("_target_", "")).rsplit(".", 1)[-1]).lower()
+    return re.sub(r"[^A-Za-z0-9.+-]+", "-", name or Path(ckpt).stem or "samples").strip("-") or "samples"
+
+
+def reproduce_command(ckpt: str, ema: bool, own: bool, sampler: str, options: dict, seed: int, n: int,
+                      classes: list[int] | None) -> str:
+    """The ``python -m diffusion.sample`` command that draws the same images (one batch of all of them)."""
+    args = ["python", "-m", "diffusion.sample", f"ckpt={ckpt}"] + ([] if own else [f"sampler={sampler}"])
+    for key, value in options.items():  # the checkpoint's own sampler: only num_steps and guidance are in sample.yaml
+        plus = "+" if own and key not in ("num_steps", "guidance_scale", "guidance_rescale") else ""
+        args.append(f"{plus}sampler.{key}={value}")
+    total = n * (len(classes) if classes else 1)
+    args += [f"seed={seed}", f"n={n}", f"batch_size={total}"]
+    if classes is not None:
+        args.append(f"classes=[{','.join(map(str, classes))}]")
+    if not ema:
+        args.append("ema=false")
+    return shlex.join(args)
+
+
+@dataclass
+class Generated:
+    """What one press draws: the grid, the reverse-process strip, a one-line summary, the seed used, and the
+    settings (the PNG text chunks of both downloads); ``name``: the downloads' file name, without ``.png``."""
+
+    grid: Image.Image
+    strip: Image.Image
+    summary: str
+    seed: int
+    name: str
+    settings: dict = field(default_factory=dict)
+
+    def save(self, directory: Path) -> tuple[Path, Path]:
+        """Write the grid and the strip (with the settings in their text chunks) as ``<name>.png`` and
+        ``<name>_strip.png`` into ``directory``, each file complete or absent (written aside, then renamed)."""
+        paths = []
+        for image, path in ((self.grid, directory / f"{self.name}.png"), (self.strip, directory / f"{self.name}_strip.png")):
+            part = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.part")
+            save_png(image, part, self.settings)
+            os.replace(part, path)
+            paths.append(path)
+        return paths[0], paths[1]
+
+
+def check_options(module: DiffusionModule, sampler: str, options: dict | None) -> dict:
+    """The page's control values for ``sampler`` (each checked by its :class:`Control`), or a one-line ValueError
+    for an option the sampler does not take."""
+    controls = {c.name: c for c in controls_of(module, sampler)}
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(controls))
+    if unknown:
+        raise ValueError(f"sampler {sampler} has no control {unknown[0]!r} on this page: it takes "
+                         f"{', '.join(controls) or 'none'}")
+    return {name: controls[name].check(value) for name, value in options.items()}
+
+
+def generate(module: DiffusionModule, sampler: str, steps, seed, count, options: dict | None = None, classes=None,
+             strip_images: int = 4, strip_points: int = 9, ckpt: str = "", ema: bool = True, max_count: int = 64,
+             progress=None) -> Generated:
+    """Draw ``count`` images (of each of ``classes`` for a class-conditional model) with ``sampler`` at ``steps``
+    and the sampler's ``options`` (its controls: ``{"eta": 0.5}``; guidance for a class-conditional model), from
+    ``seed`` (-1: a random one): the grid, the reverse-process strip of the first ``strip_images`` (labelled: t per
+    column, image per row), a summary, and the settings that draw them again.
+
+    Every value is checked before any work (one-line ValueError naming it and what is allowed). A class-conditional
+    model: ``classes`` None or a list holding ``"all"`` is every class; the grid has one named row per class and the
+    strip follows the first image of each class (:func:`strip_order`). ``progress(done, total)``: after each call."""
+    names = sampler_names(module)
+    if sampler not in names:
+        raise ValueError(f"sampler={sampler!r} is invalid: allowed values are {', '.join(names)}")
+    T = module.process.num_timesteps
+    steps = check_whole("steps", steps, 1, T)
+    count = check_whole("images per class" if module.num_classes is not None else "images", count, 1, max_count)
+    seed = check_seed(seed)
+    options = check_options(module, sampler, options)
+    labels_of = chosen_classes(module, classes)
+    own = sampler == sampler_name(module.hparams.sampler)  # the trained sampler keeps its own settings
+    chosen = module.named_sampler(None if own else sampler, steps, **options)
+    labels = None if labels_of is None else labels_of.repeat_interleave(count)  # class by class: one row each
+    n = count if labels is None else len(labels)
+    start = time.perf_counter()
+    generator = torch.Generator(device=module.device).manual_seed(seed)
+    out = module.sample(n, sampler=chosen, generator=generator, return_trajectory=True,
+                        trajectory_points=strip_points, progress=progress or False, labels=labels)
+    seconds = time.perf_counter() - start
+    images, trajectory = out.samples.cpu(), out.trajectory.cpu()
+    times = chosen.kept_times(strip_points)  # the t of each column, x_T first
+    described = chosen.describe()
+    if labels is None:
+        grid = to_pil(images, nrow=max(1, round(count ** 0.5)))
+        picked = list(range(min(strip_images, n)))
+        row_labels = [f"image {i + 1}" for i in picked]
+        what = plural(count, "image")
+    else:
+        class_names = [module.class_names[k] for k in labels_of.tolist()]
+        grid = labelled_grid_image(images, count, f"{described}, seed {seed}", row_labels=class_names).convert("RGB")
+        picked = strip_order(len(class_names), count, strip_images)
+        row_labels = [f"{module.class_names[int(labels[i])]}, image {i % count + 1}" for i in picked]
+        listed = ", ".join(class_names) if len(class_names) <= 20 else f"{len(class_names)} classes"
+        which = (f"all classes ({listed})" if len(class_names) == module.num_classes
+                 else f"class{'es' * (len(class_names) > 1)} {listed}")
+        what = f"{plural(n, 'image')}, {count} of each of {which},"
+        described += ", guidance 1 (conditional)" if chosen.guidance_scale == 1.0 else ""
+    strip = trajectory[:, picked].transpose(0, 1)  # rows: images, columns: x_T ... x_0
+    strip = labelled_grid_image(strip.reshape(-1, *strip.shape[2:]), trajectory.shape[0],
+                                f"reverse process, x_T to x_0: {chosen.describe()}, seed {seed}",
+                                column_labels=times, row_labels=row_labels).convert("RGB")
+    summary = f"{what} with {described}, seed {seed}: {seconds:.1f} s on {module.device}"
+    parts = [data_name(module, ckpt), f"{sampler}-{steps}"]
+    if labels is not None:
+        chosen_list = labels_of.tolist()
+        parts.append("all" if len(chosen_list) == module.num_classes else "classes-" + "-".join(map(str, chosen_list)))
+        parts.append(f"w-{chosen.guidance_scale:g}")
+    parts += [f"seed-{seed}", f"n-{count}"]
+    sampler_options = {"num_steps": steps, **options}
+    settings = {"Software": "diffusion.app", "ckpt": str(ckpt), "weights": "EMA" if ema and module.has_ema else "raw",
+                "sampler": sampler, **{f"sampler.{k}": v for k, v in sampler_options.items()}, "seed": seed,
+                "n": count, "batch_size": n, "description": chosen.describe()}
+    if labels is not None:
+        settings["classes"] = str(labels_of.tolist())
+    settings["command"] = reproduce_command(ckpt, ema, own, sampler, sampler_options, seed, count,
+                                            None if labels is None else labels_of.tolist())
+    return Generated(grid, strip, summary, seed, "_".join(parts), settings)
+
+
+def steps_info(module: DiffusionModule, name: str, steps) -> str:
+    """What ``steps`` mean for sampler ``name``: its network calls per image (every timestep for a full chain)."""
+    try:
+        steps = check_whole("steps", steps, 1, module.process.num_timesteps)
+        sampler = module.named_sampler(None if name == sampler_name(module.hparams.sampler) else name, steps)
+    except ValueError as err:
+        return str(err)
+    T = module.process.num_timesteps
+    every = f": every one of the T = {T} timesteps" if sampler.nfe == T else ""
+    return f"{name}, {plural(sampler.num_steps, 'step')}: {plural(sampler.nfe, 'network call')} per image{every}"
 
 
 def picker_choices(module: DiffusionModule) -> list[tuple[str, str | int]]:
@@ -145,65 +292,138 @@ def toggled(selection, value, selected: bool) -> list:
     return [ALL_CLASSES] if value == ALL_CLASSES else [v for v in rest if v != ALL_CLASSES] + [value]
 
 
-def build_app(module: DiffusionModule, ckpt: str = "", max_count: int = 64, strip_images: int = 4, strip_points: int = 9):
-    """The Gradio Blocks page for ``module``; a class-conditional one gets the class picker (elem_id ``classes``),
-    the guidance scale (``guidance``) and its rescale (``rescale``)."""
+def page_controls(module: DiffusionModule, names: list[str]) -> dict:
+    """One widget spec per control name over all ``names`` (a control shared by samplers, like eta, is one widget)."""
+    controls = {}
+    for name in names:
+        for control in controls_of(module, name):
+            controls.setdefault(control.name, control)
+    return controls
+
+
+def prune(directory: Path, max_age_s: float = 3600.0) -> None:
+    """Remove the downloads older than ``max_age_s`` (the page's copies are in gradio's own cache)."""
+    now = time.time()
+    for path in directory.glob("*.png"):
+        try:
+            if now - path.stat().st_mtime > max_age_s:
+                path.unlink()
+        except OSError:
+            pass
+
+
+def build_app(module: DiffusionModule, ckpt: str = "", max_count: int = 64, strip_images: int = 4, strip_points: int = 9,
+              ema: bool = True, downloads: Path | None = None):
+    """The Gradio Blocks page for ``module``. Fields (elem_ids): ``sampler``, ``steps``, ``seed`` (with ``random``
+    and ``reuse`` buttons), ``count``, one per sampler control (its name: ``eta``, ``order``, ...; only the chosen
+    sampler's are visible), for a class-conditional model ``classes`` and ``guidance_scale``, ``guidance_rescale``;
+    results ``grid``, ``strip``, ``info`` and ``used_seed``. Each field's bad value is shown inline beside it."""
     import gradio as gr
 
     names = sampler_names(module)
     T = module.process.num_timesteps
     trained_steps = module.hparams.sampler.get("num_steps") or T
     conditional = module.num_classes is not None
+    controls = page_controls(module, names)
+    downloads = Path(downloads or tempfile.mkdtemp(prefix="diffusion-app-"))
+    downloads.mkdir(parents=True, exist_ok=True)
 
-    def shown(call):
+    def request(sampler, steps, seed, count, values, classes, progress=None) -> Generated:
+        own = {c.name for c in controls_of(module, sampler)} if sampler in names else set()
+        options = {name: value for name, value in zip(controls, values) if name in own}
+        return generate(module, sampler, steps, seed, count, options, picked_classes(classes) if conditional else None,
+                        strip_images, strip_points, ckpt=ckpt, ema=ema, max_count=max_count, progress=progress)
+
+    def run(sampler, steps, seed, count, *rest, progress=gr.Progress()):
+        values, classes = (rest[:-1], rest[-1]) if conditional else (rest, None)
         try:
-            return call()
-        except ValueError as err:  # a bad combination (e.g. a grid that repeats timesteps, a class the model has
-            raise gr.Error(str(err)) from err  # not): show it, keep serving
+            result = request(sampler, steps, seed, count, values, classes,
+                             lambda done, total: progress((done, total), desc="sampling", unit="network calls"))
+        except ValueError as err:  # shown on the page; the app keeps serving, and logs no traceback
+            raise gr.Error(str(err), print_exception=False) from None
+        prune(downloads)
+        grid_path, strip_path = result.save(downloads)
+        return str(grid_path), str(strip_path), result.summary, result.seed
 
-    def run(sampler, steps, eta, seed, count, progress=gr.Progress(track_tqdm=True)):
-        return shown(lambda: generate(module, sampler, steps, eta, seed, count, strip_images, strip_points))
+    def validate(sampler, steps, seed, count, *rest):
+        """One message per field, shown beside it before any work (the same checks as :func:`generate`'s)."""
+        values, classes = (rest[:-1], rest[-1]) if conditional else (rest, None)
+        count_name = "images per class" if conditional else "images"
+        checks = [lambda: sampler in names or (_ for _ in ()).throw(ValueError(
+                      f"sampler={sampler!r} is invalid: allowed values are {', '.join(names)}")),
+                  lambda: check_whole("steps", steps, 1, T), lambda: check_seed(seed),
+                  lambda: check_whole(count_name, count, 1, max_count)]
+        own = {c.name for c in controls_of(module, sampler)} if sampler in names else set()
+        checks += [(lambda c=c, v=v: c.check(v) if c.name in own else None) for c, v in zip(controls.values(), values)]
+        if conditional:
+            checks.append(lambda: chosen_classes(module, picked_classes(classes)))
+        results = []
+        for check in checks:
+            try:
+                check()
+                results.append(gr.validate(True, ""))
+            except ValueError as err:
+                results.append(gr.validate(False, str(err)))
+        return results
 
-    def run_conditional(sampler, steps, eta, seed, count, classes, w, phi, progress=gr.Progress(track_tqdm=True)):
-        return shown(lambda: generate(module, sampler, steps, eta, seed, count, strip_images, strip_points,
-                                      classes=picked_classes(classes), guidance_scale=w, guidance_rescale=phi))
-
-    with gr.Blocks(title="diffusion: sample a checkpoint") as demo:
+    with gr.Blocks(title="diffusion: sample a checkpoint", delete_cache=(3600, 3600)) as demo:
         what = f", {module.num_classes} classes" if conditional else ""
         gr.Markdown(f"### Sample `{ckpt}`\n{type(module.process).__name__}, T = {T}, "
                     f"{'EMA' if module.has_ema else 'raw'} weights, images {tuple(module.image_shape)}{what}")
         with gr.Row():
             with gr.Column(scale=1):
                 sampler = gr.Dropdown(names, value=names[0], label="sampler", elem_id="sampler")
-                steps = gr.Slider(1, T, value=min(trained_steps, T), step=1, label="steps (network calls: heun 2 per "
-                                  "step, plms + 1, pndm + 9)", elem_id="steps")
-                eta = gr.Slider(0.0, 1.0, value=default_eta(module, names[0]), step=0.1, interactive="eta" in own_config(module, names[0]),
-                                label="eta (DDIM, Euler ancestral: 0 deterministic, 1 fresh noise every step)", elem_id="eta")
-                seed = gr.Number(value=0, precision=0, label="seed", elem_id="seed")
+                first = min(trained_steps, T)
+                steps = gr.Slider(1, T, value=first, step=1, label="steps",
+                                  info=steps_info(module, names[0], first), elem_id="steps")
+                with gr.Row():
+                    seed = gr.Number(value=RANDOM_SEED, precision=None, label="seed (-1: a new random seed each press)",
+                                     elem_id="seed", scale=3)
+                    dice = gr.Button("random", elem_id="random", scale=1, min_width=60)
+                    reuse = gr.Button("reuse last", elem_id="reuse", scale=1, min_width=60)
                 if conditional:  # count images of each chosen class: one row per class
                     count = gr.Slider(1, max_count, value=max(1, min(8, max_count, 64 // module.num_classes)), step=1,
                                       label="images per class (one row per class)", elem_id="count")
                     classes = gr.CheckboxGroup(picker_choices(module), value=[ALL_CLASSES], label="classes",
                                                elem_id="classes")
-                    trained = module.hparams.sampler
-                    guidance = gr.Slider(0.0, 10.0, value=min(10.0, float(trained.get("guidance_scale", 1.0))), step=0.5,
-                                         label="guidance scale w (1 conditional, 0 unconditional, > 1 guided)",
-                                         elem_id="guidance")
-                    rescale = gr.Slider(0.0, 1.0, value=float(trained.get("guidance_rescale", 0.0)), step=0.05,
-                                        label="guidance rescale (Lin et al. 2023: 0 off; counters over-saturation at "
-                                        "large w)", elem_id="rescale")
                 else:
-                    count = gr.Slider(1, max_count, value=min(16, max_count), step=1, label="images", elem_id="count")
+                    count = gr.Slider(1, max_count, value=min(16, max_count), step=1, label="images",
+                                      elem_id="count")
+                widgets = []
+                first_controls = {c.name for c in controls_of(module, names[0])}
+                for name, control in controls.items():
+                    visible = name in first_controls
+                    value = default_value(module, names[0] if visible else next(
+                        n for n in names if name in {c.name for c in controls_of(module, n)}), control)
+                    if control.choices is not None:
+                        widgets.append(gr.Dropdown(list(control.choices), value=value, label=control.label,
+                                                   visible=visible, elem_id=name))
+                    else:
+                        widgets.append(gr.Slider(control.minimum, control.maximum, value=value, step=control.step,
+                                                 label=control.label, visible=visible, elem_id=name))
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=2):
-                grid = gr.Image(label="samples" + (" (one row per class)" if conditional else ""), type="pil",
-                                format="png", elem_id="grid")
-                strip = gr.Image(label="reverse process: x_T (left) to x_0 (right)", type="pil", format="png",
-                                 elem_id="strip")
-                info = gr.Textbox(label="run", interactive=False, elem_id="info")
-        # a sampler's own eta (its yaml's, or the checkpoint's for its trained sampler); fixed where it has none
-        sampler.change(lambda name: gr.update(value=default_eta(module, name), interactive="eta" in own_config(module, name)),
-                       sampler, eta)
+                # the class grid and the strip carry their own titles: no label over them
+                grid = gr.Image(label="samples" + (" (one row per class)" if conditional else ""), type="filepath",
+                                format="png", elem_id="grid", show_label=not conditional)
+                strip = gr.Image(label="reverse process: x_T (left) to x_0 (right)", type="filepath", format="png",
+                                 elem_id="strip", show_label=False)
+                with gr.Row():
+                    info = gr.Textbox(label="run", interactive=False, elem_id="info", scale=4)
+                    used_seed = gr.Number(label="seed used", precision=0, interactive=False, elem_id="used_seed", scale=1)
+
+        def on_sampler(name, steps_value):
+            own = {c.name: c for c in controls_of(module, name)} if name in names else {}
+            updates = [gr.update(visible=key in own, label=own[key].label if key in own else control.label,
+                                 **({"value": default_value(module, name, own[key])} if key in own else {}))
+                       for key, control in controls.items()]
+            return [gr.update(info=steps_info(module, name, steps_value))] + updates
+
+        sampler.change(on_sampler, [sampler, steps], [steps, *widgets])
+        steps.change(lambda name, value: gr.update(info=steps_info(module, name, value)), [sampler, steps], steps)
+        dice.click(lambda: RANDOM_SEED, None, seed)
+        reuse.click(lambda used: used if used is not None else RANDOM_SEED, used_seed, seed)
+        inputs = [sampler, steps, seed, count, *widgets] + ([classes] if conditional else [])
         if conditional:
             def on_select(selection, evt):
                 return toggled(selection, evt.value, evt.selected)
@@ -212,10 +432,33 @@ def build_app(module: DiffusionModule, ckpt: str = "", max_count: int = 64, stri
             # annotations are strings, and gradio, imported lazily, is not among its globals to resolve them)
             on_select.__annotations__["evt"] = gr.SelectData
             classes.select(on_select, classes, classes)
-            button.click(run_conditional, [sampler, steps, eta, seed, count, classes, guidance, rescale], [grid, strip, info])
-        else:
-            button.click(run, [sampler, steps, eta, seed, count], [grid, strip, info])
+        # preprocess=False: the fields reach the checks as sent (gradio would round a slider's 2.5 and refuse 17 > max
+        # without naming the field), so every message is ours, beside its field
+        button.click(run, inputs, [grid, strip, info, used_seed], validator=validate, show_progress_on=[grid], preprocess=False,
+                     api_name="generate")
+    demo.downloads = downloads
     return demo
+
+
+def logins(environ=os.environ) -> list[tuple[str, str]] | None:
+    """The page's logins from ``DIFFUSION_APP_AUTH`` (``user:password``, several separated by commas), None if unset;
+    a UsageError (naming the variable, never the password) for a malformed value."""
+    value = environ.get(AUTH_ENV)
+    if value is None or not value.strip():
+        return None
+    pairs = [entry.split(":", 1) for entry in value.split(",")]
+    if any(len(p) != 2 or not p[0].strip() or not p[1] for p in pairs):
+        raise UsageError(f"{AUTH_ENV} is invalid: it must be user:password, several separated by commas "
+                         "(e.g. export DIFFUSION_APP_AUTH=ana:<password>)")
+    return [(user.strip(), password) for user, password in pairs]
+
+
+def serving_warning(host: str, port: int, auth) -> str | None:
+    """The warning for a page served beyond this machine with no login (None when local or behind one)."""
+    if auth is None and host not in LOCAL_HOSTS:
+        return (f"serving beyond this machine (host={host}) with no login: anyone who reaches port {port} can use it; "
+                f"set {AUTH_ENV}=user:password in the environment to ask for one")
+    return None
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="app")
@@ -224,6 +467,10 @@ def main(cfg: DictConfig) -> None:
     require_ckpt(cfg)
     if not isinstance(cfg.port, int) or not 1 <= cfg.port <= 65535:
         raise UsageError(f"port={cfg.port!r} is invalid: it must be an integer in [1, 65535]")
+    for key in ("max_count", "concurrency", "queue_size", "strip_images"):
+        if isinstance(cfg[key], bool) or not isinstance(cfg[key], int) or cfg[key] < 1:
+            raise UsageError(f"{key}={cfg[key]!r} is invalid: it must be a positive integer")
+    auth = logins()
     try:
         import gradio as gr
     except ImportError as exc:
@@ -231,10 +478,16 @@ def main(cfg: DictConfig) -> None:
     module = build_or_usage_error("ckpt", lambda: DiffusionModule.from_checkpoint(cfg.ckpt, ema=cfg.ema,
                                                                                  trust=cfg.get("trust_checkpoint", False)))
     module = module.to(resolve_device(cfg.device))
-    demo = build_app(module, str(cfg.ckpt), cfg.max_count, cfg.strip_images, cfg.strip_points)
-    log.info("serving %s on http://%s:%d", cfg.ckpt, cfg.host, cfg.port)
+    demo = build_app(module, str(cfg.ckpt), cfg.max_count, cfg.strip_images, cfg.strip_points, ema=cfg.ema)
+    demo.queue(default_concurrency_limit=cfg.concurrency, max_size=cfg.queue_size)
+    warning = serving_warning(cfg.host, cfg.port, auth)
+    if warning:
+        log.warning(warning)
+    log.info("serving %s on http://%s:%d (%s; %d request%s at once, %d queued at most)", cfg.ckpt, cfg.host, cfg.port,
+             "login required" if auth else "no login", cfg.concurrency, "s" * (cfg.concurrency != 1), cfg.queue_size)
     local_fonts = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
-    demo.launch(server_name=cfg.host, server_port=cfg.port, share=False, show_error=True, theme=local_fonts, footer_links=[])
+    demo.launch(server_name=cfg.host, server_port=cfg.port, share=False, show_error=True, theme=local_fonts,
+                footer_links=[], auth=auth, auth_message="diffusion: sign in to sample" if auth else None)
 
 
 if __name__ == "__main__":

@@ -173,7 +173,8 @@ def save_png(image, path, settings: dict | None = None) -> None:
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
-    for key, value in {**(getattr(image, "text", None) or {}), **(settings or {})}.items():
+    own = getattr(image, "text", None) or {k: v for k, v in image.info.items() if isinstance(v, str)}  # after convert()
+    for key, value in {**own, **(settings or {})}.items():
         info.add_text(str(key), str(value))
     image.save(path, format="png", pnginfo=info)
 
@@ -183,9 +184,17 @@ def plural(n: int, word: str) -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
 
 
+def labelled_grid_image(images: torch.Tensor, nrow: int, title: str, column_labels: list[str] | None = None,
+                        row_labels: list[str] | None = None):
+    """A grid of ``nrow`` images per row as a PIL image, enlarged to a readable size, under ``title``, with a label
+    over each column and left of each row (:func:`labelled_figure`; the texts are in ``image.info``)."""
+    scale = readable_scale(max(images.shape[-2:]))
+    grid = grid_array(images, nrow=nrow, scale=scale)
+    layout = GridLayout.of(len(images), max(images.shape[-2:]), nrow, scale=scale)
+    return figure_image(labelled_figure(grid, layout, title, column_labels, row_labels))
+
+
 def class_rows_image(images: torch.Tensor, per_class: int, class_labels: list[str], title: str):
     """A class-conditional grid as a PIL image: row r holds ``per_class`` images of class ``class_labels[r]``, named
     left of the row, under ``title``."""
-    grid = grid_array(images, nrow=per_class)
-    layout = GridLayout.of(len(images), max(images.shape[-2:]), per_class, scale=readable_scale(max(images.shape[-2:])))
-    return figure_image(labelled_figure(grid, layout, title, row_labels=class_labels))
+    return labelled_grid_image(images, per_class, title, row_labels=class_labels)

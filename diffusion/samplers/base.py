@@ -28,7 +28,8 @@ pass per call, so ``nfe`` is unchanged.
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple
 
 import torch
 
@@ -41,7 +42,44 @@ SPACINGS = ("leading", "trailing", "linspace", "quadratic")
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-__all__ = ["Sampler", "StepOutput", "SampleOutput", "make_timesteps", "check_num_steps", "check_nfe", "check_number", "SPACINGS", "Model"]
+__all__ = ["Sampler", "StepOutput", "SampleOutput", "Control", "make_timesteps", "check_num_steps", "check_nfe",
+           "check_number", "SPACINGS", "Model"]
+
+
+@dataclass(frozen=True)
+class Control:
+    """One option of a sampler that a person tunes by hand (the sampling page draws one widget per control): a
+    number in [``minimum``, ``maximum``] on a grid of ``step`` (``integer`` for whole numbers) or one of ``choices``.
+    The default value is the sampler's yaml's (or a checkpoint's own sampler config's)."""
+
+    name: str
+    label: str
+    minimum: float | None = None
+    maximum: float | None = None
+    step: float | None = None
+    choices: tuple | None = None
+    integer: bool = False
+
+    def check(self, value: Any) -> Any:
+        """``value`` as the sampler takes it, or a one-line ValueError naming it and what is allowed."""
+        if self.choices is not None:
+            if value not in self.choices:
+                raise ValueError(f"sampler {self.name}={value!r} is invalid: allowed values are "
+                                 f"{', '.join(map(str, self.choices))}")
+            return value
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if ok and self.integer:
+            ok = float(value).is_integer()
+        if not ok or not self.minimum <= value <= self.maximum:
+            kind = "a whole number" if self.integer else "a number"
+            raise ValueError(f"sampler {self.name}={value!r} is invalid: it must be {kind} in "
+                             f"[{self.minimum:g}, {self.maximum:g}]")
+        return int(value) if self.integer else float(value)
+
+
+#: the timestep grids of the discrete-time samplers, as a control
+SPACING_CONTROL = Control("spacing", "timestep spacing (leading: DDIM paper, trailing: Lin et al. 2023)",
+                          choices=SPACINGS)
 
 
 def check_num_steps(num_steps, T: int, name: str = "sampler num_steps") -> int:
@@ -126,6 +164,9 @@ class Sampler:
     #: (1: conditional, 0: unconditional, > 1: guided) and Lin et al.'s rescale phi; used when sample() gets labels
     guidance_scale: float = 1.0
     guidance_rescale: float = 0.0
+    #: the options a person tunes by hand (the sampling page's widgets for this sampler); the registry adds the
+    #: guidance controls for class-conditional models
+    controls: tuple[Control, ...] = ()
 
     def __init__(self, process, num_steps: int | None = None, clip_denoised: bool = False):
         kind = getattr(process, "kind", type(process).__name__)
@@ -212,6 +253,12 @@ class Sampler:
             raise ValueError(f"trajectory_points={points!r} is invalid: it must be an integer >= 2 (x_T and x_0)")
         return set(torch.linspace(0, n, min(points, n + 1)).round().long().tolist())
 
+    def kept_times(self, points: int | None = None) -> list[str]:
+        """The papers' t of each state a trajectory of ``points`` keeps (:attr:`state_times`: x_T first, 0 for x_0),
+        as labels (``t=999``); a fractional t (the Karras samplers' sigmas fall between timesteps) with one decimal."""
+        return [f"t={t:.1f}" if isinstance(t, float) and not t.is_integer() else f"t={int(t)}"
+                for t in (self.state_times[i] for i in sorted(self.trajectory_indices(points)))]
+
     def initial_state(self, shape, noise: torch.Tensor | None, generator, device) -> torch.Tensor:
         """x_T = ``init_noise_sigma`` * (``noise`` or a draw from the process's prior)."""
         if noise is None:
@@ -232,7 +279,7 @@ class Sampler:
         generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
         return_trajectory: bool = False,
-        progress: bool = False,
+        progress: bool | Callable[[int, int], None] = False,
         trajectory_points: int | None = None,
         labels: torch.Tensor | None = None,
         null_label: int | None = None,
@@ -255,7 +302,8 @@ class Sampler:
         keep = self.trajectory_indices(trajectory_points) if return_trajectory else ()
         trajectory, preds = ([self.scale_model_input(x, 0).cpu()], []) if return_trajectory else (None, None)
         calls = range(self.nfe)
-        if progress:
+        report = progress if callable(progress) else None
+        if progress and report is None:
             from tqdm.auto import tqdm
 
             calls = tqdm(calls, desc=f"{type(self).__name__} sampling", leave=False)
@@ -265,6 +313,8 @@ class Sampler:
             if return_trajectory and i + 1 in keep:
                 trajectory.append(self.scale_model_input(x, i + 1).cpu())
                 preds.append(pred_x0.cpu())
+            if report is not None:
+                report(i + 1, self.nfe)
         x = self.scale_model_input(x, self.nfe)
         if return_trajectory:
             return SampleOutput(x, torch.stack(trajectory), torch.stack(preds))

@@ -6,7 +6,7 @@ import math
 
 from diffusion.checks import check_choice
 from diffusion.processes.gaussian import GaussianDiffusion
-from diffusion.samplers.base import SPACINGS, Sampler, StepOutput, check_number, make_timesteps
+from diffusion.samplers.base import SPACING_CONTROL, SPACINGS, Control, Sampler, StepOutput, check_number, make_timesteps
 
 
 class DDIMSampler(Sampler):
@@ -17,6 +17,8 @@ class DDIMSampler(Sampler):
     comes from eta), as in improved-diffusion's DDIM. The previous timestep of every step is the next entry of the
     grid, never ``t - T // num_steps`` (wrong under ``linspace``/``trailing`` spacings).
     """
+
+    controls = (Control("eta", "eta: 0 deterministic (DDIM), 1 DDPM-like fresh noise every step", 0.0, 1.0, 0.05), SPACING_CONTROL)
 
     def __init__(self, process: GaussianDiffusion, num_steps: int | None = 50, eta: float = 0.0,
                  spacing: str = "leading", clip_denoised: bool = False):

@@ -6,7 +6,7 @@ import torch
 
 from diffusion.checks import check_choice
 from diffusion.processes.gaussian import VARIANCE_TYPES, GaussianDiffusion
-from diffusion.samplers.base import SPACINGS, Sampler, StepOutput, make_timesteps
+from diffusion.samplers.base import SPACING_CONTROL, SPACINGS, Sampler, StepOutput, make_timesteps
 from diffusion.schedules import compute_table
 
 
@@ -22,6 +22,7 @@ class DDPMSampler(Sampler):
     """
 
     stochastic = True
+    controls = (SPACING_CONTROL,)
 
     def __init__(self, process: GaussianDiffusion, num_steps: int | None = None, variance: str | None = None,
                  spacing: str = "leading", clip_denoised: bool = False):

@@ -25,7 +25,7 @@ import torch
 
 from diffusion.checks import check_choice
 from diffusion.processes.gaussian import GaussianDiffusion
-from diffusion.samplers.base import SPACINGS, Sampler, StepOutput, check_num_steps, make_timesteps
+from diffusion.samplers.base import SPACING_CONTROL, SPACINGS, Control, Sampler, StepOutput, check_num_steps, make_timesteps
 
 ALGORITHM_TYPES = ("dpmsolver++", "sde-dpmsolver++")
 SOLVER_TYPES = ("midpoint", "heun")
@@ -61,6 +61,10 @@ class DPMSolverSampler(Sampler):
     Multistep state (the previous steps' x_0 predictions) lives here and is cleared by :meth:`reset` (at every
     ``sample`` call and every new grid); steps must be taken in order.
     """
+
+    controls = (Control("order", "solver order (1 = DDIM)", choices=ORDERS),
+                Control("algorithm_type", "dpmsolver++: the ODE, deterministic; sde-dpmsolver++: the reverse SDE, stochastic",
+                        choices=ALGORITHM_TYPES), SPACING_CONTROL)
 
     def __init__(self, process: GaussianDiffusion, num_steps: int | None = 20, order: int = 2,
                  algorithm_type: str = "dpmsolver++", solver_type: str = "midpoint", lower_order_final: bool = True,
@@ -206,6 +210,8 @@ class UniPCSampler(DPMSolverSampler):
     order as the steps run out (min(order, steps left), diffusers' rule for UniPC at any step count); the step to
     x_0 is of order 1 and returns the last data prediction, so the last correction does not reach the output.
     """
+
+    controls = (DPMSolverSampler.controls[0], SPACING_CONTROL)
 
     def __init__(self, process: GaussianDiffusion, num_steps: int | None = 20, order: int = 2, solver_type: str = "bh2",
                  lower_order_final: bool = True, spacing: str = "linspace", clip_denoised: bool = False):

@@ -33,7 +33,7 @@ import math
 import torch
 
 from diffusion.checks import check_choice
-from diffusion.samplers.base import check_nfe, SPACINGS, Sampler, StepOutput, check_num_steps, check_number, make_timesteps
+from diffusion.samplers.base import check_nfe, SPACINGS, Control, Sampler, StepOutput, check_num_steps, check_number, make_timesteps
 
 SIGMA_GRIDS = ("karras", "exponential", "schedule")
 
@@ -85,6 +85,9 @@ class KarrasSampler(Sampler):
     A family lays its network calls on the grid in :meth:`_calls`: ``call_sigmas[i]`` is the sigma of the state the
     network sees at call i (and of the state after call i - 1); ``call_sigmas[nfe] = 0``, the final image.
     """
+
+    controls = (Control("sigmas", "noise levels: karras (EDM eq. 5), exponential (log-linear), schedule (the schedule's own)",
+                        choices=SIGMA_GRIDS),)
 
     def __init__(self, process, num_steps: int | None = 20, sigmas: str = "karras", rho: float = 7.0,
                  spacing: str = "linspace", clip_denoised: bool = False):
@@ -180,6 +183,9 @@ class EulerAncestralSampler(KarrasSampler):
     eta = 1 is ancestral (DDPM-like) sampling in sigma form and diffusers' ``EulerAncestralDiscreteScheduler``
     (which has no eta); eta = 0 is Euler. No noise after the last step (sigma_next = 0)."""
 
+    controls = KarrasSampler.controls + (
+        Control("eta", "eta: 1 ancestral (fresh noise every step, DDPM-like), 0 deterministic Euler", 0.0, 1.0, 0.05),)
+
     def __init__(self, process, num_steps: int | None = 20, sigmas: str = "karras", rho: float = 7.0,
                  spacing: str = "linspace", eta: float = 1.0, s_noise: float = 1.0, clip_denoised: bool = False):
         self.eta = check_number("eta", eta)
@@ -232,6 +238,9 @@ class HeunSampler(KarrasSampler):
     x^_0 ~ N(0, init^2 + sigma^_0^2 - sigma_0^2), the same law), so the network always sees the churned state.
     sigma^_k is capped at the schedule's sigma_max: a discrete-time network knows no larger noise level.
     """
+
+    controls = KarrasSampler.controls + (
+        Control("s_churn", "S_churn: noise re-added per step (EDM; 0 deterministic)", 0.0, 80.0, 1.0),)
 
     def __init__(self, process, num_steps: int | None = 10, sigmas: str = "karras", rho: float = 7.0,
                  spacing: str = "linspace", s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float | None = None,

@@ -68,7 +68,7 @@ import math
 from diffusion.checks import check_choice
 from diffusion.objectives import eps_from_x0, x0_from_eps
 from diffusion.processes.gaussian import GaussianDiffusion
-from diffusion.samplers.base import SPACINGS, Sampler, StepOutput, make_timesteps
+from diffusion.samplers.base import SPACING_CONTROL, SPACINGS, Sampler, StepOutput, make_timesteps
 
 __all__ = ["PLMSSampler", "PNDMSampler", "ADAMS_BASHFORTH"]
 
@@ -97,6 +97,8 @@ class PLMSSampler(Sampler):
     runge_kutta_warmup: bool = False
     #: grid steps taken by the Runge-Kutta warm-up, four network calls each
     RK_STEPS = 3
+
+    controls = (SPACING_CONTROL,)
 
     def __init__(self, process: GaussianDiffusion, num_steps: int | None = 50, spacing: str = "leading",
                  clip_denoised: bool = False):

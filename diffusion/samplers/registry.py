@@ -9,7 +9,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from diffusion.samplers.base import Sampler
+from diffusion.samplers.base import Control, Sampler
 from diffusion.samplers.guidance import GUIDANCE_OPTIONS, check_guidance
 
 SAMPLER_DIR = Path(__file__).resolve().parents[2] / "conf" / "sampler"
@@ -18,8 +18,15 @@ LEGACY_TARGETS = {"diffusion.samplers.DDPMSampler": "diffusion.samplers.ddpm.DDP
                   "diffusion.samplers.DDIMSampler": "diffusion.samplers.ddim.DDIMSampler",
                   "diffusion.samplers.ColdSampler": "diffusion.samplers.cold.ColdSampler"}
 
-__all__ = ["sampler_names", "sampler_config", "sampler_class", "sampler_name", "build_sampler",
-           "LEGACY_TARGETS"]
+__all__ = ["sampler_names", "sampler_config", "sampler_class", "sampler_name", "build_sampler", "sampler_controls",
+           "GUIDANCE_CONTROLS", "LEGACY_TARGETS"]
+
+#: classifier-free guidance, which every sampler takes (:mod:`.guidance`): the controls of a class-conditional model
+GUIDANCE_CONTROLS = (
+    Control("guidance_scale", "guidance scale w (1 conditional, 0 unconditional, > 1 guided)", 0.0, 10.0, 0.5),
+    Control("guidance_rescale", "guidance rescale (Lin et al. 2023: 0 off; counters over-saturation at large w)",
+            0.0, 1.0, 0.05),
+)
 
 
 @lru_cache(maxsize=1)
@@ -59,6 +66,12 @@ def sampler_name(config: dict) -> str:
         if cfg["_target_"] == target:
             return name
     return str(target).rsplit(".", 1)[-1]
+
+
+def sampler_controls(name: str, conditional: bool = False) -> tuple[Control, ...]:
+    """The options of sampler ``name`` a person tunes by hand (its class's ``controls``), and the guidance controls
+    for a class-conditional model: the sampling page draws one widget per control."""
+    return sampler_class(name).controls + (GUIDANCE_CONTROLS if conditional else ())
 
 
 def build_sampler(config: dict | str, process, **overrides: Any) -> Sampler:
