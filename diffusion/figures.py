@@ -99,8 +99,8 @@ def check_options(cfg: DictConfig) -> str:
                              f"{', '.join(own)} (and {', '.join(COMMON)})")
     for group in TRAINING_GROUPS:
         if cfg.get(group) is not None and "_target_" not in cfg[group]:  # +schedule.T=500 without schedule=<option>
-            raise UsageError(f"{group}.* needs {group}=<option>: name the {group} whose keys you change, e.g. "
-                             f"schedule=linear schedule.T=500 (conf/{group}/)")
+            raise UsageError(f"{group}.* needs {group}=<option>: name the {group} whose keys you change "
+                             f"({group}=<option> {group}.<key>=<value>; options: conf/{group}/)")
     if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
         raise UsageError(f"seed={cfg.seed!r} is invalid: it must be an integer")
     _count(cfg, "n", 1, why=" (the number of images)")
