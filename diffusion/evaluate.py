@@ -20,7 +20,7 @@ labels as the class they were drawn for (``chance``: 1 / the number of classes),
 samples and of the real images, whose ratio ``diversity_ratio`` shows whether guidance collapsed the classes (a ratio
 well below 1). ``nll`` of a conditional checkpoint is the bound of its unconditional (null-class) model. Sweep the
 guidance with ``python -m diffusion.evaluate -m ckpt=PATH metrics=[fd_classifier] sampler.guidance_scale=0,1,2,4``
-and tabulate the sweep with ``python -m diffusion.report <its multirun directory>``.
+and tabulate the sweep with ``python -m diffusion.report sweep=<its multirun directory>``.
 
 ``devices=N`` evaluates on N ranks (DDP, launched by Lightning Fabric): every rank takes every N-th image, generates
 its share of the samples (seed ``seed + rank``) and updates its metric states; every rank then computes, the states

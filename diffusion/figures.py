@@ -1,59 +1,154 @@
-"""The figures of the seed reports, as PNG files:
+"""The figures of the seed reports, as PNG files (every option: conf/figures.yaml; ``--help`` lists them):
 
-    python -m diffusion.figures schedules --T 1000 --out figs/                  # alpha_bar and beta: linear/cosine/...
-    python -m diffusion.figures forward --out figs/ data=digits schedule=cosine  # real images noised from t=0 to T
-    python -m diffusion.figures reverse --ckpt RUN/checkpoints/last.ckpt --transitions 10 --out figs/
-    python -m diffusion.figures progression --run RUN --out figs/                # every checkpoint, same noise
-    python -m diffusion.figures reverse --ckpt COND.ckpt --classes 3 7 --guidance-scale 3 --out figs/
+    python -m diffusion.figures figure=schedules T=1000 out=figs/                   # alpha_bar and beta: linear/cosine/...
+    python -m diffusion.figures figure=forward out=figs/ data=digits schedule=cosine  # real images noised from t=0 to T
+    python -m diffusion.figures figure=reverse ckpt=RUN/checkpoints/last.ckpt transitions=10 out=figs/
+    python -m diffusion.figures figure=progression run=RUN out=figs/                  # every checkpoint, same noise
+    python -m diffusion.figures figure=reverse ckpt=COND.ckpt "classes=[3,7]" sampler.guidance_scale=3 out=figs/
 
-A class-conditional checkpoint (trained with ``data.conditional=true``) draws ``--n`` images of each of
-``--classes`` (default all: one image of each class), guided at ``--guidance-scale`` w (default: the checkpoint's
-sampler's, 1 = conditional): in ``reverse`` one row per image, labelled with its class name, in ``progression`` one
-column per image, labelled likewise; the file name holds the classes and w. ``--classes`` or ``--guidance-scale``
-for an unconditional checkpoint, or a class it does not have, is refused before any work.
+``reverse`` and ``progression`` sample with the checkpoint's own sampler, or ``sampler=<name>`` (conf/sampler/), with
+``sampler.num_steps`` and the other ``sampler.*`` settings changed, as ``diffusion.sample`` does. A class-conditional
+checkpoint (trained with ``data.conditional=true``) draws ``n`` images of each of ``classes`` (null or ``all``, the
+default: one image of each class; or a list such as ``[3,7]``), guided at ``sampler.guidance_scale`` w (default: the
+checkpoint's sampler's, 1 = conditional): in ``reverse`` one row per image, labelled with its class name, in
+``progression`` one column per image, labelled likewise; the file name holds the classes and w. ``classes`` or a
+guidance scale for an unconditional checkpoint, or a class it does not have, is refused before any work.
 
-Trailing ``key=value`` arguments of ``forward`` are Hydra overrides of the training config (data, schedule).
-Image grids have one row per image (a progression: per checkpoint, labelled with its step and epoch) and one column
-per time, labelled with its t; small images are enlarged (nearest neighbour) to >= 64 px and each figure is titled
-with its settings. Each file's name holds the settings that made it, and an existing file is never overwritten: the
-command stops before any work and says so. ``--wandb-run RUN`` also logs the figure to that training run's W&B run,
-at its last training step.
+``forward`` shows the training config's data, schedule and process: ``data=``, ``schedule=`` and ``process=`` choose
+them (and their keys, ``schedule=linear schedule.T=500``) as they do for ``diffusion.train``; left out, the training
+defaults. Image grids have one row per image (a progression: per checkpoint, labelled with its step and epoch) and one
+column per time, labelled with its t; small images are enlarged (nearest neighbour) to >= 64 px and each figure is
+titled with its settings. Each file's name holds the settings that made it, and an existing file is never
+overwritten: the command stops before any work and says so, as it does for an option the figure does not take.
+``wandb_run=RUN`` also logs the figure to that training run's W&B run, at its last training step.
 """
 
 from __future__ import annotations
 
-import argparse
-import math
+import logging
 import re
-import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+import hydra
+from omegaconf import DictConfig, OmegaConf
 
-from diffusion.checkpoints import load_file
-from diffusion.grids import GridLayout, grid_array, labelled_figure, readable_scale, save_new
-from diffusion.module import DiffusionModule, to_model_range
-from diffusion.runtime import CONFIG_DIR, UsageError, build_or_usage_error, log_to_training_run
-from diffusion.samplers.guidance import check_labels
-from diffusion.samplers.registry import sampler_names
+from diffusion.runtime import (CONFIG_DIR, UsageError, build_or_usage_error, exits_on_usage_error, log_to_training_run,
+                               unusable_dir_reason)
+
+if TYPE_CHECKING:  # torch and the module are imported where they are used, once the configuration is checked
+    import torch
+
+    from diffusion.module import DiffusionModule
+
+log = logging.getLogger("diffusion.figures")
+
+#: each figure's own options; every figure also takes out, seed, wandb_run and trust_checkpoint
+FIGURES = {
+    "schedules": ("T",),
+    "forward": ("n", "columns", "data", "schedule", "process"),
+    "reverse": ("ckpt", "n", "transitions", "sampler", "classes"),
+    "progression": ("run", "n", "sampler", "classes"),
+}
+COMMON = ("out", "seed", "wandb_run", "trust_checkpoint")
+#: the groups of the training config (conf/config.yaml) that figure=forward takes
+TRAINING_GROUPS = ("data", "schedule", "process")
 
 
+# ----------------------------------------------------------------------------------------------- the options
+def _is_set(cfg: DictConfig, key: str) -> bool:
+    """Whether an option differs from "not given": a value (null is the default of every figure's own option), a
+    group chosen, or ``sampler=<name>`` / a ``sampler.*`` setting."""
+    value = cfg.get(key)
+    if key == "sampler":
+        return value is not None and ("_target_" in value or any(v is not None for v in value.values()))
+    return value is not None
+
+
+def _shown(cfg: DictConfig, key: str) -> str:
+    value = cfg.get(key)
+    return f"{key}=<{value._target_.rsplit('.', 1)[-1] if '_target_' in value else '...'}>" if isinstance(value, DictConfig) \
+        else f"{key}={value}"
+
+
+def _count(cfg: DictConfig, key: str, default: int, minimum: int = 1, why: str = "") -> int:
+    """An integer option >= ``minimum`` (null: ``default``); anything else is a UsageError naming it."""
+    value = cfg.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise UsageError(f"{key}={value!r} is invalid: it must be an integer >= {minimum}{why}")
+    return value
+
+
+def check_options(cfg: DictConfig) -> str:
+    """The figure's name, once every option that can be checked without reading a file or importing torch is
+    valid: the figure, options of other figures (refused: they would do nothing), integers, the folders."""
+    if OmegaConf.is_missing(cfg, "figure"):
+        raise UsageError(f"figure is required: pass figure=<{'|'.join(FIGURES)}>")
+    figure = cfg.figure
+    if figure not in FIGURES:
+        raise UsageError(f"figure={figure!r} is invalid: allowed values are {', '.join(FIGURES)}")
+    own = FIGURES[figure]
+    others = dict.fromkeys(k for keys in FIGURES.values() for k in keys if k not in own)
+    if figure == "forward" and cfg.get("process") is not None:
+        others.pop("sampler", None)  # process=blur also chooses the cold sampler, as in training; forward samples nothing
+    for key in others:
+        if _is_set(cfg, key):
+            raise UsageError(f"{_shown(cfg, key)} is not an option of figure={figure}: its options are "
+                             f"{', '.join(own)} (and {', '.join(COMMON)})")
+    for group in TRAINING_GROUPS:
+        if cfg.get(group) is not None and "_target_" not in cfg[group]:  # +schedule.T=500 without schedule=<option>
+            raise UsageError(f"{group}.* needs {group}=<option>: name the {group} whose keys you change "
+                             f"({group}=<option> {group}.<key>=<value>; options: conf/{group}/)")
+    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
+        raise UsageError(f"seed={cfg.seed!r} is invalid: it must be an integer")
+    _count(cfg, "n", 1, why=" (the number of images)")
+    _count(cfg, "T", 1000, why=" (the number of steps)")
+    _count(cfg, "columns", 11, 2, " (t = 0 and t = T)")
+    _count(cfg, "transitions", 10)
+    for key in ("ckpt", "run"):
+        if key in own and cfg.get(key) is None:
+            what = "a checkpoint written by python -m diffusion.train" if key == "ckpt" else \
+                "a training run directory, outputs/train/<run>"
+            raise UsageError(f"{key} is required by figure={figure}: pass {key}=<{what}>")
+    if "ckpt" in own and not Path(str(cfg.ckpt)).exists():  # (a file, or a folder python -m diffusion.export wrote)
+        raise UsageError(f"ckpt={cfg.ckpt} does not exist: pass a checkpoint written by python -m diffusion.train")
+    if "run" in own and not Path(str(cfg.run)).is_dir():
+        raise UsageError(f"run={cfg.run} does not exist or is not a directory: pass a training run directory")
+    reason = unusable_dir_reason(out_dir(cfg))
+    if reason:
+        raise UsageError(f"out={cfg.out} cannot be used: {reason}; choose a folder this user may create and write")
+    if cfg.wandb_run is not None and not Path(str(cfg.wandb_run)).is_dir():
+        raise UsageError(f"wandb_run={cfg.wandb_run} is not a training run directory")
+    return figure
+
+
+def out_dir(cfg: DictConfig) -> Path:
+    return Path(str(cfg.out)).expanduser()
+
+
+# ----------------------------------------------------------------------------------------------- writing
 def _new_path(path: Path) -> Path:
     """Figures never overwrite: a figure whose file exists is refused before any work (its name holds its settings)."""
     if path.exists():
-        raise UsageError(f"{path} already exists: figures are never overwritten; choose another --out (or remove the file)")
+        raise UsageError(f"{path} already exists: figures are never overwritten; choose another out (or remove the file)")
     return path
 
 
 def _save(fig, path: Path) -> Path:
+    from diffusion.grids import save_new
+
     try:
         return save_new(fig, path)
     except FileExistsError as exc:  # written by someone else while this figure was computed
-        raise UsageError(f"{path} already exists: figures are never overwritten; choose another --out") from exc
+        raise UsageError(f"{path} already exists: figures are never overwritten; choose another out") from exc
 
 
 def _save_rows(rows: torch.Tensor, path: Path, title: str, column_labels=None, row_labels=None) -> Path:
     """rows: (R, K, C, H, W) in [-1, 1] -> one labelled PNG with R rows of K images, enlarged to a readable size."""
+    from diffusion.grids import GridLayout, grid_array, labelled_figure, readable_scale
+
     r, k = rows.shape[:2]
     scale = readable_scale(max(rows.shape[-2:]))
     grid = grid_array(rows.reshape(r * k, *rows.shape[2:]), nrow=k, scale=scale)
@@ -61,6 +156,7 @@ def _save_rows(rows: torch.Tensor, path: Path, title: str, column_labels=None, r
     return _save(labelled_figure(grid, layout, title, column_labels, row_labels), path)
 
 
+# ----------------------------------------------------------------------------------------------- the figures
 def schedule_name(target: str) -> str:
     """``diffusion.schedules.ContinuousCosineSchedule`` -> ``continuous_cosine``."""
     name = target.rsplit(".", 1)[-1].removesuffix("Schedule")
@@ -69,17 +165,20 @@ def schedule_name(target: str) -> str:
 
 def schedules_figure(T: int, out: Path) -> Path:
     """alpha_bar_t and beta_t of the linear, cosine and continuous-cosine schedules (Nichol & Dhariwal Fig. 5)."""
+    path = _new_path(out / f"schedules_T{T}.png")
     import matplotlib
+    import torch
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
     from diffusion.schedules import ContinuousCosineSchedule, CosineSchedule, LinearSchedule
 
-    path = _new_path(out / f"schedules_T{T}.png")
+    schedules = build_or_usage_error("T", lambda: [("linear", LinearSchedule(T)), ("cosine", CosineSchedule(T)),
+                                                   ("continuous cosine", ContinuousCosineSchedule(T))])
     fig = Figure(figsize=(10, 4), dpi=100)
     ax1, ax2 = fig.subplots(1, 2)
-    for name, sched in [("linear", LinearSchedule(T)), ("cosine", CosineSchedule(T)), ("continuous cosine", ContinuousCosineSchedule(T))]:
+    for name, sched in schedules:
         tab = sched.table()
         u = torch.arange(T) / T
         ax1.plot(u, tab.alphas_cumprod, label=name)
@@ -93,24 +192,46 @@ def schedules_figure(T: int, out: Path) -> Path:
     return _save(fig, path)
 
 
-def forward_figure(overrides: list[str], n: int, columns: int, out: Path, seed: int = 0) -> Path:
-    """``n`` real images (rows) noised (or blurred, ``process=blur``) by q(x_t | x_0) at ``columns`` times t from 0
-    (the image itself) to T, in the papers' numbering: column t shows ``q_sample(x_0, t - 1)`` (0-based timesteps)."""
+def compose_config(config_name: str, overrides: list[str] | None = None) -> DictConfig:
+    """Compose a config of conf/ from inside a Hydra app (``@hydra.main`` has initialised Hydra) or outside one."""
     from hydra import compose, initialize_config_dir
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
+    from hydra.core.global_hydra import GlobalHydra
 
+    if GlobalHydra.instance().is_initialized():
+        return compose(config_name=config_name, overrides=list(overrides or []))
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name=config_name, overrides=list(overrides or []))
+
+
+def training_config(cfg: DictConfig) -> DictConfig:
+    """The training config (conf/config.yaml) with the data, schedule and process chosen in ``cfg`` (``data=``,
+    ``schedule=``, ``process=`` and their keys) in place of its defaults: what ``diffusion.train`` composes from
+    the same overrides. Their interpolations resolve in the training config (``data.seed`` is its ``seed``)."""
+    train = compose_config("config")
+    for group in TRAINING_GROUPS:
+        if cfg.get(group) is not None:
+            train[group] = cfg[group]
+    return train
+
+
+def forward_figure(train_cfg: DictConfig, n: int, columns: int, out: Path, seed: int = 0) -> Path:
+    """``n`` real images (rows) of a training config's data noised (or blurred, ``process=blur``) by q(x_t | x_0)
+    at ``columns`` times t from 0 (the image itself) to T, in the papers' numbering: column t shows
+    ``q_sample(x_0, t - 1)`` (0-based timesteps)."""
+    import torch
+    from hydra.utils import instantiate
+
+    from diffusion.module import to_model_range
     from diffusion.processes import build_process
 
     if columns < 2:
         raise UsageError(f"columns={columns} is invalid: it must be >= 2 (t = 0 and t = T)")
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
-    datamodule = build_or_usage_error("data", lambda: instantiate(cfg.data))
-    learn_sigma = bool(cfg.model.get("learn_sigma", False))
-    process = build_or_usage_error("process", lambda: build_process(OmegaConf.to_container(cfg.process, resolve=True),
-                                                                    instantiate(cfg.schedule), datamodule.channels, learn_sigma))
-    T, schedule = process.num_timesteps, schedule_name(cfg.schedule._target_)
+    datamodule = build_or_usage_error("data", lambda: instantiate(train_cfg.data))
+    learn_sigma = bool(train_cfg.model.get("learn_sigma", False))
+    process = build_or_usage_error("process", lambda: build_process(OmegaConf.to_container(train_cfg.process, resolve=True),
+                                                                    instantiate(train_cfg.schedule), datamodule.channels,
+                                                                    learn_sigma))
+    T, schedule = process.num_timesteps, schedule_name(train_cfg.schedule._target_)
     path = _new_path(out / f"forward_{schedule}_T{T}_{datamodule.name}_n{n}_cols{columns}_seed{seed}.png")
     build_or_usage_error("data", lambda: (datamodule.prepare_data(), datamodule.setup("fit")))
     from diffusion.metrics.classifier import split_images
@@ -126,6 +247,8 @@ def forward_figure(overrides: list[str], n: int, columns: int, out: Path, seed: 
 
 
 def _load(ckpt: str, ema: bool = True, trust: bool = False) -> DiffusionModule:
+    from diffusion.module import DiffusionModule
+
     return build_or_usage_error("ckpt", lambda: DiffusionModule.from_checkpoint(ckpt, ema=ema, trust=trust))
 
 
@@ -136,24 +259,19 @@ def trajectory_times(sampler, points: int) -> list[str]:
             for t in (sampler.state_times[i] for i in sorted(sampler.trajectory_indices(points)))]
 
 
-def figure_classes(module: DiffusionModule, source: str, classes: list[str] | None,
-                   guidance_scale: float | None) -> torch.Tensor | None:
-    """The class indices a figure of a class-conditional ``module`` draws (``--classes``: None or ``all``: every
-    class; else indices), None for an unconditional one; a UsageError naming the bad value, before any work."""
-    if module.num_classes is None:
-        if classes is not None:
-            raise UsageError(f"--classes {' '.join(classes)} is invalid for {source}: the model is unconditional "
-                             "(trained without data.conditional=true); leave --classes out")
-        if guidance_scale is not None and guidance_scale != 1.0:
-            raise UsageError(f"--guidance-scale {guidance_scale:g} is invalid for {source}: the model is unconditional "
-                             "(trained without data.conditional=true), so there is nothing to guide")
-        return None
-    if classes is None or classes == ["all"]:
-        return torch.arange(module.num_classes)
-    allowed = f"all or class indices in 0..{module.num_classes - 1} (e.g. --classes 3 7)"
-    if not all(re.fullmatch(r"[+-]?\d+", c) for c in classes):
-        raise UsageError(f"--classes {' '.join(classes)} is invalid: it must be {allowed}")
-    return build_or_usage_error("classes", lambda: check_labels([int(c) for c in classes], module.num_classes, "--classes"))
+def classes_and_sampler(module: DiffusionModule, source: str, classes, sampler: DictConfig | None):
+    """(the class indices a figure of ``module`` draws, or None for an unconditional model; its sampler), checked
+    as ``diffusion.sample`` checks them (``classes``, ``sampler=<name>``, ``sampler.*``): a bad value, a class the
+    model does not have, classes or guidance for an unconditional model are a one-line UsageError naming
+    ``source``, before any work."""
+    from diffusion.sample import check_guidance, chosen_classes, chosen_sampler
+
+    named = OmegaConf.create({"ckpt": str(source), "classes": classes})
+    chosen = chosen_classes(named, module)
+    own = OmegaConf.create({}) if sampler is None else sampler  # None: the checkpoint's own sampler as it is
+    built = build_or_usage_error("sampler", lambda: chosen_sampler(module, own))
+    check_guidance(module, built, named)
+    return chosen, built
 
 
 def classes_tag(module: DiffusionModule, classes: torch.Tensor) -> str:
@@ -161,27 +279,23 @@ def classes_tag(module: DiffusionModule, classes: torch.Tensor) -> str:
     return "all" if classes.tolist() == list(range(module.num_classes)) else "-".join(str(k) for k in classes.tolist())
 
 
-def guided_sampler(module: DiffusionModule, name: str | None, num_steps: int | None, guidance_scale: float | None):
-    options = {} if guidance_scale is None else {"guidance_scale": guidance_scale}
-    return build_or_usage_error("sampler", lambda: module.named_sampler(name, num_steps, **options))
-
-
 def describe(sampler, conditional: bool) -> str:
     """The sampler's description, naming the guidance scale of a class-conditional model also at w = 1."""
     return sampler.describe() + (", guidance 1 (conditional)" if conditional and sampler.guidance_scale == 1.0 else "")
 
 
-def reverse_figure(ckpt: str, n: int | None, transitions: int, out: Path, sampler: str | None = None,
-                   num_steps: int | None = None, seed: int = 0, classes: list[str] | None = None,
-                   guidance_scale: float | None = None, trust: bool = False) -> Path:
+def reverse_figure(ckpt: str, n: int | None, transitions: int, out: Path, sampler: DictConfig | None = None,
+                   seed: int = 0, classes=None, trust: bool = False) -> Path:
     """``n`` samples (rows; default 4) seen at ``transitions`` + 1 evenly spaced points of the reverse chain, x_T to
-    x_0; each column is labelled with its t. A class-conditional checkpoint: ``n`` (default 1) of each of
-    ``classes``, class by class, each row labelled with its class name, guided at ``guidance_scale``."""
+    x_0; each column is labelled with its t. ``sampler``: ``sampler=<name>`` / ``sampler.*`` as in
+    ``diffusion.sample`` (None: the checkpoint's own). A class-conditional checkpoint: ``n`` (default 1) of each of
+    ``classes``, class by class, each row labelled with its class name, guided at ``sampler.guidance_scale``."""
+    import torch
+
     if transitions < 1:
         raise UsageError(f"transitions={transitions} is invalid: it must be >= 1")
     module = _load(ckpt, trust=trust)
-    chosen_classes = figure_classes(module, ckpt, classes, guidance_scale)
-    chosen = guided_sampler(module, sampler, num_steps, guidance_scale)
+    chosen_classes, chosen = classes_and_sampler(module, ckpt, classes, sampler)
     times = trajectory_times(chosen, transitions + 1)
     n = n if n is not None else 4 if chosen_classes is None else 1
     name = f"reverse_{chosen.name}_{chosen.num_steps}steps_{len(times) - 1}transitions_{Path(ckpt).stem}"
@@ -202,6 +316,8 @@ def reverse_figure(ckpt: str, n: int | None, transitions: int, out: Path, sample
 
 def distinct_checkpoints(run: str, trust: bool = False) -> list[tuple[int, int, list[Path]]]:
     """(global step, epoch, files) of every distinct checkpoint of a run, by step ('last' often equals 'best')."""
+    from diffusion.checkpoints import load_file
+
     ckpts = sorted(Path(run).glob("checkpoints/*.ckpt"))
     if not ckpts:
         raise UsageError(f"run={run} has no checkpoints/*.ckpt")
@@ -216,95 +332,68 @@ def distinct_checkpoints(run: str, trust: bool = False) -> list[tuple[int, int, 
     return [(step, epoch, paths) for step, (epoch, paths) in sorted(by_step.items())]
 
 
-def progression_figure(run: str, n: int | None, out: Path, seed: int = 0, classes: list[str] | None = None,
-                       guidance_scale: float | None = None, trust: bool = False) -> Path:
+def progression_figure(run: str, n: int | None, out: Path, sampler: DictConfig | None = None, seed: int = 0,
+                       classes=None, trust: bool = False) -> Path:
     """One row per distinct checkpoint of a run (ordered by training step, labelled with it), all sampled from the
-    same noise; a run with a single distinct checkpoint is refused (there is no progression to show). A
-    class-conditional run: ``n`` (default 1) images of each of ``classes`` per row, each column labelled with its
-    class name, guided at ``guidance_scale``."""
+    same noise with each checkpoint's own sampler (or ``sampler=<name>``), ``sampler.*`` changed; a run with a
+    single distinct checkpoint is refused (there is no progression to show). A class-conditional run: ``n``
+    (default 1) images of each of ``classes`` per row, each column labelled with its class name, guided at
+    ``sampler.guidance_scale``."""
+    import torch
+
     loaded = distinct_checkpoints(run, trust)
     if len(loaded) < 2:
         step, _, paths = loaded[0]
         raise UsageError(f"run={run} has one distinct checkpoint (step {step}: {', '.join(p.name for p in paths)}): "
                          "a progression needs two; train with callbacks.model_checkpoint.save_top_k=-1 to keep one per epoch")
-    first = _load(str(loaded[0][2][0]), trust=trust)
-    chosen_classes = figure_classes(first, run, classes, guidance_scale)
-    scale = guided_sampler(first, None, None, guidance_scale).guidance_scale  # a bad one: refused before any work
+    first_path = loaded[0][2][0]
+    first = _load(str(first_path), trust=trust)
+    chosen_classes, first_sampler = classes_and_sampler(first, first_path, classes, sampler)  # bad ones: before any work
     n = n if n is not None else 8 if chosen_classes is None else 1
     steps = "-".join(str(s) for s, _, _ in loaded)
     name = f"progression_{Path(run).resolve().name}_steps{steps}"
     labels = column_labels = None
     if chosen_classes is not None:
-        name += f"_classes{classes_tag(first, chosen_classes)}_w{scale:g}"
+        name += f"_classes{classes_tag(first, chosen_classes)}_w{first_sampler.guidance_scale:g}"
         labels = chosen_classes.repeat_interleave(n)  # class by class: n columns each
         column_labels = [first.class_names[k] for k in labels.tolist()]
     path = _new_path(out / f"{name}_n{n}_seed{seed}.png")
     rows, samplers = [], set()
     for _, _, paths in loaded:  # the same seed: the same x_T (N(0, I), or a blur model's prior draw) for every checkpoint
         module = _load(str(paths[0]), trust=trust)
-        sampler = guided_sampler(module, None, None, guidance_scale)
-        samplers.add(describe(sampler, labels is not None))
+        _, chosen = classes_and_sampler(module, paths[0], classes, sampler)
+        samplers.add(describe(chosen, labels is not None))
         count = n if labels is None else len(labels)
-        rows.append(module.sample(count, sampler=sampler, generator=torch.Generator().manual_seed(seed), labels=labels).samples)
+        rows.append(module.sample(count, sampler=chosen, generator=torch.Generator().manual_seed(seed), labels=labels).samples)
     title = f"samples of each checkpoint of {Path(run).resolve().name}: {'; '.join(sorted(samplers))}, seed {seed}"
     return _save_rows(torch.stack(rows), path, title, column_labels, row_labels=[f"step {s}, epoch {e}" for s, e, _ in loaded])
 
 
-def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(prog="python -m diffusion.figures", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="figure", required=True)
-    p = sub.add_parser("schedules", help="alpha_bar and beta of the schedules")
-    p.add_argument("--T", type=int, default=1000)
-    p = sub.add_parser("forward", help="real images through the forward process")
-    p.add_argument("--n", type=int, default=8)
-    p.add_argument("--columns", type=int, default=11)
-    p.add_argument("overrides", nargs="*", help="Hydra overrides of the training config, e.g. data=digits schedule=cosine")
-    p = sub.add_parser("reverse", help="the reverse process of a checkpoint in K transitions")
-    p.add_argument("--ckpt", required=True)
-    p.add_argument("--n", type=int, default=None, help="images (default 4), or of each class (default 1)")
-    p.add_argument("--transitions", type=int, default=10)
-    p.add_argument("--sampler", choices=sampler_names(), default=None, help="default: the checkpoint's own")
-    p.add_argument("--num-steps", type=int, default=None)
-    p = sub.add_parser("progression", help="samples of every checkpoint of a run from the same noise")
-    p.add_argument("--run", required=True)
-    p.add_argument("--n", type=int, default=None, help="images (default 8), or of each class (default 1)")
-    for p in (sub.choices["reverse"], sub.choices["progression"]):
-        p.add_argument("--classes", nargs="+", default=None, metavar="K",
-                       help="a class-conditional checkpoint: the classes to draw, e.g. 3 7 (default: all)")
-        p.add_argument("--guidance-scale", type=float, default=None, metavar="W",
-                       help="a class-conditional checkpoint: classifier-free guidance w (1 conditional, 0 "
-                       "unconditional, > 1 guided; default: the checkpoint's sampler's)")
-    for p in sub.choices.values():
-        p.add_argument("--out", type=Path, default=Path("figures"))
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--wandb-run", default=None, help="a training run directory: also log the figure to its W&B run")
-        p.add_argument("--trust-checkpoint", action="store_true", help="read checkpoints with the full unpickler (runs "
-                       "code a file may hold: only for files you trust; default: weights-only)")
-    args = parser.parse_args(argv)
-    try:
-        if getattr(args, "n", None) is not None and args.n < 1:
-            raise UsageError(f"--n {args.n} is invalid: it must be >= 1 (the number of images)")
-        w = getattr(args, "guidance_scale", None)
-        if w is not None and not (math.isfinite(w) and w >= 0):
-            raise UsageError(f"--guidance-scale {w:g} is invalid: it must be a number >= 0 (1 conditional, 0 "
-                             "unconditional, > 1 guided)")
-        if args.figure == "schedules":
-            path = schedules_figure(args.T, args.out)
-        elif args.figure == "forward":
-            path = forward_figure(args.overrides, args.n, args.columns, args.out, args.seed)
-        elif args.figure == "reverse":
-            path = reverse_figure(args.ckpt, args.n, args.transitions, args.out, args.sampler, args.num_steps, args.seed,
-                                  args.classes, args.guidance_scale, args.trust_checkpoint)
-        else:
-            path = progression_figure(args.run, args.n, args.out, args.seed, args.classes, args.guidance_scale,
-                                      args.trust_checkpoint)
-        if args.wandb_run:
-            log_to_training_run(args.wandb_run, images={f"figures/{args.figure}": path})  # at the run's last step
-    except (UsageError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    print(f"written {path}" + (f" (and logged to the W&B run of {args.wandb_run})" if args.wandb_run else ""))
+# ----------------------------------------------------------------------------------------------- the command
+def make_figure(cfg: DictConfig) -> Path:
+    """Check every option, then draw the figure ``cfg.figure`` into ``out`` (and log it to ``wandb_run``'s W&B run);
+    returns its path."""
+    figure = check_options(cfg)
+    out, seed, trust = out_dir(cfg), cfg.seed, bool(cfg.trust_checkpoint)
+    sampler = cfg.get("sampler")
+    if figure == "schedules":
+        path = schedules_figure(_count(cfg, "T", 1000), out)
+    elif figure == "forward":
+        path = forward_figure(training_config(cfg), _count(cfg, "n", 8), _count(cfg, "columns", 11, 2), out, seed)
+    elif figure == "reverse":
+        path = reverse_figure(str(cfg.ckpt), cfg.n, _count(cfg, "transitions", 10), out, sampler, seed, cfg.classes, trust)
+    else:
+        path = progression_figure(str(cfg.run), cfg.n, out, sampler, seed, cfg.classes, trust)
+    if cfg.wandb_run is not None:  # at the run's last step
+        build_or_usage_error("wandb_run", lambda: log_to_training_run(str(cfg.wandb_run), images={f"figures/{figure}": path}))
+    log.info("written %s%s", path, f" (and logged to the W&B run of {cfg.wandb_run})" if cfg.wandb_run is not None else "")
     return path
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="figures")
+@exits_on_usage_error
+def main(cfg: DictConfig) -> None:
+    make_figure(cfg)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Turn a Hydra sweep into a table and a plot: ``python -m diffusion.report outputs/train/multirun/<date_time>``.
+"""Turn a Hydra sweep into a table and a plot: ``python -m diffusion.report sweep=outputs/train/multirun/<date_time>``
+(its options: conf/report.yaml).
 
 Each job directory of the sweep holds ``.hydra/overrides.yaml`` (what was swept) and ``metrics.json`` (written by
 ``diffusion.train``), and possibly ``results.json`` files of ``diffusion.evaluate`` runs made inside it
@@ -21,13 +22,18 @@ one. For a grid sweep: ``best: job N``, the lowest val/loss. Jobs without metric
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
-import sys
+import logging
 from pathlib import Path
 
+import hydra
 import yaml
+from omegaconf import DictConfig, OmegaConf
+
+from diffusion.runtime import CONFIG_DIR, UsageError, build_or_usage_error, exits_on_usage_error
+
+log = logging.getLogger("diffusion.report")
 
 METRIC_KEYS = ("val/loss", "train/loss_epoch")
 #: the columns of the table, in this order (those that some job has)
@@ -228,7 +234,8 @@ def _is_number(v: str) -> bool:
 def report(sweep_dir: str | Path) -> dict:
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
-        raise ValueError(f"SWEEP_DIR={sweep_dir} does not exist or is not a directory")
+        raise ValueError(f"sweep={sweep_dir} does not exist or is not a directory: pass a Hydra multirun directory "
+                         "(outputs/train/multirun/<date_time>)")
     jobs, swept, metrics = collect(sweep_dir)
     best = find_best(sweep_dir, jobs)
     csv_path, md_path = write_tables(sweep_dir, jobs, swept, metrics, best)
@@ -238,15 +245,17 @@ def report(sweep_dir: str | Path) -> dict:
     return {"jobs": jobs, "swept": swept, "metrics": metrics, "best": best}
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m diffusion.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("sweep_dir", metavar="SWEEP_DIR", help="a Hydra multirun directory")
-    args = parser.parse_args(argv)
-    try:
-        report(args.sweep_dir)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+def make_report(cfg: DictConfig) -> dict:
+    """``report(cfg.sweep)``; a missing or bad ``sweep`` is a one-line UsageError."""
+    if OmegaConf.is_missing(cfg, "sweep") or cfg.sweep is None:
+        raise UsageError("sweep is required: pass sweep=<a Hydra multirun directory, e.g. outputs/train/multirun/<date_time>>")
+    return build_or_usage_error("sweep", lambda: report(Path(str(cfg.sweep)).expanduser()))
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="report")
+@exits_on_usage_error
+def main(cfg: DictConfig) -> None:
+    make_report(cfg)
 
 
 if __name__ == "__main__":

@@ -55,13 +55,15 @@ def main() -> None:
 
     timings["digits"] = run("diffusion.train", f"hydra.run.dir={out / 'digits'}")
     timings["blur"] = run("diffusion.train", "process=blur", f"hydra.run.dir={out / 'blur'}")
-    run("diffusion.figures", "schedules", "--out", str(figs / "schedules"))
-    run("diffusion.figures", "forward", "--n", "4", "--out", str(figs / "forward"), "data=digits")
-    run("diffusion.figures", "forward", "--n", "8", "--out", str(figs / "blur_forward"), "process=blur")
-    run("diffusion.figures", "reverse", "--ckpt", str(out / "digits" / "checkpoints" / "last.ckpt"), "--sampler", "ddpm",
-        "--transitions", "10", "--out", str(figs / "reverse"))
-    run("diffusion.figures", "reverse", "--ckpt", str(out / "blur" / "checkpoints" / "last.ckpt"), "--out",
-        str(figs / "blur_reverse"))
+    def figure(name: str, *overrides: str) -> None:  # into figs/<name>/, Hydra's log beside it
+        run("diffusion.figures", *overrides, f"out={figs / name}", f"hydra.run.dir={figs / name}")
+
+    figure("schedules", "figure=schedules")
+    figure("forward", "figure=forward", "n=4", "data=digits")
+    figure("blur_forward", "figure=forward", "n=8", "process=blur")
+    figure("reverse", "figure=reverse", f"ckpt={out / 'digits' / 'checkpoints' / 'last.ckpt'}", "sampler=ddpm",
+           "transitions=10")
+    figure("blur_reverse", "figure=reverse", f"ckpt={out / 'blur' / 'checkpoints' / 'last.ckpt'}")
 
     for name, source in {
         "digits_final.png": out / "digits" / "samples" / "final.png",

@@ -231,14 +231,19 @@ def test_process_blur_trains_samples_and_draws_figures_from_the_cli(tmp_path):
 
     samples = np.load(tmp_path / "s" / "samples.npz")["samples"]
     assert samples.shape == (6, 16, 16, 1) and samples.std() > 0
-    from diffusion.figures import main
+    from diffusion.figures import make_figure
+    from diffusion.runtime import UsageError
+    from tests.test_errors import compose_cfg
 
-    reverse = main(["reverse", "--ckpt", str(ckpt), "--n", "2", "--transitions", "4", "--out", str(tmp_path / "f")])
+    def figure(*overrides):
+        return make_figure(compose_cfg(*overrides, f"out={tmp_path / 'f'}", config_name="figures"))
+
+    reverse = figure("figure=reverse", f"ckpt={ckpt}", "n=2", "transitions=4")
     assert reverse.name == "reverse_cold_3steps_3transitions_last_n2_seed0.png"  # the checkpoint's sampler: FAST's 3 steps
-    forward = main(["forward", "--n", "2", "--columns", "4", "--out", str(tmp_path / "f"), "data=digits", "process=blur"])
+    forward = figure("figure=forward", "n=2", "columns=4", "data=digits", "process=blur")
     assert forward.name == "forward_blur_T50_digits_n2_cols4_seed0.png"
-    with pytest.raises(SystemExit):  # DDIM cannot reverse a blur: a one-line error, exit 2
-        main(["reverse", "--ckpt", str(ckpt), "--sampler", "ddim", "--out", str(tmp_path / "f")])
+    with pytest.raises(UsageError):  # DDIM cannot reverse a blur: a one-line error, exit 2
+        figure("figure=reverse", f"ckpt={ckpt}", "sampler=ddim")
     from diffusion.app import generate, sampler_names
 
     assert sampler_names(module) == ["cold"]  # the app offers the blur checkpoint its own sampler only

@@ -55,7 +55,8 @@ def test_results_and_figures_go_to_the_training_runs_wandb(finished_run, tmp_pat
     import glob
     from pathlib import Path
 
-    from diffusion.figures import main as figures
+    from diffusion.figures import make_figure
+    from tests.test_errors import compose_cfg
     from tests.conftest import clean_env
     import numpy as np
     from PIL import Image
@@ -74,7 +75,8 @@ def test_results_and_figures_go_to_the_training_runs_wandb(finished_run, tmp_pat
     for key, value in clean_env(tmp_path).items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("WANDB_MODE", raising=False)
-    figure = figures(["schedules", "--T", "50", "--out", str(tmp_path / "figs"), "--wandb-run", str(run)])
+    figure = make_figure(compose_cfg("figure=schedules", "T=50", f"out={tmp_path / 'figs'}", f"wandb_run={run}",
+                                     config_name="figures"))
     import wandb
 
     wandb.teardown()  # logged in this process: let W&B's service finish writing the run file before it is read

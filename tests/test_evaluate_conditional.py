@@ -315,7 +315,8 @@ def test_a_guidance_sweep_and_its_report(cond_ckpt, classifier_cache, tmp_path, 
 
     import matplotlib.axes
 
-    from diffusion.report import main
+    from diffusion.report import make_report
+    from tests.test_errors import compose_cfg
 
     plotted = []
     original = matplotlib.axes.Axes.plot
@@ -325,7 +326,7 @@ def test_a_guidance_sweep_and_its_report(cond_ckpt, classifier_cache, tmp_path, 
         return original(ax, x, y, *args, **kwargs)
 
     monkeypatch.setattr(matplotlib.axes.Axes, "plot", spy)
-    main([str(sweep)])
+    make_report(compose_cfg(f"sweep={sweep}", config_name="report"))  # python -m diffusion.report sweep=<the sweep>
     rows = list(csv.DictReader((sweep / "report.csv").open()))
     assert [float(r["sampler.guidance_scale"]) for r in rows] == [0, 1, 2, 4]
     columns = {"fd_classifier": "value", "class_accuracy": "class_accuracy", "confident": "confident",

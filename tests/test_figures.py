@@ -11,11 +11,31 @@ import torch
 from PIL import Image
 
 from diffusion.data import DigitsDataModule
-from diffusion.figures import main
+from diffusion.figures import make_figure
 from diffusion.grids import GridLayout, grid_array, labelled_figure, readable_scale, save_new
+from diffusion.runtime import UsageError
 from tests.conftest import REPO, snapshot
+from tests.test_errors import compose_cfg
 
 SIDE, PAD, SCALE = 16, 2, 4  # digits: 16 px images, 2 px padding, enlarged 4 x to 64 px
+
+
+def draw(*overrides: str):
+    """``python -m diffusion.figures <overrides>``, in this process: the composed config, drawn."""
+    return make_figure(compose_cfg(*overrides, config_name="figures"))
+
+
+def refused(*overrides: str) -> str:
+    """The one-line UsageError ``python -m diffusion.figures <overrides>`` stops with."""
+    with pytest.raises(UsageError) as err:
+        draw(*overrides)
+    assert "\n" not in str(err.value)
+    return str(err.value)
+
+
+def figures_cli(tmp_path, *overrides: str):
+    return subprocess.run([sys.executable, "-m", "diffusion.figures", *overrides, f"hydra.run.dir={tmp_path / 'h'}"],
+                          cwd=REPO, capture_output=True, text=True)
 
 
 def pixels(path) -> np.ndarray:
@@ -94,21 +114,23 @@ def test_labelled_figure_holds_the_grid_unresampled_and_a_label_over_each_column
 
 
 def test_schedules_figure(tmp_path):
-    path = main(["schedules", "--T", "200", "--out", str(tmp_path)])
-    assert Image.open(path).size == (1000, 400) and path.stat().st_size > 10_000
+    path = draw("figure=schedules", "T=200", f"out={tmp_path}")
+    assert path.name == "schedules_T200.png" and Image.open(path).size == (1000, 400) and path.stat().st_size > 10_000
+    assert draw("figure=schedules", f"out={tmp_path}").name == "schedules_T1000.png"  # the README's: T=1000
 
 
 def test_forward_figure_columns_are_q_xt_x0_at_their_labelled_t_and_nothing_is_overwritten(tmp_path, capsys):
-    linear = main(["forward", "--n", "2", "--columns", "5", "--out", str(tmp_path), "data=digits", "schedule=linear"])
+    linear = draw("figure=forward", "n=2", "columns=5", f"out={tmp_path}", "data=digits", "schedule=linear")
     first = linear.read_bytes()
-    cosine = main(["forward", "--n", "2", "--columns", "5", "--out", str(tmp_path), "data=digits", "schedule=cosine"])
+    cosine = draw("figure=forward", "n=2", "columns=5", f"out={tmp_path}", "data=digits", "schedule=cosine")
     assert cosine != linear and "cosine" in cosine.name and "linear" in linear.name and "T1000" in linear.name
     assert linear.read_bytes() == first, "the second figure must not replace the first"
     before = snapshot(tmp_path)
-    with pytest.raises(SystemExit) as exit_:  # the same settings again: refused, nothing written
-        main(["forward", "--n", "2", "--columns", "5", "--out", str(tmp_path), "data=digits", "schedule=linear"])
-    assert exit_.value.code == 2 and "already exists" in capsys.readouterr().err
+    # the same settings again (the training defaults: data=digits, schedule=linear): refused, nothing written
+    assert "already exists" in refused("figure=forward", "n=2", "columns=5", f"out={tmp_path}")
     assert snapshot(tmp_path) == before
+    short = draw("figure=forward", "n=2", "columns=3", f"out={tmp_path}", "schedule=linear", "schedule.T=10")
+    assert short.name == "forward_linear_T10_digits_n2_cols3_seed0.png" and labels(short)["Columns"] == "t=0 | t=5 | t=10"
 
     meta = labels(linear)
     assert "T=1000" in meta["Title"] and "linear" in meta["Title"]
@@ -130,8 +152,8 @@ def test_forward_figure_columns_are_q_xt_x0_at_their_labelled_t_and_nothing_is_o
 def test_reverse_figure_columns_are_labelled_with_their_t(ckpt, tmp_path):
     from diffusion.module import DiffusionModule
 
-    path = main(["reverse", "--ckpt", str(ckpt), "--n", "2", "--transitions", "4", "--sampler", "ddim",
-                 "--num-steps", "8", "--out", str(tmp_path)])
+    path = draw("figure=reverse", f"ckpt={ckpt}", "n=2", "transitions=4", "sampler=ddim", "sampler.num_steps=8",
+                  f"out={tmp_path}")
     assert path.name == "reverse_ddim_8steps_4transitions_last_n2_seed0.png"
     meta = labels(path)
     assert "ddim, 8 steps, eta 0" in meta["Title"]
@@ -147,16 +169,20 @@ def test_reverse_figure_columns_are_labelled_with_their_t(ckpt, tmp_path):
         assert np.array_equal(cell(figure, (x, y), r, 0), enlarged(uint8(x_T[r, 0])))
         assert np.array_equal(cell(figure, (x, y), r, 4), enlarged(uint8(x_0[r, 0])))
 
+    # the README's command (one image): DDPM, all 1000 steps, x_T then every 100th t down to x_0
+    ddpm = draw("figure=reverse", f"ckpt={ckpt}", "sampler=ddpm", "transitions=10", "n=1", f"out={tmp_path}")
+    assert ddpm.name == "reverse_ddpm_1000steps_10transitions_last_n1_seed0.png"
+    assert labels(ddpm)["Columns"] == " | ".join(f"t={t}" for t in range(1000, -1, -100))
+    assert np.array_equal(cell(pixels(ddpm), grid_box(ddpm)[:2], 0, 0), enlarged(uint8(x_T[0, 0])))
+
 
 def test_progression_rows_are_the_checkpoints_by_step(finished_run, tmp_path, capsys):
     from diffusion.module import DiffusionModule
 
     run, figs = finished_run[0], tmp_path / "figs"
     figs.mkdir()
-    with pytest.raises(SystemExit) as exit_:  # best-epoch001.ckpt and last.ckpt: the same step, one checkpoint
-        main(["progression", "--run", str(run), "--out", str(figs)])
-    err = capsys.readouterr().err
-    assert exit_.value.code == 2 and "one distinct checkpoint (step 4" in err and len(err.strip().splitlines()) == 1
+    # best-epoch001.ckpt and last.ckpt: the same step, one checkpoint
+    assert "one distinct checkpoint (step 4" in refused("figure=progression", f"run={run}", f"out={figs}")
     assert list(figs.iterdir()) == []
 
     two = tmp_path / "run"
@@ -165,7 +191,7 @@ def test_progression_rows_are_the_checkpoints_by_step(finished_run, tmp_path, ca
     earlier = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     earlier.update(global_step=2, epoch=0, state_dict=earlier["current_model_state"])  # other weights, step 2
     torch.save(earlier, two / "checkpoints" / "epoch000.ckpt")
-    path = main(["progression", "--run", str(two), "--n", "3", "--out", str(figs)])
+    path = draw("figure=progression", f"run={two}", "n=3", f"out={figs}")
     assert labels(path)["Rows"] == "step 2, epoch 0 | step 4, epoch 1" and "steps2-4" in path.name
     figure, box = pixels(path), grid_box(path)[:2]
     for r, name in enumerate(["epoch000.ckpt", "last.ckpt"]):
@@ -175,18 +201,56 @@ def test_progression_rows_are_the_checkpoints_by_step(finished_run, tmp_path, ca
             assert np.array_equal(cell(figure, box, r, c), enlarged(uint8(expected[c, 0]))), (name, c)
 
 
-def test_figure_errors_are_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "diffusion.figures", "reverse", "--ckpt", str(tmp_path / "none.ckpt")],
-                          cwd=REPO, capture_output=True, text=True)
-    assert proc.returncode == 2 and "none.ckpt" in proc.stderr and "Traceback" not in proc.stderr
+def test_figure_errors_are_one_line_before_any_work_and_help_lists_the_options(tmp_path):
+    """The command line: each bad input is one line on stderr naming it (and what is allowed), exit status 2, no
+    traceback, nothing written; ``--help`` lists the figures' options (conf/figures.yaml)."""
+    out = tmp_path / "figs"
+    for overrides, text in [
+        ([], "figure is required: pass figure=<schedules|forward|reverse|progression>"),
+        (["figure=histogram"], "figure='histogram' is invalid: allowed values are schedules, forward, reverse, progression"),
+        (["figure=reverse", f"ckpt={tmp_path / 'none.ckpt'}"], f"ckpt={tmp_path / 'none.ckpt'} does not exist"),
+    ]:
+        proc = figures_cli(tmp_path, *overrides, f"out={out}")
+        assert proc.returncode == 2 and proc.stderr.startswith(f"error: {text}") and len(proc.stderr.splitlines()) == 1, proc.stderr
+        assert "Traceback" not in proc.stdout + proc.stderr and not out.exists()
+    help_ = figures_cli(tmp_path, "--help")
+    assert help_.returncode == 0
+    config = help_.stdout.split("== Config ==")[1]
+    for key in ("figure: ???", "out: figures", "ckpt: null", "transitions: null", "run: null", "classes: null",
+                "guidance_scale: null", "trust_checkpoint: false", "wandb_run: null"):
+        assert key in config, key
+
+
+@pytest.mark.parametrize("overrides, text", [
+    (["figure=schedules", "ckpt=x"], "ckpt=x is not an option of figure=schedules: its options are T (and out, seed"),
+    (["figure=progression", "run=.", "transitions=5"], "transitions=5 is not an option of figure=progression"),
+    (["figure=reverse", "ckpt=.", "data=digits"], "data=<DigitsDataModule> is not an option of figure=reverse"),
+    (["figure=forward", "sampler=ddim"], "sampler=<DDIMSampler> is not an option of figure=forward"),
+    (["figure=forward", "+schedule.T=5"], "schedule.* needs schedule=<option>"),
+    (["figure=forward", "n=0"], "n=0 is invalid: it must be an integer >= 1"),
+    (["figure=forward", "columns=1"], "columns=1 is invalid: it must be an integer >= 2 (t = 0 and t = T)"),
+    (["figure=schedules", "T=2.5"], "T=2.5 is invalid: it must be an integer >= 1"),
+    (["figure=reverse", "ckpt=.", "transitions=0"], "transitions=0 is invalid: it must be an integer >= 1"),
+    (["figure=schedules", "seed=x"], "seed='x' is invalid: it must be an integer"),
+    (["figure=reverse"], "ckpt is required by figure=reverse: pass ckpt=<"),
+    (["figure=progression"], "run is required by figure=progression: pass run=<"),
+    (["figure=progression", "run=nowhere"], "run=nowhere does not exist or is not a directory"),
+    (["figure=schedules", "wandb_run=nowhere"], "wandb_run=nowhere is not a training run directory"),
+])
+def test_bad_options_are_refused_in_one_line_before_any_work(overrides, text, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert text in refused(*overrides, f"out={tmp_path / 'figs'}")
+    assert not (tmp_path / "figs").exists()
+    (tmp_path / "file").write_text("")
+    assert "out=" in refused("figure=schedules", f"out={tmp_path / 'file' / 'figs'}")  # a file on the way
 
 
 def test_reverse_figure_of_a_conditional_checkpoint_has_one_named_row_per_class(cond_ckpt, tmp_path):
     from diffusion.module import DiffusionModule
 
     module = DiffusionModule.from_checkpoint(cond_ckpt)
-    path = main(["reverse", "--ckpt", str(cond_ckpt), "--classes", "7", "2", "--guidance-scale", "3", "--transitions", "3",
-                 "--out", str(tmp_path)])
+    path = draw("figure=reverse", f"ckpt={cond_ckpt}", "classes=[7,2]", "sampler.guidance_scale=3", "transitions=3",
+                  f"out={tmp_path}")
     assert path.name == "reverse_ddim_3steps_3transitions_cond_classes7-2_w3_n1_seed0.png"  # the classes and w
     meta = labels(path)
     assert meta["Rows"] == "7 | 2" and "ddim, 3 steps, guidance 3, eta 0" in meta["Title"]
@@ -201,7 +265,7 @@ def test_reverse_figure_of_a_conditional_checkpoint_has_one_named_row_per_class(
         assert np.array_equal(cell(figure, box[:2], r, 3), enlarged(uint8(guided[r, 0])))
         assert not np.array_equal(cell(figure, box[:2], r, 3), enlarged(uint8(conditional[r, 0])))  # w = 3, not 1
 
-    every = main(["reverse", "--ckpt", str(cond_ckpt), "--n", "2", "--transitions", "1", "--out", str(tmp_path)])
+    every = draw("figure=reverse", f"ckpt={cond_ckpt}", "n=2", "transitions=1", f"out={tmp_path}")
     assert every.name == "reverse_ddim_3steps_1transitions_cond_classesall_w1_n2_seed0.png"
     assert labels(every)["Rows"] == " | ".join(str(k) for k in range(10) for _ in range(2))  # 2 rows of each class
     assert "guidance 1 (conditional)" in labels(every)["Title"]
@@ -220,8 +284,8 @@ def test_progression_of_a_conditional_run_has_one_named_column_per_image(tmp_pat
         path = make_conditional_checkpoint(run / "checkpoints" / f"step{step}.ckpt", seed=seed)
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
         torch.save({**ckpt, "global_step": step}, path)
-    path = main(["progression", "--run", str(run), "--classes", "3", "7", "--n", "2", "--guidance-scale", "2",
-                 "--out", str(tmp_path / "figs")])
+    path = draw("figure=progression", f"run={run}", "classes=[3,7]", "n=2", "sampler.guidance_scale=2",
+                  f"out={tmp_path / 'figs'}")
     assert path.name == "progression_run_steps1-2_classes3-7_w2_n2_seed0.png"
     meta = labels(path)
     assert meta["Columns"] == "3 | 3 | 7 | 7" and meta["Rows"] == "step 1, epoch 0 | step 2, epoch 0"
@@ -235,22 +299,19 @@ def test_progression_of_a_conditional_run_has_one_named_column_per_image(tmp_pat
 
 
 @pytest.mark.parametrize("which, args, text", [
-    ("cond", ["--classes", "10"], "--classes=[10] is invalid: class 10 is not in 0..9"),
-    ("cond", ["--classes", "x"], "--classes x is invalid: it must be all or class indices in 0..9"),
-    ("cond", ["--guidance-scale", "-1"], "--guidance-scale -1 is invalid"),
-    ("plain", ["--classes", "3"], "--classes 3 is invalid for"),
-    ("plain", ["--guidance-scale", "2"], "--guidance-scale 2 is invalid for"),
+    ("cond", ["classes=[10]"], "classes=[10] is invalid: class 10 is not in 0..9"),
+    ("cond", ["classes=x"], "classes='x' is invalid: it must be all or a list of class indices in 0..9"),
+    ("cond", ["sampler.guidance_scale=-1"], "sampler guidance_scale=-1 is invalid"),
+    ("plain", ["classes=[3]"], "classes=[3] is invalid for ckpt="),
+    ("plain", ["sampler.guidance_scale=2"], "sampler.guidance_scale=2 is invalid for ckpt="),
 ])
-def test_class_and_guidance_errors_of_the_figures_are_one_line(which, args, text, cond_ckpt, ckpt, tmp_path, capsys):
+def test_class_and_guidance_errors_of_the_figures_are_one_line(which, args, text, cond_ckpt, ckpt, tmp_path):
     path = cond_ckpt if which == "cond" else ckpt
-    for figure in (["reverse", "--ckpt", str(path)], ["progression", "--run", str(tmp_path / "run")]):
-        if figure[0] == "progression":  # a run of two distinct checkpoints of that kind
+    for chosen in (["figure=reverse", f"ckpt={path}"], ["figure=progression", f"run={tmp_path / 'run'}"]):
+        if chosen[0] == "figure=progression":  # a run of two distinct checkpoints of that kind
             (tmp_path / "run" / "checkpoints").mkdir(parents=True, exist_ok=True)
             for step in (1, 2):
                 ckpt_ = torch.load(path, map_location="cpu", weights_only=False)
                 torch.save({**ckpt_, "global_step": step}, tmp_path / "run" / "checkpoints" / f"s{step}.ckpt")
-        with pytest.raises(SystemExit) as exit_:
-            main([*figure, *args, "--out", str(tmp_path / "figs")])
-        err = capsys.readouterr().err
-        assert exit_.value.code == 2 and text in err and len(err.strip().splitlines()) == 1, err
+        assert text in refused(*chosen, *args, f"out={tmp_path / 'figs'}")
         assert not (tmp_path / "figs").exists()  # refused before any work

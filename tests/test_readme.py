@@ -60,11 +60,11 @@ COVERAGE = {
     "python -m diffusion.evaluate ckpt=... metrics=[fid,kid] fid.weights=$HOME/weights-inception-2015-12-05-6726825d.pth": ("tests/test_metrics.py::test_evaluate_fid_kid_cli_with_a_custom_feature_extractor", "tests/test_metrics.py::test_evaluate_fid_without_weights_fails_before_work", "tests/test_readme.py::test_fid_weights_path_reaches_the_weights_lookup"),
     "python -m diffusion.evaluate ckpt=... wandb_run=outputs/train/<run>": "tests/test_evaluate.py::test_results_and_figures_go_to_the_training_runs_wandb",
     "python -m diffusion.evaluate ckpt=... metrics=[nll,fid] devices=4": "tests/test_metrics.py::test_evaluate_on_two_ranks",
-    "python -m diffusion.figures schedules --out figures/": "tests/test_figures.py::test_schedules_figure",
-    "python -m diffusion.figures forward --out figures/ data=digits schedule=cosine": "tests/test_figures.py::test_forward_figure_columns_are_q_xt_x0_at_their_labelled_t_and_nothing_is_overwritten",
-    "python -m diffusion.figures reverse --ckpt ... --sampler ddpm --transitions 10 --out figures/": "tests/test_figures.py::test_reverse_figure_columns_are_labelled_with_their_t",
-    "python -m diffusion.figures progression --run outputs/train/<run> --out figures/": "tests/test_figures.py::test_progression_rows_are_the_checkpoints_by_step",
-    "python -m diffusion.report outputs/train/multirun/<date_time>": "tests/test_report.py::test_report_on_a_2x2_sweep",
+    "python -m diffusion.figures figure=schedules out=figures/": "tests/test_figures.py::test_schedules_figure",
+    "python -m diffusion.figures figure=forward out=figures/ data=digits schedule=cosine": "tests/test_figures.py::test_forward_figure_columns_are_q_xt_x0_at_their_labelled_t_and_nothing_is_overwritten",
+    "python -m diffusion.figures figure=reverse ckpt=... sampler=ddpm transitions=10 out=figures/": "tests/test_figures.py::test_reverse_figure_columns_are_labelled_with_their_t",
+    "python -m diffusion.figures figure=progression run=outputs/train/<run> out=figures/": "tests/test_figures.py::test_progression_rows_are_the_checkpoints_by_step",
+    "python -m diffusion.report sweep=outputs/train/multirun/<date_time>": "tests/test_report.py::test_report_on_a_2x2_sweep",
     'python -m diffusion.compare ckpt=... "samplers=[ddim,dpmsolver++,heun,euler,ddpm]" "nfe=[5,10,20,50,100]"': "tests/test_compare.py::test_compare_cli_writes_the_comparison_and_a_second_run_changes_nothing",
     "python -m diffusion.evaluate ckpt=... metrics=[fd_classifier]": "tests/test_metrics_classifier.py::test_evaluate_offers_fd_classifier",
     "python -m diffusion.app ckpt=...": ("tests/test_app.py::test_the_page_generates_the_models_samples_in_headless_chromium", "tests/test_app.py::test_generate_returns_the_grid_the_strip_and_a_summary"),
@@ -94,7 +94,7 @@ COVERAGE = {
     "python -m diffusion.sample ckpt=outputs/train/<run>/checkpoints/last.ckpt classes=all n=8 sampler.guidance_scale=2": "tests/test_conditional.py::test_sample_cli_draws_the_chosen_classes_of_the_checkpoint",
     'python -m diffusion.sample ckpt=... "classes=[3,7]" n=16 sampler.guidance_scale=4 sampler.guidance_rescale=0.7': "tests/test_conditional.py::test_sample_cli_draws_the_chosen_classes_of_the_checkpoint",
     "python -m diffusion.evaluate -m ckpt=... metrics=[fd_classifier] fid.num_samples=400 sampler.guidance_scale=0,1,2,4": (SWEEP, "tests/test_evaluate_conditional.py::test_a_guidance_sweep_and_its_report"),
-    "python -m diffusion.report outputs/evaluate/multirun/<date_time>": "tests/test_evaluate_conditional.py::test_a_guidance_sweep_and_its_report",
+    "python -m diffusion.report sweep=outputs/evaluate/multirun/<date_time>": "tests/test_evaluate_conditional.py::test_a_guidance_sweep_and_its_report",
     "python -m diffusion.train data=mnist data.root=$HOME/data data.conditional=true": TRAIN,
     "python -m diffusion.train data=cars data.root=$HOME/cars data.conditional=true": TRAIN,
     "python -m diffusion.train data=folder data.root=$HOME/dogs-vs-cats/train data.conditional=true \"data.class_from='^(cat|dog)\\.'\"": TRAIN,
@@ -139,6 +139,7 @@ RUNNERS = {TRAIN, ONE_DEVICE, SWEEP, CI, EXTRA}
 #: the Hydra CLIs and the config each composes
 HYDRA_CONFIGS = {"diffusion.train": "config", "diffusion.sample": "sample", "diffusion.evaluate": "evaluate",
                  "diffusion.compare": "compare", "diffusion.app": "app", "diffusion.export": "export",
+                 "diffusion.figures": "figures", "diffusion.report": "report",
                  "experiments/benchmark.py": "config"}
 #: appended to a command that runs here: one batch, a narrow network, one image in the final grid
 SMALL = ["trainer.fast_dev_run=true", "data.batch_size=2", "model.base_channels=8", "module.num_samples=1", "logger=none"]
@@ -297,7 +298,7 @@ def test_extras_exist_and_ci_installs_their_packages():
 
 
 # ----------------------------------------------------------------------------------------------- Hydra reads them
-HYDRA_COMMANDS = [c for c in COVERAGE if c.startswith("python") and program(shlex.split(c.replace("<blur run>", "x")))[0] in (*HYDRA_CONFIGS, "diffusion.figures")]
+HYDRA_COMMANDS = [c for c in COVERAGE if c.startswith("python") and program(shlex.split(c.replace("<blur run>", "x")))[0] in HYDRA_CONFIGS]
 
 
 def _network(cfg):
@@ -316,8 +317,6 @@ def test_hydra_reads_the_command_and_builds_every_job(command, home):
     a sweep makes the number of jobs its comment says. (Commands run here are read the same way when they run.)"""
     words = shell_words(command, home, {"<blur run>": "blur", "<run>": "run", "<date_time>": "d"})
     prog, args = program(words)
-    if prog == "diffusion.figures":  # argparse options, then the training config's overrides (figures forward)
-        args = [a for a in args if "=" in a]
     jobs = hydra_jobs(args)
     comment = dict(readme_lines()).get(command, "")
     stated = re.search(r"(\d+) jobs?\b", comment)

@@ -5,10 +5,13 @@ import json
 import subprocess
 import sys
 
+import pytest
 import yaml
 
-from diffusion.report import report
+from diffusion.report import make_report, report
+from diffusion.runtime import UsageError
 from tests.conftest import REPO
+from tests.test_errors import compose_cfg
 
 
 def fake_sweep(root):
@@ -24,29 +27,52 @@ def fake_sweep(root):
     return losses
 
 
+def report_cli(tmp_path, *overrides: str):
+    """``python -m diffusion.report <overrides>`` from the repository root (Hydra's run directory in tmp)."""
+    return subprocess.run([sys.executable, "-m", "diffusion.report", *overrides, f"hydra.run.dir={tmp_path / 'h'}"],
+                          cwd=REPO, capture_output=True, text=True)
+
+
 def test_report_on_a_2x2_sweep(tmp_path):
-    losses = fake_sweep(tmp_path)
-    out = report(tmp_path)
+    """The README's ``python -m diffusion.report sweep=outputs/train/multirun/<date_time>`` on a fake 2 x 2 sweep."""
+    sweep = tmp_path / "sweep"
+    losses = fake_sweep(sweep)
+    proc = report_cli(tmp_path, f"sweep={sweep}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith((sweep / "report.md").read_text()) and "written" in proc.stdout
+    written = {name: (sweep / name).read_bytes() for name in ("report.csv", "report.md")}
+    out = make_report(compose_cfg(f"sweep={sweep}", config_name="report"))  # again, in this process: the same tables
+    assert {name: (sweep / name).read_bytes() for name in written} == written
     assert out["swept"] == ["schedule.T", "schedule.beta_end"]  # trainer.max_epochs did not vary
-    rows = list(csv.DictReader((tmp_path / "report.csv").open()))
+    rows = list(csv.DictReader((sweep / "report.csv").open()))
     assert len(rows) == 4
     got = {(int(r["schedule.T"]), float(r["schedule.beta_end"])): float(r["val/loss"]) for r in rows}
     assert got == losses
     assert rows[0]["nll_bpd"] == "1.5" and rows[1]["nll_bpd"] == ""
-    md = (tmp_path / "report.md").read_text().splitlines()
+    md = (sweep / "report.md").read_text().splitlines()
     assert len(md) == 2 + 4 + 2 and md[0].startswith("| job | schedule.T | schedule.beta_end | val/loss")
     # a grid sweep's best job: the lowest val/loss (0.025), named in its row and in the last line
     assert md[5].startswith("| 3 (best) | 1000 | 0.02 | 0.025 |") and "(best)" not in "".join(md[2:5])
     assert md[-1] == "best: job 3 val/loss=0.025 params schedule.T=1000 schedule.beta_end=0.02"
     from PIL import Image
 
-    with Image.open(tmp_path / "report.png") as im:
+    with Image.open(sweep / "report.png") as im:
         assert im.size[0] > 400 and im.size[1] > 300
 
 
-def test_report_cli_rejects_a_directory_without_jobs(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "diffusion.report", str(tmp_path)], cwd=REPO, capture_output=True, text=True)
-    assert proc.returncode == 2 and "holds no Hydra job directories" in proc.stderr
+def test_report_cli_refuses_bad_sweeps_in_one_line_and_help_lists_its_option(tmp_path):
+    (tmp_path / "empty").mkdir()
+    for overrides, text in [([f"sweep={tmp_path / 'empty'}"], "holds no Hydra job directories"),
+                            ([], "sweep is required: pass sweep=<a Hydra multirun directory"),
+                            ([f"sweep={tmp_path / 'none'}"], "does not exist or is not a directory")]:
+        proc = report_cli(tmp_path, *overrides)
+        assert proc.returncode == 2 and proc.stderr.startswith("error: ") and text in proc.stderr, proc.stderr
+        assert len(proc.stderr.splitlines()) == 1 and "Traceback" not in proc.stdout + proc.stderr
+    assert list((tmp_path / "empty").iterdir()) == [] and not (tmp_path / "none").exists()
+    with pytest.raises(UsageError, match="is not a directory"):
+        make_report(compose_cfg(f"sweep={tmp_path / 'none'}", config_name="report"))
+    help_ = report_cli(tmp_path, "--help")
+    assert help_.returncode == 0 and "sweep: ???" in help_.stdout.split("== Config ==")[1]
 
 
 def test_report_on_an_evaluate_sweep_with_a_failed_job(tmp_path):
