@@ -252,13 +252,6 @@ def _load(ckpt: str, ema: bool = True, trust: bool = False) -> DiffusionModule:
     return build_or_usage_error("ckpt", lambda: DiffusionModule.from_checkpoint(ckpt, ema=ema, trust=trust))
 
 
-def trajectory_times(sampler, points: int) -> list[str]:
-    """The papers' t of each state a trajectory of ``points`` keeps (``sampler.state_times``: x_T first, 0 for x_0),
-    as labels; a fractional t (the Karras samplers' sigmas fall between timesteps) with one decimal."""
-    return [f"{t:.1f}" if isinstance(t, float) and not t.is_integer() else f"{int(t)}"
-            for t in (sampler.state_times[i] for i in sorted(sampler.trajectory_indices(points)))]
-
-
 def classes_and_sampler(module: DiffusionModule, source: str, classes, sampler: DictConfig | None):
     """(the class indices a figure of ``module`` draws, or None for an unconditional model; its sampler), checked
     as ``diffusion.sample`` checks them (``classes``, ``sampler=<name>``, ``sampler.*``): a bad value, a class the
@@ -296,7 +289,7 @@ def reverse_figure(ckpt: str, n: int | None, transitions: int, out: Path, sample
         raise UsageError(f"transitions={transitions} is invalid: it must be >= 1")
     module = _load(ckpt, trust=trust)
     chosen_classes, chosen = classes_and_sampler(module, ckpt, classes, sampler)
-    times = trajectory_times(chosen, transitions + 1)
+    times = chosen.kept_times(transitions + 1)  # t=1000 ... t=0, a label per kept state
     n = n if n is not None else 4 if chosen_classes is None else 1
     name = f"reverse_{chosen.name}_{chosen.num_steps}steps_{len(times) - 1}transitions_{Path(ckpt).stem}"
     if chosen_classes is None:
@@ -311,7 +304,7 @@ def reverse_figure(ckpt: str, n: int | None, transitions: int, out: Path, sample
     rows = out_.trajectory.transpose(0, 1)
     run_name = Path(ckpt).resolve().parent.parent.name  # <run>/checkpoints/<file>
     title = f"reverse process: {describe(chosen, labels is not None)}; {run_name}/{Path(ckpt).name}, seed {seed}"
-    return _save_rows(rows, path, title, [f"t={t}" for t in times], row_labels)
+    return _save_rows(rows, path, title, times, row_labels)
 
 
 def distinct_checkpoints(run: str, trust: bool = False) -> list[tuple[int, int, list[Path]]]:
