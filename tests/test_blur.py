@@ -247,8 +247,9 @@ def test_process_blur_trains_samples_and_draws_figures_from_the_cli(tmp_path):
     from diffusion.app import generate, sampler_names
 
     assert sampler_names(module) == ["cold"]  # the app offers the blur checkpoint its own sampler only
-    grid, strip, summary = generate(module, "cold", steps=20, eta=0.0, seed=0, count=2, strip_images=2, strip_points=21)
-    assert summary.startswith("2 images with cold, 20 steps") and strip.size[0] > grid.size[0]
+    out = generate(module, "cold", steps=20, seed=0, count=2, strip_images=2, strip_points=21)
+    assert out.summary.startswith("2 images with cold, 20 steps") and out.strip.size[0] > out.grid.size[0]
+    assert out.strip.info["Columns"].split(" | ")[-1] == "t=0" and len(out.strip.info["Columns"].split(" | ")) == 21
     ev = run_train(f"ckpt={ckpt}", "metrics=[nll]", f"hydra.run.dir={tmp_path / 'e'}", tmp_path=tmp_path, module="diffusion.evaluate")
     assert ev.returncode == 2 and "no likelihood bound" in ev.stderr and "Traceback" not in ev.output, ev.output[-2000:]
 
