@@ -289,9 +289,12 @@ def test_the_page_generates_the_models_samples_in_headless_chromium(served_app, 
             trackers.add(page.locator("[data-testid=status-tracker]:not(.hide)").count())
             page.wait_for_timeout(20)
         info = generated(page)
+        # the summary can arrive before the browser has decoded the image: wait for it to render (or time out)
+        page.wait_for_function("(() => { const img = document.querySelector('#grid img');"
+                               " return img !== null && img.complete && img.naturalWidth > 0; })()", timeout=30_000)
         grid_src = page.locator("#grid img").get_attribute("src")
         strip_src = page.locator("#strip img").get_attribute("src")
-        width = page.locator("#grid img").evaluate("img => img.complete ? img.naturalWidth : 0")
+        width = page.locator("#grid img").evaluate("img => img.naturalWidth")
         with page.expect_download() as download:
             page.locator("#grid [data-testid=download-link]").click()
         download.value.save_as(tmp_path / "downloaded.png")
