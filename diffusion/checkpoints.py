@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 #: globals a checkpoint of this framework may name beyond torch's weights-only defaults (tensors, storages, dtypes,
 #: OrderedDict, ...): none; add a class here, never a function, if a checkpoint must hold one
@@ -30,6 +32,8 @@ __all__ = ["ALLOWED_GLOBALS", "load_file", "unsafe_globals", "folder_kind", "wri
 
 def unsafe_globals(path: str | Path) -> list[str]:
     """The globals (``module.name``) a checkpoint file names that the weights-only unpickler would not load."""
+    import torch
+
     try:
         found = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
     except Exception:  # noqa: BLE001 - not a zip checkpoint: nothing to name
@@ -44,6 +48,8 @@ def load_file(path: str | Path, setting: str = "ckpt", map_location: str | torch
 
     ValueError (one line) naming ``<setting>=<path>``: the file is missing or unreadable (truncated, not a file
     torch.save wrote), or it holds objects outside the allow-list (named; nothing in the file was run)."""
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{setting}={path} does not exist or is not a file")

@@ -57,9 +57,11 @@ def slurm_run_stamp() -> str | None:
     again when the job is requeued (SLURM keeps the job id and numbers the steps from 0 again). None outside a SLURM
     job, and in an interactive one (job name ``bash`` / ``interactive``, which Lightning does not treat as SLURM
     either), where each run keeps its own launch time."""
+    if "SLURM_JOB_ID" not in os.environ:  # outside SLURM: no Lightning import (help and errors answer at once)
+        return None
     from lightning.fabric.plugins.environments.slurm import _is_slurm_interactive_mode
 
-    if "SLURM_JOB_ID" not in os.environ or _is_slurm_interactive_mode():
+    if _is_slurm_interactive_mode():
         return None
     from diffusion.requeue import slurm_job_id  # the id SLURM requeues this job under
 

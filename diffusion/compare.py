@@ -28,13 +28,16 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
-import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from diffusion.runtime import CONFIG_DIR, UsageError, build_or_usage_error, exits_on_usage_error, require_ckpt, save_run_config
+
+if TYPE_CHECKING:  # torch loads once the settings that need no checkpoint have passed
+    import torch
 
 log = logging.getLogger("diffusion.compare")
 
@@ -132,6 +135,8 @@ def check_inputs(cfg: DictConfig) -> tuple[list[str] | None, list[int]]:
 def starting_noise(process, shape: tuple[int, ...], n: int, batch_size: int, seed: int):
     """The starting noise of every sampler, batch by batch: prior draws from one CPU generator seeded with ``seed``
     (the same on every device)."""
+    import torch
+
     generator = torch.Generator().manual_seed(seed)
     for start in range(0, n, batch_size):
         yield process.sample_prior((min(batch_size, n - start), *shape), generator, "cpu")
@@ -146,6 +151,8 @@ def sampler_for_nfe(module, name: str, nfe: int):
 
 
 def _sync(device: torch.device) -> None:
+    import torch
+
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -153,6 +160,8 @@ def _sync(device: torch.device) -> None:
 def draw_from_noise(module, sampler, noise_batches, step_seed: int, desc: str, total: int | None = None) -> tuple[torch.Tensor, float]:
     """uint8 images from each starting-noise batch, and the seconds the sampling took (the network's calls and the
     sampler's steps, not the noise draws)."""
+    import torch
+
     from diffusion.grids import to_uint8
 
     device = module.device
@@ -171,6 +180,8 @@ def draw_from_noise(module, sampler, noise_batches, step_seed: int, desc: str, t
 
 def quality(real: torch.Tensor, fake: torch.Tensor, feature, cfg: DictConfig, device) -> dict:
     """The Frechet distance and KID (its subsets drawn from ``seed``: the same subsets for every cell)."""
+    import torch
+
     from diffusion.metrics import fid_kid
 
     with torch.random.fork_rng(devices=[]):
@@ -314,6 +325,9 @@ def grid_figure(images: torch.Tensor, name: str, sampler, target_nfe: int, seed:
 # ----------------------------------------------------------------------------------------------- the comparison
 def compare(cfg: DictConfig) -> list[Row]:
     """Check every input, then run every sampler at every NFE and write the tables, the plot and the grids."""
+    names, nfes = check_inputs(cfg)  # every check that needs no torch, before the imports below
+    import torch
+
     from diffusion.grids import save_new
     from diffusion.metrics import inception, inception_weights
     from diffusion.metrics.classifier import check_labels, check_options, set_up_datamodule, split_images, trained_classifier
@@ -321,7 +335,6 @@ def compare(cfg: DictConfig) -> list[Row]:
     from diffusion.sample import resolve_device
     from diffusion.samplers.registry import sampler_names
 
-    names, nfes = check_inputs(cfg)
     feature = None
     if cfg.metric == "fid":
         feature = build_or_usage_error("fid", lambda: inception(inception_weights(cfg.fid.weights)))

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from diffusion.models.settings import SPEED_KEYS
 from diffusion.schedules import NoiseSchedule
 
 UNET_TARGET = "diffusion.models.UNet"
@@ -49,7 +50,6 @@ VARIANCE_TYPES = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small"
 NULL_CLASS_KEY = "_ddpm_null_class"
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "PNDMScheduler")
-SPEED_KEYS = ("channels_last", "compile")
 
 __all__ = [
     "TrainedBetasSchedule",

@@ -33,21 +33,22 @@ import json
 import logging
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
-import torch
 from hydra.utils import instantiate
-from lightning.fabric import Fabric
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from diffusion.metrics import fid_kid, inception, inception_weights
-from diffusion.metrics.classifier import (check_labels, check_options, class_confidence, class_sums, merge_confidence, trained_classifier,
-                                         within_class_diversity)
-from diffusion.module import DiffusionModule, to_model_range, to_uint8
 from diffusion.runtime import (CONFIG_DIR, UsageError, build_or_usage_error, exits_on_usage_error, log_to_training_run, require_ckpt,
                                save_run_config)
 from diffusion.sample import check_guidance, chosen_classes, chosen_sampler, draw, resolve_device
+
+if TYPE_CHECKING:  # torch, Lightning and the metrics load once the settings that need no checkpoint have passed
+    import torch
+    from lightning.fabric import Fabric
+
+    from diffusion.module import DiffusionModule
 
 log = logging.getLogger("diffusion.evaluate")
 
@@ -68,6 +69,8 @@ def evaluation_images(cfg: DictConfig, module: DiffusionModule, with_datamodule:
     """The first ``max_images`` uint8 images of the chosen split of the data the model was trained on (and the
     set-up data module, ``with_datamodule``). Their labels, if the data yields them, are
     ``datamodule.split_labels(cfg.split)[:len(images)]`` (:func:`evaluation_labels`)."""
+    import torch
+
     data_cfg = data_config(cfg, module)
     datamodule = build_or_usage_error("data", lambda: instantiate(data_cfg))
     build_or_usage_error("data", lambda: (datamodule.prepare_data(), datamodule.setup("fit")))
@@ -82,6 +85,8 @@ def evaluation_images(cfg: DictConfig, module: DiffusionModule, with_datamodule:
 
 def evaluation_labels(cfg: DictConfig, datamodule, num_images: int) -> torch.Tensor:
     """The true classes of :func:`evaluation_images`' images (the split's labels, in the split's order)."""
+    import torch
+
     labels = build_or_usage_error("data", lambda: datamodule.split_labels(cfg.split))
     return torch.as_tensor(labels[:num_images], dtype=torch.long)
 
@@ -99,6 +104,10 @@ def nll(module: DiffusionModule, images: torch.Tensor, cfg: DictConfig, fabric: 
     uses its own seed), and ``bpd_stderr`` the standard error of that mean, sd / sqrt(n) of the per-image values:
     with the estimate it includes the timestep sampling as well as the spread of the images.
     """
+    import torch
+
+    from diffusion.module import to_model_range
+
     generator = torch.Generator(device=module.device).manual_seed(cfg.seed + fabric.global_rank)
     T = module.process.num_timesteps
     k = cfg.nll.num_timesteps
@@ -142,6 +151,8 @@ def nll(module: DiffusionModule, images: torch.Tensor, cfg: DictConfig, fabric: 
 
 
 def feature_extractor(cfg: DictConfig):
+    from diffusion.metrics import inception, inception_weights
+
     if cfg.fid.feature_extractor is not None:
         return instantiate(cfg.fid.feature_extractor)
     return inception(inception_weights(cfg.fid.weights))
@@ -161,6 +172,8 @@ def generated(module: DiffusionModule, num_real: int, cfg: DictConfig, fabric: F
     """This rank's share of ``fid.num_samples`` generated uint8 images (one draw for every sample metric), their
     classes (a class-conditional model: :func:`balanced_labels` of ``classes``, every ``world_size``-th; else None)
     and the sampler that drew them (with its guidance and the classes, for a class-conditional model)."""
+    from diffusion.module import to_uint8
+
     n_total = cfg.fid.num_samples or num_real
     n = len(range(fabric.global_rank, n_total, fabric.world_size))
     sampler = generation_sampler(module, cfg)
@@ -181,6 +194,9 @@ def fd_classifier(module: DiffusionModule, images: torch.Tensor, fake: torch.Ten
     probability > 0.8), ``class_kl`` (the predicted classes' histogram, KL to uniform, nats) and ``real_confident``.
     Class-conditional samples (``fake_labels``, the class each was drawn for; ``real_labels``, the true classes of
     ``images``): also :func:`class_metrics`."""
+    from diffusion.metrics import fid_kid
+    from diffusion.metrics.classifier import class_confidence
+
     feature, about = classifier
     out = fid_kid(images, fake, feature.to(module.device), ("fid", "kid"), cfg.fid.kid_subset_size, cfg.fid.kid_subsets,
                   cfg.batch_size, module.device, num_real=info["num_real"], num_fake=info["num_fake"])
@@ -214,6 +230,8 @@ def class_metrics(feature, fake: torch.Tensor, fake_labels: torch.Tensor, images
       varied as the data within a class; near 0: each class collapsed to one image). The ``*_per_class`` lists hold
       each class of C (None where it has < 2 images); ``diversity_classes``: the compared classes.
     """
+    from diffusion.metrics.classifier import class_sums, within_class_diversity
+
     num_classes = feature.classifier.num_classes
     sums = {"fake": class_sums(feature, fake, fake_labels, num_classes, batch_size),
             "real": class_sums(feature, images, real_labels, num_classes, batch_size)}
@@ -249,6 +267,10 @@ def class_metrics(feature, fake: torch.Tensor, fake_labels: torch.Tensor, images
 
 def _all_ranks(part: dict, fabric: Fabric | None) -> dict:
     """A rank's :func:`class_confidence` combined with every other rank's (their image shards are disjoint)."""
+    import torch
+
+    from diffusion.metrics.classifier import merge_confidence
+
     if fabric is None or fabric.world_size == 1:
         return part
     counts = torch.tensor([part["n"], part["confident"] * part["n"], *(h * part["n"] for h in part["histogram"])],
@@ -261,6 +283,8 @@ def _all_ranks(part: dict, fabric: Fabric | None) -> dict:
 
 def fid_and_kid(module: DiffusionModule, images: torch.Tensor, fake: torch.Tensor, info: dict, feature, cfg: DictConfig) -> dict:
     """This rank's real images and its share of the generated ones; the metrics sync across ranks."""
+    from diffusion.metrics import fid_kid
+
     wanted = [m for m in ("fid", "kid") if m in cfg.metrics]
     out = fid_kid(images, fake, feature.to(module.device), wanted, cfg.fid.kid_subset_size, cfg.fid.kid_subsets, cfg.batch_size,
                   module.device, num_real=info["num_real"], num_fake=info["num_fake"])
@@ -287,6 +311,12 @@ def evaluate(cfg: DictConfig) -> dict:
     out_dir = Path(cfg.paths.output_dir)
     if (out_dir / "results.json").exists():
         raise UsageError(f"output directory {out_dir} already holds results.json: choose another hydra.run.dir")
+    import torch  # every check above needs no torch: a typo answers before these imports
+    from lightning.fabric import Fabric
+
+    from diffusion.metrics.classifier import check_labels, check_options, trained_classifier
+    from diffusion.module import DiffusionModule
+
     feature = build_or_usage_error("fid", lambda: feature_extractor(cfg)) if {"fid", "kid"} & set(cfg.metrics) else None
     device = resolve_device(cfg.device)
     if device.type == "cuda" and cfg.devices > torch.cuda.device_count():

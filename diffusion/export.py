@@ -26,9 +26,6 @@ FORMATS = ("safetensors", "diffusers")
 
 def export(cfg: DictConfig) -> Path:
     """Check every input, then write the folder; returns it."""
-    from diffusion.checkpoints import write_safetensors_folder
-    from diffusion.module import DiffusionModule
-
     require_ckpt(cfg)
     if cfg.format not in FORMATS:
         raise UsageError(f"format={cfg.format!r} is invalid: allowed values are {', '.join(FORMATS)}")
@@ -39,6 +36,9 @@ def export(cfg: DictConfig) -> Path:
         raise UsageError(f"out={out} already exists: an export never writes over anything; choose another out")
     if not out.parent.is_dir():
         raise UsageError(f"out={out} is invalid: its parent folder {out.parent} does not exist")
+    from diffusion.checkpoints import write_safetensors_folder  # every check above needs no torch
+    from diffusion.module import DiffusionModule
+
     module = build_or_usage_error("ckpt", lambda: DiffusionModule.from_checkpoint(cfg.ckpt, ema=cfg.ema,
                                                                                  trust=cfg.get("trust_checkpoint", False)))
     module.has_ema = bool(cfg.ema and module.has_ema)  # what the folder holds

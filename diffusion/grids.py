@@ -16,8 +16,12 @@ import io
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 #: the smallest side, in pixels, an image is shown at (before that, it is enlarged by an integer factor)
 MIN_CELL = 64
@@ -35,6 +39,8 @@ def readable_scale(side: int, min_cell: int = MIN_CELL) -> int:
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    import torch
+
     """float [-1, 1] -> uint8 [0, 255] (uint8 input is returned as is)."""
     if x.dtype == torch.uint8:
         return x

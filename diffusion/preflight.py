@@ -2,23 +2,48 @@
 traceback from torch or Lightning mid-run (or, worse, a run that silently trains nothing) is refused in one line
 that names the value and what is allowed (:class:`diffusion.runtime.UsageError`, exit status 2).
 
-Order in :func:`diffusion.train.train`: :func:`check_settings` (optimizer, trainer, the resume checkpoint's file and
-progress) before anything is built; :func:`prepare_data` (decoding/caching, the split) before the model;
-:func:`check_resume_fits` (the checkpoint's tensors against the built module) before the Trainer.
+Order in :func:`diffusion.train.train`: :func:`check_config` (the settings that need neither torch nor a file's
+contents: ``model.*``, ``optimizer.lr``, ``trainer.devices``, the checkpoint paths) before any heavy import, so that
+a typo answers in about a second; :func:`check_settings` (the whole optimizer, the devices this machine has, the
+resume checkpoint's file and progress) before anything is built; :func:`prepare_data` (decoding/caching, the split)
+before the model; :func:`check_resume_fits` (the checkpoint's tensors against the built module) before the Trainer.
+
+This module imports torch and Lightning only inside the checks that need them.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from diffusion.cluster import check_job_tasks
-from diffusion.processes.gaussian import RETIRED_BUFFERS
-from diffusion.module import DiffusionModule, build_optimizer, read_checkpoint
 from diffusion.runtime import UsageError, build_or_usage_error, is_rank_zero, root_cause
+
+if TYPE_CHECKING:
+    from diffusion.module import DiffusionModule
+
+
+def check_config(cfg: DictConfig) -> None:
+    """What ``diffusion.train`` refuses before it imports torch: ``model.*`` (this framework's networks, with the
+    data's ``image_size``), ``optimizer.lr``, the form of ``trainer.devices``, and an ``init_from`` that does not
+    exist."""
+    from diffusion.models.settings import check_network
+
+    image_size = cfg.data.get("image_size") if "data" in cfg else None
+    known = isinstance(image_size, int) and not isinstance(image_size, bool) and image_size >= 1
+    try:
+        check_network(OmegaConf.to_container(cfg.model, resolve=True), image_size if known else None)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    check_lr(cfg.optimizer)
+    check_device_list(cfg.trainer.get("devices"))
+    if cfg.get("init_from") is not None and not Path(str(cfg.init_from)).exists():  # ckpt_path: check_resume_and_outputs
+        raise UsageError(f"init_from={cfg.init_from} does not exist: pass a checkpoint, a folder python -m "
+                         "diffusion.export wrote, or a diffusers UNet2DModel / DDPMPipeline folder")
 
 
 def check_settings(cfg: DictConfig) -> dict | None:
@@ -30,13 +55,21 @@ def check_settings(cfg: DictConfig) -> dict | None:
     return read_resume_checkpoint(cfg)
 
 
-def check_optimizer(cfg: DictConfig) -> None:
-    """``optimizer.lr`` finite and > 0, then the whole optimizer config built on one stand-in parameter, so that
-    every value torch refuses (betas, eps, weight_decay, an unknown key) is refused here, not at the first step."""
-    opt = cfg.optimizer
+def check_lr(opt: DictConfig) -> None:
     lr = opt.get("lr")
     if "lr" in opt and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0):
         raise UsageError(f"optimizer.lr={lr!r} is invalid: it must be a finite number > 0 (e.g. optimizer.lr=2e-4)")
+
+
+def check_optimizer(cfg: DictConfig) -> None:
+    """``optimizer.lr`` finite and > 0, then the whole optimizer config built on one stand-in parameter, so that
+    every value torch refuses (betas, eps, weight_decay, an unknown key) is refused here, not at the first step."""
+    import torch
+
+    from diffusion.module import build_optimizer
+
+    opt = cfg.optimizer
+    check_lr(opt)
     trainer = cfg.trainer
     try:
         build_optimizer(OmegaConf.to_container(opt, resolve=True), [torch.nn.Parameter(torch.zeros(1))], torch.device("cpu"),
@@ -49,9 +82,8 @@ def check_optimizer(cfg: DictConfig) -> None:
 _DEVICE_STRING = re.compile(r"\s*\d+\s*(,\s*\d+\s*)*,?\s*")
 
 
-def check_devices(devices, accelerator=None) -> None:
-    """``trainer.devices``: a positive count, -1 or ``auto`` (all), or a non-empty list of device indices; a count
-    of GPUs this machine has."""
+def check_device_list(devices) -> None:
+    """``trainer.devices``: a positive count, -1 or ``auto`` (all), or a non-empty list of device indices."""
     allowed = "a positive number of devices, -1 or auto (all of them), or a list of device indices such as [0,1]"
     if isinstance(devices, (list, tuple, ListConfig)):
         ok = len(devices) > 0 and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in devices)
@@ -61,6 +93,13 @@ def check_devices(devices, accelerator=None) -> None:
         ok = isinstance(devices, int) and not isinstance(devices, bool) and (devices >= 1 or devices == -1)
     if not ok:
         raise UsageError(f"trainer.devices={devices!r} is invalid: it must be {allowed}")
+
+
+def check_devices(devices, accelerator=None) -> None:
+    """``trainer.devices`` (:func:`check_device_list`), and a count of GPUs this machine has."""
+    import torch
+
+    check_device_list(devices)
     gpus = accelerator in ("gpu", "cuda") or (accelerator in (None, "auto") and torch.cuda.is_available())
     if not gpus and accelerator != "tpu" and not (devices == "auto" or (isinstance(devices, int) and devices >= 1)
                                                   or (isinstance(devices, str) and devices.strip().isdigit())):
@@ -81,6 +120,8 @@ def read_init_from(cfg: DictConfig):
     if cfg.get("ckpt_path") is not None:
         raise UsageError(f"init_from={path} is invalid with ckpt_path={cfg.ckpt_path}: a resumed run continues its own "
                          "weights; pass one of them")
+    from diffusion.module import DiffusionModule
+
     return build_or_usage_error("init_from", lambda: DiffusionModule.from_checkpoint(
         str(path), trust=bool(cfg.get("trust_checkpoint", False))))
 
@@ -101,6 +142,8 @@ def read_resume_checkpoint(cfg: DictConfig) -> dict | None:
     path = cfg.get("ckpt_path")
     if path is None:
         return None
+    from diffusion.module import read_checkpoint
+
     ckpt = build_or_usage_error("ckpt_path", lambda: read_checkpoint(path, setting="ckpt_path", mmap=True,
                                                                             trust=bool(cfg.get("trust_checkpoint", False))))
     if cfg.trainer.get("fast_dev_run"):
@@ -157,6 +200,8 @@ def check_resume_fits(cfg: DictConfig, ckpt: dict | None, module: DiffusionModul
     length, image size...), naming the settings that differ between the checkpoint and this run."""
     if ckpt is None:
         return
+    from diffusion.processes.gaussian import RETIRED_BUFFERS
+
     retired = {f"process.{name}" for name in RETIRED_BUFFERS}  # old checkpoints' unused tables: dropped on load
     theirs, ours = {k: v for k, v in ckpt["state_dict"].items() if k not in retired}, module.state_dict()
     misfit = sorted(set(theirs) ^ set(ours)) or [k for k in ours if tuple(theirs[k].shape) != tuple(ours[k].shape)]

@@ -63,7 +63,7 @@ def build_or_usage_error(what: str, fn):
 
 # ----------------------------------------------------------------------------------------------- config resolvers
 def _deepest_resolution(image_size, channel_mult) -> int:
-    from diffusion.models.unet import deepest_resolution  # torch only once a config that uses it resolves
+    from diffusion.models.settings import deepest_resolution  # torch-free
 
     return deepest_resolution(image_size, channel_mult)
 
@@ -445,5 +445,9 @@ class OutputDirCheck(_HydraCallback):
 
 
 def require_ckpt(cfg: DictConfig) -> None:
+    """``ckpt`` given, and a file or folder that exists (checked before any heavy import: a typo answers at once)."""
     if OmegaConf.is_missing(cfg, "ckpt"):
         raise UsageError("ckpt is required: pass ckpt=<path to a checkpoint written by python -m diffusion.train>")
+    if cfg.ckpt is None or not Path(str(cfg.ckpt)).exists():
+        raise UsageError(f"ckpt={cfg.ckpt} does not exist: pass a checkpoint written by python -m diffusion.train (or "
+                         "a folder python -m diffusion.export wrote)")

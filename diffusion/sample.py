@@ -15,22 +15,24 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
-import numpy as np
-import torch
 from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
 
-from diffusion.grids import class_rows_image, grid_image, save_png
-from diffusion.module import DiffusionModule, to_uint8
-from diffusion.samplers.guidance import check_labels
 from diffusion.runtime import CONFIG_DIR, UsageError, build_or_usage_error, exits_on_usage_error, require_ckpt
+
+if TYPE_CHECKING:  # torch and the module load once the settings that need no checkpoint have passed
+    import torch
+
+    from diffusion.module import DiffusionModule
 
 log = logging.getLogger("diffusion.sample")
 
 
 def resolve_device(name: str) -> torch.device:
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -38,6 +40,8 @@ def resolve_device(name: str) -> torch.device:
 
 def load_for_sampling(cfg: DictConfig) -> tuple[DiffusionModule, object]:
     """The module (on its device) and the requested sampler; every bad value is a UsageError."""
+    from diffusion.module import DiffusionModule
+
     module = build_or_usage_error("ckpt", lambda: DiffusionModule.from_checkpoint(cfg.ckpt, ema=cfg.ema,
                                                                                  trust=cfg.get("trust_checkpoint", False)))
     sampler = build_or_usage_error("sampler", lambda: chosen_sampler(module, cfg.sampler))
@@ -58,6 +62,9 @@ def chosen_sampler(module: DiffusionModule, config: DictConfig):
 def draw(module: DiffusionModule, sampler, n: int, batch_size: int, seed: int, labels: torch.Tensor | None = None) -> torch.Tensor:
     """``n`` images in [-1, 1] on the CPU, batch by batch, from one generator seeded with ``seed``; ``labels`` (n,):
     their classes (a class-conditional model)."""
+    import torch
+    from tqdm.auto import tqdm
+
     generator = torch.Generator(device=module.device).manual_seed(seed)
     batches = []
     for start in tqdm(range(0, n, batch_size), desc=f"sampling {n} images", unit="batch"):
@@ -70,6 +77,10 @@ def draw(module: DiffusionModule, sampler, n: int, batch_size: int, seed: int, l
 def chosen_classes(cfg: DictConfig, module: DiffusionModule) -> torch.Tensor | None:
     """The ``classes`` to draw (``all`` or null: every class of a class-conditional model; a list), None for an
     unconditional model; a UsageError for classes it does not have, or guidance without classes."""
+    import torch
+
+    from diffusion.samplers.guidance import check_labels
+
     classes = cfg.get("classes")
     if module.num_classes is None:
         if classes is not None:
@@ -115,6 +126,10 @@ def sample(cfg: DictConfig) -> Path:
     out = Path(cfg.paths.output_dir)
     if (out / "samples.npz").exists():
         raise UsageError(f"output directory {out} already holds samples.npz: choose another hydra.run.dir")
+    import numpy as np
+
+    from diffusion.grids import class_rows_image, grid_image, save_png, to_uint8
+
     module, sampler = load_for_sampling(cfg)
     classes = chosen_classes(cfg, module)
     check_guidance(module, sampler, cfg)

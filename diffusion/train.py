@@ -11,18 +11,14 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
-import lightning as L
-import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffusion import preflight, requeue
-from diffusion.callbacks import wandb_run_id
 from diffusion.cluster import adopt_submitit_local_ranks, require_launcher_plugin
-from diffusion.module import DiffusionModule
 from diffusion.runtime import (
     CONFIG_DIR,
     build_or_usage_error,
@@ -39,6 +35,9 @@ from diffusion.runtime import (
     write_text_atomic,
 )
 from diffusion.sweeps import sweep_objective
+
+if TYPE_CHECKING:  # torch, Lightning and the module load once the configuration has passed preflight.check_config
+    from diffusion.module import DiffusionModule
 
 log = logging.getLogger("diffusion.train")
 
@@ -62,6 +61,8 @@ def build_module(cfg: DictConfig, channels: int, image_size: int, num_classes: i
     """The LightningModule from plain dicts; the network's in_channels, image_size and (conditional data)
     num_classes follow the data. ``init_from`` (fine-tuning): its network, schedule and process, and its weights; this
     run's data, optimizer, sampler, module and speed settings."""
+    from diffusion.module import DiffusionModule
+
     model = {**OmegaConf.to_container(cfg.model, resolve=True), "in_channels": channels, "image_size": image_size}
     schedule, process = OmegaConf.to_container(cfg.schedule, resolve=True), OmegaConf.to_container(cfg.process, resolve=True)
     if init_from is not None:
@@ -87,7 +88,7 @@ def build_module(cfg: DictConfig, channels: int, image_size: int, num_classes: i
 def init_network(cfg: DictConfig, source: DiffusionModule, model: dict, channels: int, image_size: int) -> dict:
     """The network config of a fine-tuning run (``init_from``): the source's, with this run's speed switches;
     ValueError (one line) when the data's images are not the size and channels it was trained on."""
-    from diffusion.models.speed import SPEED_KEYS
+    from diffusion.models.settings import SPEED_KEYS
 
     theirs = dict(source.hparams.model)
     if (theirs.get("in_channels"), theirs.get("image_size")) != (channels, image_size):
@@ -120,6 +121,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     started = time.perf_counter()
     adopt_submitit_local_ranks()  # a submitit local job's tasks are its DDP ranks (as SLURM's are)
     requeued = check_resume_and_outputs(cfg)  # a requeued SLURM job: ckpt_path is now its own last.ckpt
+    preflight.check_config(cfg)  # what needs no torch, refused before the heavy imports below
+    import lightning as L
+    import torch
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    from diffusion.callbacks import wandb_run_id
+
     source = preflight.read_init_from(cfg)  # fine-tuning: the network to start from, read before any work
     resume = preflight.check_settings(cfg)  # each bad value is refused before the data and the model are built
     L.seed_everything(cfg.seed, workers=True)

@@ -116,14 +116,13 @@ class _AlwaysThree(torch.nn.Module):
 def test_the_samples_are_drawn_for_the_classes_asked(cond_ckpt, classifier_cache, tmp_path, monkeypatch):
     """classes=[3,7,9], 7 samples: 3, 7, 9, 3, 7, 9, 3 (balanced: 3, 2, 2); a classifier that calls everything a 3 is
     right on exactly the 3s: class_accuracy 3/7, per class [1, 0, 0]."""
-    import diffusion.evaluate as ev
 
     def stand_in(*args, **kwargs):
         feature, info = real(*args, **kwargs)
         return clf.PenultimateFeatures(_AlwaysThree(feature.classifier), feature.scale), info
 
-    real = ev.trained_classifier
-    monkeypatch.setattr(ev, "trained_classifier", stand_in)
+    real = clf.trained_classifier
+    monkeypatch.setattr("diffusion.metrics.classifier.trained_classifier", stand_in)  # evaluate imports it when it runs
     got = run_evaluate(cond_ckpt, classifier_cache, tmp_path / "o", "classes=[3,7,9]", "fid.num_samples=7")["fd_classifier"]
     assert got["classes"] == [3, 7, 9] and got["samples_per_class"] == [3, 2, 2] and got["class_names"] == ["3", "7", "9"]
     assert got["class_accuracy"] == 3 / 7 and got["class_accuracy_per_class"] == [1.0, 0.0, 0.0]
@@ -275,10 +274,9 @@ class _ThreadRanks:
 def test_two_ranks_reduce_the_class_sums(cond_ckpt, classifier_cache, tmp_path, monkeypatch):
     """evaluate's rank code on 2 ranks (threads standing in for Fabric's processes): each draws its share of the
     labels, judges its share of the real images, and the reduced sums give the whole sets' numbers on every rank."""
-    import diffusion.evaluate as ev
 
     ranks = _ThreadRanks(2)
-    monkeypatch.setattr(ev, "Fabric", lambda **kwargs: ranks)
+    monkeypatch.setattr("lightning.fabric.Fabric", lambda **kwargs: ranks)  # evaluate imports it when it runs
     # (KID without a process group sees one rank's 10 samples: subsets of 10)
     cfg = compose_job("evaluate", [f"ckpt={cond_ckpt}", *TINY, "fid.kid_subset_size=10", f"paths.cache_dir={classifier_cache}"])
     cfg.paths.output_dir = str(tmp_path / "o")

@@ -36,13 +36,6 @@ class ClassEmbedding(nn.Embedding):
         return super().forward(y)
 
 
-def check_num_classes(num_classes) -> int | None:
-    """None (unconditional) or an integer >= 2, else a one-line ValueError."""
-    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2):
-        raise ValueError(f"model num_classes={num_classes!r} is invalid: it must be null (unconditional) or an integer >= 2")
-    return num_classes
-
-
 class TimeEmbedding(nn.Module):
     """Sinusoidal embedding followed by a two-layer MLP (Ho et al.)."""
 

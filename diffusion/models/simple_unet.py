@@ -11,10 +11,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from diffusion.checks import check_positive_int
-from diffusion.models.blocks import ClassEmbedding, check_num_classes, timestep_embedding
+from diffusion.models.blocks import ClassEmbedding, timestep_embedding
+from diffusion.models.settings import ACTIVATION_NAMES, check_simple_unet
 
-ACTIVATIONS = {"relu": nn.ReLU, "leaky_relu": nn.LeakyReLU}
+ACTIVATIONS = dict(zip(ACTIVATION_NAMES, (nn.ReLU, nn.LeakyReLU)))
 
 
 class SimpleBlock(nn.Module):
@@ -53,27 +53,15 @@ class SimpleUNet(nn.Module):
         num_classes: int | None = None,
     ):
         super().__init__()
-        check_positive_int("in_channels", in_channels)
-        check_positive_int("image_size", image_size)
-        check_positive_int("base_channels", base_channels)
-        check_positive_int("time_emb_dim", time_emb_dim)
-        channel_mult = tuple(channel_mult)
-        if len(channel_mult) < 2 or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in channel_mult):
-            raise ValueError(f"model channel_mult={list(channel_mult)} is invalid: it needs at least two positive integers")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"model activation={activation!r} is invalid: allowed values are {', '.join(ACTIVATIONS)}")
-        self.divisor = 2 ** (len(channel_mult) - 1)
-        if image_size % self.divisor:
-            raise ValueError(
-                f"model image_size={image_size} cannot be halved {len(channel_mult) - 1} times for "
-                f"channel_mult={list(channel_mult)}: use a multiple of {self.divisor} or fewer levels"
-            )
+        checked = check_simple_unet(in_channels, image_size, base_channels, channel_mult, time_emb_dim, activation,
+                                    out_channels, num_classes)
+        channel_mult, self.divisor = checked["channel_mult"], checked["divisor"]
         self.in_channels, self.out_channels, self.image_size = in_channels, out_channels or in_channels, image_size
         act = ACTIVATIONS[activation]
         chans = [base_channels * m for m in channel_mult]
         self.time_dim = time_emb_dim
         self.time_mlp = nn.Sequential(nn.Linear(time_emb_dim, time_emb_dim), act())
-        self.num_classes = check_num_classes(num_classes)
+        self.num_classes = num_classes
         self.class_embed = ClassEmbedding(num_classes, time_emb_dim) if num_classes is not None else None
         self.conv0 = nn.Conv2d(in_channels, chans[0], 3, padding=1)
         self.downs = nn.ModuleList(SimpleBlock(chans[i], chans[i + 1], time_emb_dim, False, act) for i in range(len(chans) - 1))

@@ -9,9 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-#: model-config keys consumed here; the network's constructor never sees them
-SPEED_KEYS = ("channels_last", "compile")
-COMPILE_CHOICES = (False, True, "default", "reduce-overhead", "max-autotune")
+from diffusion.models.settings import COMPILE_CHOICES, SPEED_KEYS, check_speed  # noqa: F401 - also imported from here
 
 
 def _inputs_channels_last(module: nn.Module, args: tuple) -> tuple:
@@ -29,8 +27,7 @@ def apply_speed_options(model: nn.Module, channels_last: bool = False, compile: 
     """``channels_last``: NHWC weights and inputs (faster convolutions on tensor cores and oneDNN).
     ``compile``: ``torch.compile`` of the network's forward in place (``nn.Module.compile``), used by training,
     sampling and evaluation alike; ``true`` or a torch.compile mode name."""
-    if compile not in COMPILE_CHOICES:
-        raise ValueError(f"model compile={compile!r} is invalid: allowed values are false, true, default, reduce-overhead, max-autotune")
+    check_speed(channels_last, compile)
     if channels_last:
         model.to(memory_format=torch.channels_last)
         model.register_forward_pre_hook(_inputs_channels_last)

@@ -8,7 +8,6 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from diffusion.checks import check_choice, check_positive_int
 from diffusion.models.blocks import (
     CBAM,
     AttentionBlock,
@@ -18,24 +17,9 @@ from diffusion.models.blocks import (
     ResBlock,
     TimeEmbedding,
     Upsample,
-    check_num_classes,
     group_norm,
 )
-
-
-BLOCK_ATTENTION = ("none", "self", "cbam")
-
-
-def level_resolutions(image_size: int, channel_mult: Sequence[int]) -> list[int]:
-    """The side of each level of a UNet with these levels: level ``i`` works at ``image_size / 2**i`` pixels."""
-    return [int(image_size) // 2**i for i in range(len(channel_mult))]
-
-
-def deepest_resolution(image_size: int, channel_mult: Sequence[int]) -> int:
-    """The side of the UNet's last (lowest-resolution) level: conf/model/unet.yaml's default
-    ``attention_resolutions`` (``${deepest_resolution:${data.image_size},${model.channel_mult}}``), so that the
-    default model fits any image size: 4 px for the digits default (16 px, three levels), 16 px at 64 px, 7 px at 28 px."""
-    return level_resolutions(image_size, channel_mult)[-1]
+from diffusion.models.settings import BLOCK_ATTENTION, check_unet, deepest_resolution, level_resolutions  # noqa: F401 - also imported from here
 
 
 class EmbedSequential(nn.ModuleList):
@@ -91,32 +75,11 @@ class UNet(nn.Module):
         num_classes: int | None = None,
     ):
         super().__init__()
-        check_positive_int("in_channels", in_channels)
-        check_positive_int("image_size", image_size)
-        check_positive_int("base_channels", base_channels)
-        check_positive_int("num_res_blocks", num_res_blocks)
-        check_positive_int("num_heads", num_heads)
-        channel_mult = tuple(channel_mult)
-        if not channel_mult or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in channel_mult):
-            raise ValueError(f"model channel_mult={list(channel_mult)} is invalid: it must be a non-empty list of positive integers")
-        if not (isinstance(dropout, (int, float)) and 0 <= dropout < 1):
-            raise ValueError(f"model dropout={dropout!r} is invalid: it must lie in [0, 1)")
-        divisor = 2 ** (len(channel_mult) - 1)
-        if image_size % divisor:
-            raise ValueError(
-                f"model image_size={image_size} cannot be halved {len(channel_mult) - 1} times for "
-                f"channel_mult={list(channel_mult)}: use a multiple of {divisor} or fewer levels"
-            )
-        resolutions = level_resolutions(image_size, channel_mult)
-        attention_resolutions = tuple(attention_resolutions or ())
-        unknown = [r for r in attention_resolutions if r not in resolutions]
-        if unknown:
-            raise ValueError(
-                f"model attention_resolutions={list(attention_resolutions)} is invalid: {unknown} not among "
-                f"the network's resolutions {resolutions}"
-            )
-        check_choice("model block_attention", block_attention, BLOCK_ATTENTION)
-        time_emb_dim = 4 * base_channels if time_emb_dim is None else check_positive_int("time_emb_dim", time_emb_dim)
+        checked = check_unet(in_channels, image_size, base_channels, channel_mult, num_res_blocks, attention_resolutions,
+                             dropout, time_emb_dim, num_heads, out_channels, gradient_checkpointing, learn_sigma,
+                             block_attention, skip_gates, num_classes)
+        channel_mult, attention_resolutions = checked["channel_mult"], checked["attention_resolutions"]
+        time_emb_dim, divisor, resolutions = checked["time_emb_dim"], checked["divisor"], checked["resolutions"]
         self.in_channels = in_channels
         self.learn_sigma = bool(learn_sigma)
         self.out_channels = (out_channels or in_channels) * (2 if self.learn_sigma else 1)
@@ -124,7 +87,7 @@ class UNet(nn.Module):
         self.divisor = divisor
         self.gradient_checkpointing = bool(gradient_checkpointing)
 
-        self.num_classes = check_num_classes(num_classes)
+        self.num_classes = num_classes
         self.time_embed = TimeEmbedding(base_channels, time_emb_dim)
         self.class_embed = ClassEmbedding(num_classes, time_emb_dim) if num_classes is not None else None
         self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)

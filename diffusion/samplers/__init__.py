@@ -1,8 +1,27 @@
 """Reverse-process samplers: :mod:`.base` (the loop and its hooks), one file per family (:mod:`.ddpm`, :mod:`.ddim`,
-:mod:`.cold`, ...) and :mod:`.registry`, the one list (``conf/sampler/*.yaml``) that every CLI reads."""
+:mod:`.cold`, ...) and :mod:`.registry`, the one list (``conf/sampler/*.yaml``) that every CLI reads.
 
-from diffusion.samplers.base import SPACINGS, SampleOutput, Sampler, StepOutput, make_timesteps
-from diffusion.samplers.registry import build_sampler, sampler_config, sampler_name, sampler_names
+The package is lazy: :mod:`.registry` and :mod:`.controls` load without torch (the CLIs check a sampler's name
+before any heavy import); :mod:`.base` and the samplers import it when first used.
+"""
 
-__all__ = ["Sampler", "SampleOutput", "StepOutput", "make_timesteps", "SPACINGS", "build_sampler", "sampler_config",
-           "sampler_name", "sampler_names"]
+from __future__ import annotations
+
+import importlib
+
+#: each public name and the module that defines it
+_LAZY = {**dict.fromkeys(("Sampler", "SampleOutput", "StepOutput", "make_timesteps"), "diffusion.samplers.base"),
+         "SPACINGS": "diffusion.samplers.controls",
+         **dict.fromkeys(("build_sampler", "sampler_config", "sampler_name", "sampler_names"), "diffusion.samplers.registry")}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

@@ -28,58 +28,22 @@ pass per call, so ``nfe`` is unchanged.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 
 from diffusion.checks import check_choice
+from diffusion.samplers.controls import SPACING_CONTROL, SPACINGS, Control  # noqa: F401 - also imported from here
 from diffusion.objectives import eps_from_x0, to_x0_eps
 from diffusion.processes.base import randn
 from diffusion.samplers.guidance import Guided
 
-SPACINGS = ("leading", "trailing", "linspace", "quadratic")
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 __all__ = ["Sampler", "StepOutput", "SampleOutput", "Control", "make_timesteps", "check_num_steps", "check_nfe",
            "check_number", "SPACINGS", "Model"]
 
-
-@dataclass(frozen=True)
-class Control:
-    """One option of a sampler that a person tunes by hand (the sampling page draws one widget per control): a
-    number in [``minimum``, ``maximum``] on a grid of ``step`` (``integer`` for whole numbers) or one of ``choices``.
-    The default value is the sampler's yaml's (or a checkpoint's own sampler config's)."""
-
-    name: str
-    label: str
-    minimum: float | None = None
-    maximum: float | None = None
-    step: float | None = None
-    choices: tuple | None = None
-    integer: bool = False
-
-    def check(self, value: Any) -> Any:
-        """``value`` as the sampler takes it, or a one-line ValueError naming it and what is allowed."""
-        if self.choices is not None:
-            if value not in self.choices:
-                raise ValueError(f"sampler {self.name}={value!r} is invalid: allowed values are "
-                                 f"{', '.join(map(str, self.choices))}")
-            return value
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        if ok and self.integer:
-            ok = float(value).is_integer()
-        if not ok or not self.minimum <= value <= self.maximum:
-            kind = "a whole number" if self.integer else "a number"
-            raise ValueError(f"sampler {self.name}={value!r} is invalid: it must be {kind} in "
-                             f"[{self.minimum:g}, {self.maximum:g}]")
-        return int(value) if self.integer else float(value)
-
-
-#: the timestep grids of the discrete-time samplers, as a control
-SPACING_CONTROL = Control("spacing", "timestep spacing (leading: DDIM paper, trailing: Lin et al. 2023)",
-                          choices=SPACINGS)
 
 
 def check_num_steps(num_steps, T: int, name: str = "sampler num_steps") -> int:

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from diffusion.samplers.base import Control, Sampler
-from diffusion.samplers.guidance import GUIDANCE_OPTIONS, check_guidance
+from diffusion.samplers.controls import GUIDANCE_CONTROLS, Control
+
+if TYPE_CHECKING:
+    from diffusion.samplers.base import Sampler
 
 SAMPLER_DIR = Path(__file__).resolve().parents[2] / "conf" / "sampler"
 #: the classes' paths before the samplers/ package (checkpoints written by earlier versions name them)
@@ -20,13 +22,6 @@ LEGACY_TARGETS = {"diffusion.samplers.DDPMSampler": "diffusion.samplers.ddpm.DDP
 
 __all__ = ["sampler_names", "sampler_config", "sampler_class", "sampler_name", "build_sampler", "sampler_controls",
            "GUIDANCE_CONTROLS", "LEGACY_TARGETS"]
-
-#: classifier-free guidance, which every sampler takes (:mod:`.guidance`): the controls of a class-conditional model
-GUIDANCE_CONTROLS = (
-    Control("guidance_scale", "guidance scale w (1 conditional, 0 unconditional, > 1 guided)", 0.0, 10.0, 0.5),
-    Control("guidance_rescale", "guidance rescale (Lin et al. 2023: 0 off; counters over-saturation at large w)",
-            0.0, 1.0, 0.05),
-)
 
 
 @lru_cache(maxsize=1)
@@ -82,6 +77,8 @@ def build_sampler(config: dict | str, process, **overrides: Any) -> Sampler:
     import inspect
 
     from hydra.utils import get_class
+
+    from diffusion.samplers.guidance import GUIDANCE_OPTIONS, check_guidance
 
     if isinstance(config, str):
         config = sampler_config(config)
