@@ -20,7 +20,6 @@ environment, never on the command line) to ask for a login. Needs the optional `
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 import secrets
@@ -67,22 +66,16 @@ def to_pil(images: torch.Tensor, nrow: int) -> Image.Image:
     return grid_image(images, nrow=nrow, scale=max(1, 256 // images.shape[-1])).convert("RGB")
 
 
-def check_whole(name: str, value, low: int, high: int) -> int:
-    """A whole number in [low, high] from a page field (an int, or a float such as 3.0), or a one-line ValueError."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or not float(value).is_integer() or not low <= value <= high:
-        raise ValueError(f"{name}={value!r} is invalid: it must be a whole number in [{low}, {high}]")
-    return int(value)
-
-
 def check_seed(seed) -> int:
-    """The seed to draw with: the field's whole number in [0, 2^63 - 1], or a new random one for -1."""
-    if isinstance(seed, (int, float)) and not isinstance(seed, bool) and seed == RANDOM_SEED:
+    """The seed to draw with: the field's whole number in [0, 2^63 - 1] (an int, or a float such as 3.0), or a new
+    random one for -1."""
+    from diffusion.checks import is_whole
+
+    if is_whole(seed) and seed == RANDOM_SEED:
         return secrets.randbelow(2**32)
     if seed is None or seed == "":
         raise ValueError("seed is empty: it must be a whole number in [0, 2^63 - 1], or -1 for a random seed")
-    ok = isinstance(seed, (int, float)) and not isinstance(seed, bool) and math.isfinite(seed)
-    if not ok or not float(seed).is_integer() or not 0 <= seed <= SEED_MAX:
+    if not is_whole(seed) or not 0 <= seed <= SEED_MAX:
         raise ValueError(f"seed={seed!r} is invalid: it must be a whole number in [0, 2^63 - 1], or -1 for a random seed")
     return int(seed)
 
@@ -127,7 +120,7 @@ def default_value(module: DiffusionModule, name: str, control):
     value = own_config(module, name).get(control.name)
     if value is None:  # e.g. guidance in a checkpoint written before it existed
         value = sampler_config(name).get(control.name)
-    return value if control.choices is not None else float(value) if not control.integer else int(value)
+    return value if control.choices is not None else float(value)
 
 
 def data_name(module: DiffusionModule, ckpt: str) -> str:
@@ -201,6 +194,8 @@ def generate(module: DiffusionModule, sampler: str, steps, seed, count, options:
     Every value is checked before any work (one-line ValueError naming it and what is allowed). A class-conditional
     model: ``classes`` None or a list holding ``"all"`` is every class; the grid has one named row per class and the
     strip follows the first image of each class (:func:`strip_order`). ``progress(done, total)``: after each call."""
+    from diffusion.checks import check_whole
+
     names = sampler_names(module)
     if sampler not in names:
         raise ValueError(f"sampler={sampler!r} is invalid: allowed values are {', '.join(names)}")
@@ -261,6 +256,8 @@ def generate(module: DiffusionModule, sampler: str, steps, seed, count, options:
 
 def steps_info(module: DiffusionModule, name: str, steps) -> str:
     """What ``steps`` mean for sampler ``name``: its network calls per image (every timestep for a full chain)."""
+    from diffusion.checks import check_whole
+
     try:
         steps = check_whole("steps", steps, 1, module.process.num_timesteps)
         sampler = module.named_sampler(None if name == sampler_name(module.hparams.sampler) else name, steps)
@@ -347,6 +344,8 @@ def build_app(module: DiffusionModule, ckpt: str = "", max_count: int = 64, stri
 
     def validate(sampler, steps, seed, count, *rest):
         """One message per field, shown beside it before any work (the same checks as :func:`generate`'s)."""
+        from diffusion.checks import check_whole
+
         values, classes = (rest[:-1], rest[-1]) if conditional else (rest, None)
         count_name = "images per class" if conditional else "images"
         checks = [lambda: sampler in names or (_ for _ in ()).throw(ValueError(

@@ -33,7 +33,7 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
-from diffusion.checks import check_choice
+from diffusion.checks import check_choice, check_whole
 from diffusion.objectives import eps_from_x0, to_x0_eps
 from diffusion.processes.base import randn
 from diffusion.samplers.guidance import Guided
@@ -49,7 +49,8 @@ __all__ = ["Sampler", "StepOutput", "SampleOutput", "Control", "make_timesteps",
 @dataclass(frozen=True)
 class Control:
     """One option of a sampler that a person tunes by hand (the sampling page draws one widget per control): a
-    number in [``minimum``, ``maximum``] on a grid of ``step`` (``integer`` for whole numbers) or one of ``choices``.
+    number in [``minimum``, ``maximum``] on a grid of ``step``, or one of ``choices`` (whole-number options, like
+    DPM-Solver's order, are choices).
     The default value is the sampler's yaml's (or a checkpoint's own sampler config's)."""
 
     name: str
@@ -58,7 +59,6 @@ class Control:
     maximum: float | None = None
     step: float | None = None
     choices: tuple | None = None
-    integer: bool = False
 
     def check(self, value: Any) -> Any:
         """``value`` as the sampler takes it, or a one-line ValueError naming it and what is allowed."""
@@ -68,13 +68,10 @@ class Control:
                                  f"{', '.join(map(str, self.choices))}")
             return value
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        if ok and self.integer:
-            ok = float(value).is_integer()
         if not ok or not self.minimum <= value <= self.maximum:
-            kind = "a whole number" if self.integer else "a number"
-            raise ValueError(f"sampler {self.name}={value!r} is invalid: it must be {kind} in "
+            raise ValueError(f"sampler {self.name}={value!r} is invalid: it must be a number in "
                              f"[{self.minimum:g}, {self.maximum:g}]")
-        return int(value) if self.integer else float(value)
+        return float(value)
 
 
 #: the timestep grids of the discrete-time samplers, as a control
@@ -83,9 +80,8 @@ SPACING_CONTROL = Control("spacing", "timestep spacing (leading: DDIM paper, tra
 
 
 def check_num_steps(num_steps, T: int, name: str = "sampler num_steps") -> int:
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= T:
-        raise ValueError(f"{name}={num_steps!r} is invalid: it must be an integer in [1, T={T}]")
-    return num_steps
+    """An int in [1, T] (a config's value: 3.0 is refused), or a one-line ValueError naming it."""
+    return check_whole(name, num_steps, 1, T, floats=False, high_text=f"T={T}")
 
 
 def check_nfe(nfe) -> int:
