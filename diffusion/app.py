@@ -23,7 +23,6 @@ import logging
 import os
 import re
 import secrets
-import shlex
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -131,22 +130,6 @@ def data_name(module: DiffusionModule, ckpt: str) -> str:
     return re.sub(r"[^A-Za-z0-9.+-]+", "-", name or Path(ckpt).stem or "samples").strip("-") or "samples"
 
 
-def reproduce_command(ckpt: str, ema: bool, own: bool, sampler: str, options: dict, seed: int, n: int,
-                      classes: list[int] | None) -> str:
-    """The ``python -m diffusion.sample`` command that draws the same images (one batch of all of them)."""
-    args = ["python", "-m", "diffusion.sample", f"ckpt={ckpt}"] + ([] if own else [f"sampler={sampler}"])
-    for key, value in options.items():  # the checkpoint's own sampler: only num_steps and guidance are in sample.yaml
-        plus = "+" if own and key not in ("num_steps", "guidance_scale", "guidance_rescale") else ""
-        args.append(f"{plus}sampler.{key}={value}")
-    total = n * (len(classes) if classes else 1)
-    args += [f"seed={seed}", f"n={n}", f"batch_size={total}"]
-    if classes is not None:
-        args.append(f"classes=[{','.join(map(str, classes))}]")
-    if not ema:
-        args.append("ema=false")
-    return shlex.join(args)
-
-
 @dataclass
 class Generated:
     """What one press draws: the grid, the reverse-process strip, a one-line summary, the seed used, and the
@@ -234,6 +217,8 @@ def generate(module: DiffusionModule, sampler: str, steps, seed, count, options:
     Every value is checked before any work (one-line ValueError naming it and what is allowed). A class-conditional
     model: ``classes`` None or a list holding ``"all"`` is every class; the grid has one named row per class and the
     strip follows the first image of each class (:func:`strip_order`). ``progress(done, total)``: after each call."""
+    from diffusion.reproduce import grid_settings
+
     values, errors = read_fields(module, sampler, steps, seed, count, options, classes, max_count)
     if errors:
         raise ValueError(next(iter(errors.values())))
@@ -276,15 +261,9 @@ def generate(module: DiffusionModule, sampler: str, steps, seed, count, options:
         parts.append("all" if len(chosen_list) == module.num_classes else "classes-" + "-".join(map(str, chosen_list)))
         parts.append(f"w-{chosen.guidance_scale:g}")
     parts += [f"seed-{seed}", f"n-{count}"]
-    sampler_options = {"num_steps": steps, **options}
-    settings = {"Software": "diffusion.app", "ckpt": str(ckpt), "weights": "EMA" if ema and module.has_ema else "raw",
-                "sampler": sampler, **{f"sampler.{k}": v for k, v in sampler_options.items()}, "seed": seed,
-                "n": count, "batch_size": n, "description": chosen.describe()}
-    if labels is not None:
-        settings["classes"] = str(labels_of.tolist())
-    settings["command"] = reproduce_command(ckpt, ema, own, sampler, sampler_options, seed, count,
-                                            None if labels is None else labels_of.tolist())
-    return Generated(grid, strip, summary, seed, "_".join(parts), settings)
+    settings = grid_settings("diffusion.app", ckpt, ema, module.has_ema, sampler, own, {"num_steps": steps, **options},
+                             seed, count, n, chosen.describe(), None if labels is None else labels_of.tolist())
+    return Generated(grid, strip, summary, seed, "_".join(parts), settings)  # one batch of all n: batch_size n
 
 
 def steps_info(module: DiffusionModule, name: str, steps) -> str:
