@@ -20,11 +20,9 @@ environment, never on the command line) to ask for a login. Needs the optional `
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 import secrets
-import shlex
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -67,22 +65,16 @@ def to_pil(images: torch.Tensor, nrow: int) -> Image.Image:
     return grid_image(images, nrow=nrow, scale=max(1, 256 // images.shape[-1])).convert("RGB")
 
 
-def check_whole(name: str, value, low: int, high: int) -> int:
-    """A whole number in [low, high] from a page field (an int, or a float such as 3.0), or a one-line ValueError."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or not float(value).is_integer() or not low <= value <= high:
-        raise ValueError(f"{name}={value!r} is invalid: it must be a whole number in [{low}, {high}]")
-    return int(value)
-
-
 def check_seed(seed) -> int:
-    """The seed to draw with: the field's whole number in [0, 2^63 - 1], or a new random one for -1."""
-    if isinstance(seed, (int, float)) and not isinstance(seed, bool) and seed == RANDOM_SEED:
+    """The seed to draw with: the field's whole number in [0, 2^63 - 1] (an int, or a float such as 3.0), or a new
+    random one for -1."""
+    from diffusion.checks import is_whole
+
+    if is_whole(seed) and seed == RANDOM_SEED:
         return secrets.randbelow(2**32)
     if seed is None or seed == "":
         raise ValueError("seed is empty: it must be a whole number in [0, 2^63 - 1], or -1 for a random seed")
-    ok = isinstance(seed, (int, float)) and not isinstance(seed, bool) and math.isfinite(seed)
-    if not ok or not float(seed).is_integer() or not 0 <= seed <= SEED_MAX:
+    if not is_whole(seed) or not 0 <= seed <= SEED_MAX:
         raise ValueError(f"seed={seed!r} is invalid: it must be a whole number in [0, 2^63 - 1], or -1 for a random seed")
     return int(seed)
 
@@ -127,7 +119,7 @@ def default_value(module: DiffusionModule, name: str, control):
     value = own_config(module, name).get(control.name)
     if value is None:  # e.g. guidance in a checkpoint written before it existed
         value = sampler_config(name).get(control.name)
-    return value if control.choices is not None else float(value) if not control.integer else int(value)
+    return value if control.choices is not None else float(value)
 
 
 def data_name(module: DiffusionModule, ckpt: str) -> str:
@@ -136,22 +128,6 @@ def data_name(module: DiffusionModule, ckpt: str) -> str:
     data = module.hparams.get("data") or {}
     name = data.get("name") or re.sub(r"DataModule$", "", str(data.get("_target_", "")).rsplit(".", 1)[-1]).lower()
     return re.sub(r"[^A-Za-z0-9.+-]+", "-", name or Path(ckpt).stem or "samples").strip("-") or "samples"
-
-
-def reproduce_command(ckpt: str, ema: bool, own: bool, sampler: str, options: dict, seed: int, n: int,
-                      classes: list[int] | None) -> str:
-    """The ``python -m diffusion.sample`` command that draws the same images (one batch of all of them)."""
-    args = ["python", "-m", "diffusion.sample", f"ckpt={ckpt}"] + ([] if own else [f"sampler={sampler}"])
-    for key, value in options.items():  # the checkpoint's own sampler: only num_steps and guidance are in sample.yaml
-        plus = "+" if own and key not in ("num_steps", "guidance_scale", "guidance_rescale") else ""
-        args.append(f"{plus}sampler.{key}={value}")
-    total = n * (len(classes) if classes else 1)
-    args += [f"seed={seed}", f"n={n}", f"batch_size={total}"]
-    if classes is not None:
-        args.append(f"classes=[{','.join(map(str, classes))}]")
-    if not ema:
-        args.append("ema=false")
-    return shlex.join(args)
 
 
 @dataclass
@@ -178,16 +154,56 @@ class Generated:
         return paths[0], paths[1]
 
 
-def check_options(module: DiffusionModule, sampler: str, options: dict | None) -> dict:
-    """The page's control values for ``sampler`` (each checked by its :class:`Control`), or a one-line ValueError
-    for an option the sampler does not take."""
-    controls = {c.name: c for c in controls_of(module, sampler)}
-    options = dict(options or {})
-    unknown = sorted(set(options) - set(controls))
-    if unknown:
-        raise ValueError(f"sampler {sampler} has no control {unknown[0]!r} on this page: it takes "
-                         f"{', '.join(controls) or 'none'}")
-    return {name: controls[name].check(value) for name, value in options.items()}
+def count_field(module: DiffusionModule) -> str:
+    """The name the count field goes by in messages: ``images``, or ``images per class`` (class-conditional)."""
+    return "images per class" if module.num_classes is not None else "images"
+
+
+def read_fields(module: DiffusionModule, sampler: str, steps, seed, count, options: dict | None = None, classes=None,
+                max_count: int = 64) -> tuple[dict, dict[str, str]]:
+    """The fields as :func:`generate` draws with them (``steps``, ``count``: ints; ``seed``: an int, a new random
+    one for -1; ``options``: each control's value; ``classes``: :func:`chosen_classes`), and a one-line message per
+    bad field (``sampler``, ``steps``, ``count``, ``seed``, a control's name, ``classes``), in that order; the
+    options are checked only for a known sampler, an option it does not take first."""
+    from diffusion.checks import check_whole
+
+    values, errors = {}, {}
+
+    def read(name, check):
+        try:
+            values[name] = check()
+        except ValueError as err:
+            errors[name] = str(err)
+
+    names = sampler_names(module)
+    if sampler not in names:
+        errors["sampler"] = f"sampler={sampler!r} is invalid: allowed values are {', '.join(names)}"
+    read("steps", lambda: check_whole("steps", steps, 1, module.process.num_timesteps))
+    read("count", lambda: check_whole(count_field(module), count, 1, max_count))
+    read("seed", lambda: check_seed(seed))
+    if sampler in names:
+        controls = {c.name: c for c in controls_of(module, sampler)}
+        options = dict(options or {})
+        for name in sorted(set(options) - set(controls)):
+            errors[name] = (f"sampler {sampler} has no control {name!r} on this page: it takes "
+                            f"{', '.join(controls) or 'none'}")
+        checked = {}
+        for name, value in options.items():
+            if name in controls:
+                try:
+                    checked[name] = controls[name].check(value)
+                except ValueError as err:
+                    errors[name] = str(err)
+        values["options"] = checked
+    read("classes", lambda: chosen_classes(module, classes))
+    return values, errors
+
+
+def check_fields(module: DiffusionModule, sampler: str, steps, seed, count, options: dict | None = None, classes=None,
+                 max_count: int = 64) -> dict[str, str]:
+    """A one-line message per bad field (field -> message: ``sampler``, ``steps``, ``count``, ``seed``, a control's
+    name, ``classes``), empty when all are fine: the checks :func:`generate` makes before any work."""
+    return read_fields(module, sampler, steps, seed, count, options, classes, max_count)[1]
 
 
 def generate(module: DiffusionModule, sampler: str, steps, seed, count, options: dict | None = None, classes=None,
@@ -201,15 +217,12 @@ def generate(module: DiffusionModule, sampler: str, steps, seed, count, options:
     Every value is checked before any work (one-line ValueError naming it and what is allowed). A class-conditional
     model: ``classes`` None or a list holding ``"all"`` is every class; the grid has one named row per class and the
     strip follows the first image of each class (:func:`strip_order`). ``progress(done, total)``: after each call."""
-    names = sampler_names(module)
-    if sampler not in names:
-        raise ValueError(f"sampler={sampler!r} is invalid: allowed values are {', '.join(names)}")
-    T = module.process.num_timesteps
-    steps = check_whole("steps", steps, 1, T)
-    count = check_whole("images per class" if module.num_classes is not None else "images", count, 1, max_count)
-    seed = check_seed(seed)
-    options = check_options(module, sampler, options)
-    labels_of = chosen_classes(module, classes)
+    from diffusion.reproduce import grid_settings
+
+    values, errors = read_fields(module, sampler, steps, seed, count, options, classes, max_count)
+    if errors:
+        raise ValueError(next(iter(errors.values())))
+    steps, count, seed, options, labels_of = (values[k] for k in ("steps", "count", "seed", "options", "classes"))
     own = sampler == sampler_name(module.hparams.sampler)  # the trained sampler keeps its own settings
     chosen = module.named_sampler(None if own else sampler, steps, **options)
     labels = None if labels_of is None else labels_of.repeat_interleave(count)  # class by class: one row each
@@ -248,19 +261,15 @@ def generate(module: DiffusionModule, sampler: str, steps, seed, count, options:
         parts.append("all" if len(chosen_list) == module.num_classes else "classes-" + "-".join(map(str, chosen_list)))
         parts.append(f"w-{chosen.guidance_scale:g}")
     parts += [f"seed-{seed}", f"n-{count}"]
-    sampler_options = {"num_steps": steps, **options}
-    settings = {"Software": "diffusion.app", "ckpt": str(ckpt), "weights": "EMA" if ema and module.has_ema else "raw",
-                "sampler": sampler, **{f"sampler.{k}": v for k, v in sampler_options.items()}, "seed": seed,
-                "n": count, "batch_size": n, "description": chosen.describe()}
-    if labels is not None:
-        settings["classes"] = str(labels_of.tolist())
-    settings["command"] = reproduce_command(ckpt, ema, own, sampler, sampler_options, seed, count,
-                                            None if labels is None else labels_of.tolist())
-    return Generated(grid, strip, summary, seed, "_".join(parts), settings)
+    settings = grid_settings("diffusion.app", ckpt, ema, module.has_ema, sampler, own, {"num_steps": steps, **options},
+                             seed, count, n, chosen.describe(), None if labels is None else labels_of.tolist())
+    return Generated(grid, strip, summary, seed, "_".join(parts), settings)  # one batch of all n: batch_size n
 
 
 def steps_info(module: DiffusionModule, name: str, steps) -> str:
     """What ``steps`` mean for sampler ``name``: its network calls per image (every timestep for a full chain)."""
+    from diffusion.checks import check_whole
+
     try:
         steps = check_whole("steps", steps, 1, module.process.num_timesteps)
         sampler = module.named_sampler(None if name == sampler_name(module.hparams.sampler) else name, steps)
@@ -328,11 +337,16 @@ def build_app(module: DiffusionModule, ckpt: str = "", max_count: int = 64, stri
     downloads = Path(downloads or tempfile.mkdtemp(prefix="diffusion-app-"))
     downloads.mkdir(parents=True, exist_ok=True)
 
-    def request(sampler, steps, seed, count, values, classes, progress=None) -> Generated:
+    def fields(sampler, values, classes) -> tuple[dict, list | None]:
+        """The page's widget values as :func:`generate` takes them: the chosen sampler's controls, the classes."""
         own = {c.name for c in controls_of(module, sampler)} if sampler in names else set()
         options = {name: value for name, value in zip(controls, values) if name in own}
-        return generate(module, sampler, steps, seed, count, options, picked_classes(classes) if conditional else None,
-                        strip_images, strip_points, ckpt=ckpt, ema=ema, max_count=max_count, progress=progress)
+        return options, picked_classes(classes) if conditional else None
+
+    def request(sampler, steps, seed, count, values, classes, progress=None) -> Generated:
+        options, classes = fields(sampler, values, classes)
+        return generate(module, sampler, steps, seed, count, options, classes, strip_images, strip_points, ckpt=ckpt,
+                        ema=ema, max_count=max_count, progress=progress)
 
     def run(sampler, steps, seed, count, *rest, progress=gr.Progress()):
         values, classes = (rest[:-1], rest[-1]) if conditional else (rest, None)
@@ -348,23 +362,10 @@ def build_app(module: DiffusionModule, ckpt: str = "", max_count: int = 64, stri
     def validate(sampler, steps, seed, count, *rest):
         """One message per field, shown beside it before any work (the same checks as :func:`generate`'s)."""
         values, classes = (rest[:-1], rest[-1]) if conditional else (rest, None)
-        count_name = "images per class" if conditional else "images"
-        checks = [lambda: sampler in names or (_ for _ in ()).throw(ValueError(
-                      f"sampler={sampler!r} is invalid: allowed values are {', '.join(names)}")),
-                  lambda: check_whole("steps", steps, 1, T), lambda: check_seed(seed),
-                  lambda: check_whole(count_name, count, 1, max_count)]
-        own = {c.name for c in controls_of(module, sampler)} if sampler in names else set()
-        checks += [(lambda c=c, v=v: c.check(v) if c.name in own else None) for c, v in zip(controls.values(), values)]
-        if conditional:
-            checks.append(lambda: chosen_classes(module, picked_classes(classes)))
-        results = []
-        for check in checks:
-            try:
-                check()
-                results.append(gr.validate(True, ""))
-            except ValueError as err:
-                results.append(gr.validate(False, str(err)))
-        return results
+        options, classes = fields(sampler, values, classes)
+        errors = check_fields(module, sampler, steps, seed, count, options, classes, max_count)
+        order = ["sampler", "steps", "seed", "count", *controls] + (["classes"] if conditional else [])  # the inputs'
+        return [gr.validate(name not in errors, errors.get(name, "")) for name in order]
 
     with gr.Blocks(title="diffusion: sample a checkpoint", delete_cache=(3600, 3600)) as demo:
         what = f", {module.num_classes} classes" if conditional else ""

@@ -2,8 +2,9 @@
 
 Loads any checkpoint of this framework without its training config (EMA weights unless ``ema=false``), draws
 ``n`` images in batches with a progress bar, and writes ``grid.png`` (the images enlarged by an integer factor,
-nearest neighbour, to >= 64 px each, white padding) and ``samples.npz`` (``samples``: the raw uint8 N x H x W x C)
-into the run's output directory. The same seed, ``n`` and ``batch_size`` give the same images.
+nearest neighbour, to >= 64 px each, white padding; its PNG text holds the settings and ``command``, the line that
+draws it again) and ``samples.npz`` (``samples``: the raw uint8 N x H x W x C) into the run's output directory. The
+same seed, ``n`` and ``batch_size`` give the same images.
 
 A class-conditional checkpoint (trained with ``data.conditional=true``) draws ``n`` images of each of ``classes``
 (``all``, the default, or a list such as ``[3,7]``), one row per class in ``grid.png`` (named by the class), with
@@ -103,19 +104,32 @@ def check_guidance(module: DiffusionModule, sampler, cfg: DictConfig) -> None:
                          "is unconditional (trained without data.conditional=true), so there is nothing to guide")
 
 
-def settings(cfg: DictConfig, module: DiffusionModule, sampler, n: int, labels: torch.Tensor | None) -> dict:
-    """What drew a grid, as ``diffusion.sample`` options (the PNG's text chunks: ``PIL.Image.open(p).text``): passing
-    them again (``ckpt=... sampler.num_steps=... seed=... n=... batch_size=...``) draws the same pixels."""
-    text = {"Software": "diffusion.sample", "ckpt": str(cfg.ckpt), "weights": "EMA" if cfg.ema and module.has_ema else "raw",
-            "sampler": getattr(sampler, "name", type(sampler).__name__), "sampler.num_steps": sampler.num_steps,
-            "seed": cfg.seed, "n": n if labels is None else n // max(1, len(set(labels.tolist()))),
-            "batch_size": cfg.batch_size, "description": sampler.describe()}
+def settings(cfg: DictConfig, module: DiffusionModule, sampler, n: int, classes: torch.Tensor | None) -> dict:
+    """What drew a grid (the PNG's text chunks: ``PIL.Image.open(p).text``), as ``diffusion.sample`` options
+    (:func:`diffusion.reproduce.grid_settings`): the sampler's steps, its eta, the guidance of a class-conditional
+    model and every sampler setting given, and ``command``, the ``python -m diffusion.sample`` line that draws the
+    same pixels (the same ``ckpt=... sampler.num_steps=... seed=... n=... batch_size=...``). ``n``: the images (of
+    each of ``classes``, in their grid order, for a class-conditional model)."""
+    from diffusion.reproduce import grid_settings
+    from diffusion.samplers.registry import sampler_config
+
+    config = OmegaConf.to_container(cfg.sampler, resolve=True)
+    own = "_target_" not in config  # no sampler=<name>: the checkpoint's own, with the settings given
+    name = getattr(sampler, "name", type(sampler).__name__)
+    options = {"num_steps": sampler.num_steps}
     if hasattr(sampler, "eta"):
-        text["sampler.eta"] = sampler.eta
-    if labels is not None:
-        text["classes"] = str(sorted(set(labels.tolist())))
-        text["sampler.guidance_scale"], text["sampler.guidance_rescale"] = sampler.guidance_scale, sampler.guidance_rescale
-    return text
+        options["eta"] = sampler.eta
+    if classes is not None:
+        options["guidance_scale"], options["guidance_rescale"] = sampler.guidance_scale, sampler.guidance_rescale
+    defaults = {} if own else sampler_config(name)  # sampler=<name>: the settings changed from its yaml's
+    for key, value in config.items():
+        if not key.startswith("_") and value is not None and key not in options and (own or value != defaults.get(key)):
+            options[key] = value
+    extra = {} if cfg.get("nrow") is None else {"nrow": cfg.nrow}  # the grid's layout
+    if cfg.get("trust_checkpoint"):
+        extra["trust_checkpoint"] = "true"
+    return grid_settings("diffusion.sample", cfg.ckpt, cfg.ema, module.has_ema, name, own, options, cfg.seed, n,
+                         cfg.batch_size, sampler.describe(), None if classes is None else classes.tolist(), extra)
 
 
 def sample(cfg: DictConfig) -> Path:
@@ -147,7 +161,8 @@ def sample(cfg: DictConfig) -> Path:
     else:
         names = [module.class_names[k] for k in classes.tolist()]
         grid = class_rows_image(images, n_each, names, f"{sampler.describe()}, seed {cfg.seed}")
-    save_png(grid, out / "grid.png", settings(cfg, module, sampler, n, labels))  # what made it, in its text chunks
+    text = settings(cfg, module, sampler, n if labels is None else n_each, classes)
+    save_png(grid, out / "grid.png", text)  # what made it, and the command that draws it again, in its text chunks
     arrays = {"samples": to_uint8(images).permute(0, 2, 3, 1).numpy()}
     if labels is not None:
         arrays["labels"] = labels.numpy()

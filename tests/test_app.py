@@ -104,6 +104,43 @@ def test_every_field_is_checked_before_any_work(ckpt, field, value, text, monkey
         generate(module, **request)
 
 
+def test_the_page_and_generate_check_the_fields_with_one_function(ckpt, monkeypatch):
+    """check_fields gives each bad field its one-line message (the first is what generate raises); the page's
+    validator shows each beside its field, in the inputs' order, and nothing for a hidden sampler's controls."""
+    from diffusion.app import build_app, check_fields
+
+    module = DiffusionModule.from_checkpoint(ckpt)
+    monkeypatch.setattr(module, "sample", lambda *a, **k: pytest.fail("sampled before the fields were checked"))
+    assert check_fields(module, "ddim", 3, 0, 2, {"eta": 0.5}) == {}
+    errors = check_fields(module, "ddim", 2.5, "7", 65, {"eta": 1.5, "order": 2, "spacing": "leading"})
+    assert errors == {"steps": "steps=2.5 is invalid: it must be a whole number in [1, 1000]",
+                      "count": "images=65 is invalid: it must be a whole number in [1, 64]",
+                      "seed": "seed='7' is invalid: it must be a whole number in [0, 2^63 - 1], or -1 for a random seed",
+                      "order": "sampler ddim has no control 'order' on this page: it takes eta, spacing",
+                      "eta": "sampler eta=1.5 is invalid: it must be a number in [0, 1]"}
+    with pytest.raises(ValueError, match=re.escape(errors["steps"]) + "$"):  # generate: the first message
+        generate(module, "ddim", 2.5, "7", 65, {"eta": 1.5, "order": 2})
+    assert check_fields(module, "cold", 3, 0, 2, {"order": 9}) == {  # an unknown sampler: its options are not read
+        "sampler": f"sampler='cold' is invalid: allowed values are {', '.join(sampler_names(module))}"}
+    assert check_fields(module, "ddim", 3, 0, 2, classes=[1]) == {
+        "classes": "classes=[1] is invalid: this model is unconditional (trained without data.conditional=true); "
+                   "sample it without classes"}
+    demo = build_app(module, str(ckpt))
+    (validate,) = {f.validator for f in demo.fns.values() if getattr(f, "validator", None) is not None}
+    parts = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}
+    order = [b.elem_id for b in demo.blocks.values() if getattr(b, "elem_id", None) in
+             {"eta", "spacing", "order", "algorithm_type", "sigmas", "s_churn"}]
+    values = {k: parts[k].value for k in order} | {"eta": 1.5, "order": 7}  # order: dpmsolver++'s, hidden for ddim
+    results = validate("ddim", 3, 2.5, 0, *[values[k] for k in order])
+    messages = dict(zip(["sampler", "steps", "seed", "count", *order], results))
+    assert {k: r["message"] for k, r in messages.items() if not r["is_valid"]} == {
+        "seed": "seed=2.5 is invalid: it must be a whole number in [0, 2^63 - 1], or -1 for a random seed",
+        "count": "images=0 is invalid: it must be a whole number in [1, 64]",
+        "eta": "sampler eta=1.5 is invalid: it must be a number in [0, 1]"}
+    assert all(r == {"__type__": "validate", "is_valid": True, "message": ""} for r in results if r["is_valid"])
+    assert len(results) == 4 + len(order)
+
+
 def test_each_sampler_shows_the_controls_it_takes_from_the_registry(ckpt):
     """The page's widgets are the registry's controls (each class's ``controls``): the chosen sampler's are visible,
     at its defaults (the checkpoint's own for its trained sampler); the steps say what they cost."""

@@ -169,3 +169,56 @@ def test_grid_png_carries_its_settings_and_they_draw_it_again(ckpt, tmp_path):
     sample(compose_cfg(*again, f"paths.output_dir={tmp_path / 'b'}", config_name="sample"))
     with Image.open(tmp_path / "b" / "grid.png") as image:
         assert np.array_equal(np.asarray(image), pixels)
+
+
+@pytest.mark.parametrize("checkpoint, overrides, command", [
+    # the checkpoint's own sampler (ddim, eta 0): its eta is not in sample.yaml's sampler, so it is added with +
+    ("ckpt", ["n=3", "seed=7", "batch_size=2", "sampler.num_steps=2"],
+     ["sampler.num_steps=2", "+sampler.eta=0.0", "seed=7", "n=3", "batch_size=2"]),
+    # sampler=<name>: its steps and eta, and the settings changed from its yaml; the raw weights, the grid's columns
+    ("ckpt", ["sampler=ddim", "sampler.num_steps=3", "sampler.eta=0.5", "sampler.spacing=trailing", "n=2", "seed=1",
+              "batch_size=1", "ema=false", "nrow=1"],
+     ["sampler=ddim", "sampler.num_steps=3", "sampler.eta=0.5", "sampler.spacing=trailing", "seed=1", "n=2",
+      "batch_size=1", "ema=false", "nrow=1"]),
+    # a class-conditional checkpoint: its guidance, and the classes in their rows' order
+    ("cond_ckpt", ["classes=[7,3]", "n=1", "sampler.num_steps=2", "sampler.guidance_scale=2", "batch_size=2"],
+     ["sampler.num_steps=2", "+sampler.eta=0.0", "sampler.guidance_scale=2.0", "sampler.guidance_rescale=0.0",
+      "seed=0", "n=1", "batch_size=2", "classes=[7,3]"]),
+])
+def test_grid_png_command_draws_the_same_pixels_again(checkpoint, overrides, command, request, tmp_path):
+    """grid.png's ``command`` text is the exact ``python -m diffusion.sample`` line of its settings, and running it
+    writes the same grid.png and samples.npz."""
+    import shlex
+
+    import numpy as np
+    from PIL import Image
+
+    from diffusion.sample import sample
+    from tests.test_errors import compose_cfg
+
+    path = request.getfixturevalue(checkpoint)
+    sample(compose_cfg(f"ckpt={path}", *overrides, f"paths.output_dir={tmp_path / 'a'}", config_name="sample"))
+    with Image.open(tmp_path / "a" / "grid.png") as image:
+        text, pixels = dict(image.text), np.asarray(image)
+    assert text["command"] == shlex.join(["python", "-m", "diffusion.sample", f"ckpt={path}", *command])
+    args = shlex.split(text["command"])[3:]
+    sample(compose_cfg(*args, f"paths.output_dir={tmp_path / 'b'}", config_name="sample"))
+    with Image.open(tmp_path / "b" / "grid.png") as image:
+        assert np.array_equal(np.asarray(image), pixels) and image.text["command"] == text["command"]
+    first, second = (np.load(tmp_path / d / "samples.npz") for d in "ab")
+    assert np.array_equal(first["samples"], second["samples"]) and first["samples"].std() > 0
+    if "labels" in first:
+        assert first["labels"].tolist() == second["labels"].tolist() == [7, 3]
+
+def test_the_own_sampler_settings_of_sample_yaml_are_those_the_command_sets_without_plus():
+    """grid.png's command sets the checkpoint's own sampler's settings that conf/sample.yaml holds plainly, any other
+    with ``+`` (Hydra refuses a plain override of a key the config does not have)."""
+    from pathlib import Path
+
+    import yaml
+
+    from diffusion.reproduce import OWN_SAMPLER_KEYS
+    from diffusion.runtime import CONFIG_DIR
+
+    config = yaml.safe_load((Path(CONFIG_DIR) / "sample.yaml").read_text())
+    assert tuple(config["sampler"]) == OWN_SAMPLER_KEYS

@@ -191,3 +191,35 @@ def test_bad_sampler_settings_raise(process, make, text):
     with pytest.raises(ValueError) as err:
         make(process)
     assert text in str(err.value)
+
+
+@pytest.mark.parametrize("value, text", [
+    (0, "sampler num_steps=0 is invalid: it must be an integer in [1, T=1000]"),
+    (1001, "sampler num_steps=1001 is invalid: it must be an integer in [1, T=1000]"),
+    (3.0, "sampler num_steps=3.0 is invalid: it must be an integer in [1, T=1000]"),  # a config's value: ints only
+    (True, "sampler num_steps=True is invalid: it must be an integer in [1, T=1000]"),
+    (10**400, "sampler num_steps=1000000"),  # no float overflow on the way
+])
+def test_num_steps_is_an_int_in_1_to_T(process, value, text):
+    """check_num_steps refuses all but an int in [1, T] (a config's value: 3.0 too), in its own words."""
+    from diffusion.samplers.base import check_num_steps
+
+    with pytest.raises(ValueError) as err:
+        DDIMSampler(process, num_steps=value)
+    assert str(err.value).startswith(text)
+    with pytest.raises(ValueError) as err:
+        check_num_steps(value, 1000)
+    assert str(err.value).startswith(text)
+    assert check_num_steps(7, 1000) == 7
+
+
+def test_whole_numbers_from_the_page():
+    """A page's number field sends floats: 3.0 is 3; 2.5, nan, inf, a string, None and a bool are refused."""
+    from diffusion.checks import check_whole
+
+    assert check_whole("steps", 3.0, 1, 1000) == 3 and type(check_whole("steps", 3.0, 1, 1000)) is int
+    with pytest.raises(ValueError, match=r"^steps=2\.5 is invalid: it must be a whole number in \[1, 1000\]$"):
+        check_whole("steps", 2.5, 1, 1000)
+    for bad in (float("nan"), float("inf"), "3", None, False):
+        with pytest.raises(ValueError, match="is invalid: it must be a whole number in"):
+            check_whole("steps", bad, 1, 1000)

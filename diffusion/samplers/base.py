@@ -32,7 +32,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from diffusion.checks import check_choice
+from diffusion.checks import check_choice, check_whole
 from diffusion.samplers.controls import SPACING_CONTROL, SPACINGS, Control  # noqa: F401 - also imported from here
 from diffusion.objectives import eps_from_x0, to_x0_eps
 from diffusion.processes.base import randn
@@ -45,11 +45,9 @@ __all__ = ["Sampler", "StepOutput", "SampleOutput", "Control", "make_timesteps",
            "check_number", "SPACINGS", "Model"]
 
 
-
 def check_num_steps(num_steps, T: int, name: str = "sampler num_steps") -> int:
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= T:
-        raise ValueError(f"{name}={num_steps!r} is invalid: it must be an integer in [1, T={T}]")
-    return num_steps
+    """An int in [1, T] (a config's value: 3.0 is refused), or a one-line ValueError naming it."""
+    return check_whole(name, num_steps, 1, T, floats=False, high_text=f"T={T}")
 
 
 def check_nfe(nfe) -> int:

@@ -15,7 +15,8 @@ SPACINGS = ("leading", "trailing", "linspace", "quadratic")
 @dataclass(frozen=True)
 class Control:
     """One option of a sampler that a person tunes by hand (the sampling page draws one widget per control): a
-    number in [``minimum``, ``maximum``] on a grid of ``step`` (``integer`` for whole numbers) or one of ``choices``.
+    number in [``minimum``, ``maximum``] on a grid of ``step``, or one of ``choices`` (whole-number options, like
+    DPM-Solver's order, are choices).
     The default value is the sampler's yaml's (or a checkpoint's own sampler config's)."""
 
     name: str
@@ -24,7 +25,6 @@ class Control:
     maximum: float | None = None
     step: float | None = None
     choices: tuple | None = None
-    integer: bool = False
 
     def check(self, value: Any) -> Any:
         """``value`` as the sampler takes it, or a one-line ValueError naming it and what is allowed."""
@@ -34,13 +34,10 @@ class Control:
                                  f"{', '.join(map(str, self.choices))}")
             return value
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        if ok and self.integer:
-            ok = float(value).is_integer()
         if not ok or not self.minimum <= value <= self.maximum:
-            kind = "a whole number" if self.integer else "a number"
-            raise ValueError(f"sampler {self.name}={value!r} is invalid: it must be {kind} in "
+            raise ValueError(f"sampler {self.name}={value!r} is invalid: it must be a number in "
                              f"[{self.minimum:g}, {self.maximum:g}]")
-        return int(value) if self.integer else float(value)
+        return float(value)
 
 
 #: the timestep grids of the discrete-time samplers, as a control
