@@ -27,19 +27,21 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
-import torch
 from omegaconf import DictConfig
 from PIL import Image
 
 from diffusion.grids import grid_image, labelled_grid_image, plural, save_png
-from diffusion.module import DiffusionModule
 from diffusion.runtime import CONFIG_DIR, UsageError, build_or_usage_error, exits_on_usage_error, require_ckpt
-from diffusion.sample import resolve_device
-from diffusion.samplers.guidance import check_labels
 from diffusion.samplers.registry import sampler_config, sampler_controls, sampler_name
 from diffusion.samplers.registry import sampler_names as registered_names
+
+if TYPE_CHECKING:  # torch and the module load once the settings that need no checkpoint have passed
+    import torch
+
+    from diffusion.module import DiffusionModule
 
 log = logging.getLogger("diffusion.app")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is first imported: no usage reports
@@ -83,6 +85,10 @@ def chosen_classes(module: DiffusionModule, classes) -> torch.Tensor | None:
     """The class indices to draw: every class for None or a choice holding ``"all"`` (a class-conditional model),
     None for an unconditional model without classes; a one-line ValueError for an empty choice, classes the model
     does not have, or classes for an unconditional model."""
+    import torch
+
+    from diffusion.samplers.guidance import check_labels
+
     if module.num_classes is None:
         if classes is None:
             return None
@@ -217,6 +223,8 @@ def generate(module: DiffusionModule, sampler: str, steps, seed, count, options:
     Every value is checked before any work (one-line ValueError naming it and what is allowed). A class-conditional
     model: ``classes`` None or a list holding ``"all"`` is every class; the grid has one named row per class and the
     strip follows the first image of each class (:func:`strip_order`). ``progress(done, total)``: after each call."""
+    import torch
+
     from diffusion.reproduce import grid_settings
 
     values, errors = read_fields(module, sampler, steps, seed, count, options, classes, max_count)
@@ -476,6 +484,9 @@ def main(cfg: DictConfig) -> None:
         import gradio as gr
     except ImportError as exc:
         raise UsageError('the app needs gradio: pip install -e ".[app]"') from exc
+    from diffusion.module import DiffusionModule  # every check above needs no torch: a typo answers at once
+    from diffusion.sample import resolve_device
+
     module = build_or_usage_error("ckpt", lambda: DiffusionModule.from_checkpoint(cfg.ckpt, ema=cfg.ema,
                                                                                  trust=cfg.get("trust_checkpoint", False)))
     module = module.to(resolve_device(cfg.device))

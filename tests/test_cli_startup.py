@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -23,7 +25,8 @@ HEAVY = ("torch", "lightning", "wandb", "torchvision", "scipy", "matplotlib", "g
 #: runs each case as ``python -m <cli> <args>`` would, in this one process, and reports its exit status, its last
 #: line on stderr, the length of its stdout and the heavy packages imported so far
 DRIVER = r"""
-import contextlib, io, json, runpy, sys
+import contextlib, io, json, runpy, sys, warnings
+warnings.filterwarnings("ignore", message=".*found in sys.modules after import of package")  # the CLIs import each other
 heavy, cases, report = {heavy!r}, json.loads(sys.argv[1]), []
 for argv in cases:
     sys.argv = list(argv)
@@ -57,7 +60,7 @@ def test_every_cli_answers_help_without_torch(tmp_path):
         assert case["heavy"] == [], f"diffusion.{cli} --help imported {case['heavy']}"
         assert "Powered by Hydra" in case["stdout"] and "== Config ==" in case["stdout"], cli  # Hydra's help, in full
     train = report[0]["stdout"]
-    assert "schedule: continuous_cosine, cosine, linear, quadratic, sigmoid" in train  # the groups it lists
+    assert "schedule: blur, continuous_cosine, cosine, linear, quadratic, sigmoid" in train  # the groups it lists
     assert "sampler: cold, ddim, ddpm, dpmsolver++, euler, euler_ancestral, heun, plms, pndm, unipc" in train
 
 
@@ -97,6 +100,7 @@ def refused(tmp_path) -> list[tuple[list[str], str]]:
         (["diffusion.compare", out, f"ckpt={ckpt}", "nfe=[0]"], "nfe=[0] is invalid: it must be a list of distinct positive"),
         (["diffusion.export", out, f"ckpt={ckpt}", "format=onnx"], "format='onnx' is invalid: allowed values are safetensors, diffusers"),
         (["diffusion.app", out, f"ckpt={ckpt}", "port=0"], "port=0 is invalid: it must be an integer in [1, 65535]"),
+        (["diffusion.app", out], "ckpt is required: pass ckpt=<path to a checkpoint written by python -m diffusion.train>"),
         (["diffusion.figures", out, "figure=bogus"], "figure='bogus' is invalid: allowed values are schedules, forward, reverse"),
         (["diffusion.report", out, "sweep=/nonexistent"], "sweep=/nonexistent does not exist or is not a directory"),
     ]
@@ -110,7 +114,8 @@ def test_a_refused_setting_answers_in_one_line_before_torch(tmp_path):
         assert case["code"] == 2, (argv, case["stderr"])
         assert len(case["stderr"]) == 1 and case["stderr"][0].startswith(f"error: {line}"), (argv, case["stderr"])
         assert case["heavy"] == [], f"{' '.join(argv)} imported {case['heavy']} before refusing"
-    assert not (tmp_path / "run").exists()  # nothing written
+    run = tmp_path / "run"  # Hydra makes the run directory before the task starts: nothing is written into it
+    assert not run.exists() or not any(run.iterdir())
 
 
 def test_the_network_checks_are_the_networks_own():
@@ -132,3 +137,16 @@ def test_the_network_checks_are_the_networks_own():
     with pytest.raises(ValueError, match="model activation='tanh' is invalid"):
         SimpleUNet(activation="tanh")
     check_network({"_target_": "my.own.Network", "width": -1})  # a user's network: its own constructor judges it
+
+
+def test_the_startup_benchmark_writes_its_table(tmp_path):
+    """``experiments/cli_startup.py`` (the README's Start-up table): one row per CLI asked for, with both timings,
+    and the floors (``import torch``, a bare Hydra app)."""
+    out = tmp_path / "startup.md"
+    script = Path(__file__).resolve().parents[1] / "experiments" / "cli_startup.py"
+    subprocess.run([sys.executable, str(script), "--repeats", "1", "--only", "report", "--out", str(out)], check=True,
+                   capture_output=True, text=True, timeout=300)
+    rows = out.read_text().strip().splitlines()
+    assert rows[0] == "| command | `--help` | a refused setting |" and len(rows) == 5
+    assert re.fullmatch(r"\| `import torch` \| \d+\.\d\d s \|  \|", rows[2]), rows[2]
+    assert re.fullmatch(r"\| `python -m diffusion.report` \| \d+\.\d\d s \| \d+\.\d\d s \(`sweep=/nonexistent`\) \|", rows[4]), rows[4]
