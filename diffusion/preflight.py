@@ -28,17 +28,32 @@ if TYPE_CHECKING:
 
 
 def check_config(cfg: DictConfig) -> None:
-    """What ``diffusion.train`` refuses before it imports torch: ``model.*`` (this framework's networks, with the
-    data's ``image_size``), ``optimizer.lr``, the form of ``trainer.devices``, and an ``init_from`` that does not
-    exist."""
-    from diffusion.models.settings import check_network
+    """What ``diffusion.train`` refuses before it imports torch, each by the class's own checks: ``schedule.*``,
+    the data modules' shared ``data.*``, ``model.*`` (this framework's networks, at the data's ``image_size``; only
+    the speed switches with ``init_from``, whose network is used), then ``optimizer.lr``, the form of
+    ``trainer.devices``, and an ``init_from`` that does not exist."""
+    from diffusion.models.settings import SPEED_KEYS, check_network
 
+    schedule = cfg.get("schedule")
+    if schedule is not None and str(schedule.get("_target_", "")).startswith("diffusion.schedules."):
+        from hydra.utils import instantiate  # the schedule classes load without torch: their own checks, at once
+
+        build_or_usage_error("schedule", lambda: instantiate(schedule))
+    data = cfg.get("data")
+    if data is not None and str(data.get("_target_", "")).startswith("diffusion.data."):
+        import inspect
+
+        from diffusion.data.settings import check_data
+
+        shared = {k: v for k, v in OmegaConf.to_container(data, resolve=True).items()
+                  if k in inspect.signature(check_data).parameters}
+        build_or_usage_error("data", lambda: check_data(**shared))
     image_size = cfg.data.get("image_size") if "data" in cfg else None
     known = isinstance(image_size, int) and not isinstance(image_size, bool) and image_size >= 1
-    try:
-        check_network(OmegaConf.to_container(cfg.model, resolve=True), image_size if known else None)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from exc
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    if cfg.get("init_from") is not None:  # the source's network: this run's speed switches only
+        model = {k: v for k, v in model.items() if k in SPEED_KEYS}
+    build_or_usage_error("model", lambda: check_network(model, image_size if known else None))
     check_lr(cfg.optimizer)
     check_device_list(cfg.trainer.get("devices"))
     if cfg.get("init_from") is not None and not Path(str(cfg.init_from)).exists():  # ckpt_path: check_resume_and_outputs

@@ -79,6 +79,24 @@ def register_resolvers() -> None:
 register_resolvers()
 
 
+def share_config_store() -> None:
+    """Make Hydra share its ConfigStore (a process-wide singleton) instead of deep-copying it.
+
+    Each ``CachingConfigRepository`` deep-copies its repository, and with it the StructuredConfigSource's reference
+    to ``ConfigStore.instance()``: every structured config Hydra and its plugins registered (the Hydra schema, the
+    submitit launchers, the Optuna sweeper and samplers). ``--help`` builds one such repository per config group it
+    lists (about 125 here), which took 1.3 s of a 2.4 s ``python -m diffusion.train --help``; a sweep builds one per
+    job. Reading from the store already copies what it returns (``ConfigStore.load``), so sharing it changes no
+    config: Hydra itself moved to always using the live singleton (facebookresearch/hydra#2928, after 1.3.x). The
+    help texts with and without this are compared in tests/test_cli_startup.py."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.__deepcopy__ = lambda self, memo: self
+
+
+share_config_store()
+
+
 # ----------------------------------------------------------------------------------------------- Hydra + DDP
 def hydra_job():
     """The HydraConfig of this job, or None outside ``@hydra.main``."""

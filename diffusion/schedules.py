@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # the classes and their checks load without torch (diffusion.train checks schedule.* before it)
+    import torch
 
 __all__ = [
     "NoiseSchedule",
@@ -82,6 +84,8 @@ def compute_table(
     A schedule defined by its signal/noise rates (continuous cosine) may pass them directly so that they are not
     recomputed through ``sqrt(1 - alphas_cumprod)`` with its cancellation error.
     """
+    import torch
+
     betas = torch.as_tensor(betas, dtype=torch.float64)
     if betas.ndim != 1 or betas.numel() < 1:
         raise ValueError(f"betas must be a non-empty 1-D tensor, got shape {tuple(betas.shape)}")
@@ -164,6 +168,8 @@ class LinearSchedule(_BetaRangeSchedule):
     """Ho et al. (2020): betas linear from ``beta_start`` to ``beta_end``."""
 
     def betas(self) -> torch.Tensor:
+        import torch
+
         return torch.linspace(self._scaled(self.beta_start), self._scaled(self.beta_end), self.T, dtype=torch.float64)
 
 
@@ -171,6 +177,8 @@ class QuadraticSchedule(_BetaRangeSchedule):
     """Linear in sqrt(beta) ("quad" in Ho et al.'s code, "scaled_linear" in diffusers)."""
 
     def betas(self) -> torch.Tensor:
+        import torch
+
         lo, hi = math.sqrt(self._scaled(self.beta_start)), math.sqrt(self._scaled(self.beta_end))
         return torch.linspace(lo, hi, self.T, dtype=torch.float64) ** 2
 
@@ -179,6 +187,8 @@ class SigmoidSchedule(_BetaRangeSchedule):
     """Sigmoid of linspace(-6, 6) mapped onto [beta_start, beta_end] (Ho et al.'s code, GeoDiff)."""
 
     def betas(self) -> torch.Tensor:
+        import torch
+
         lo, hi = self._scaled(self.beta_start), self._scaled(self.beta_end)
         return torch.sigmoid(torch.linspace(-6, 6, self.T, dtype=torch.float64)) * (hi - lo) + lo
 
@@ -198,10 +208,14 @@ class CosineSchedule(NoiseSchedule):
 
     def alpha_bar(self, u: torch.Tensor) -> torch.Tensor:
         """The continuous alpha_bar at diffusion time ``u = t / T`` in [0, 1]."""
+        import torch
+
         f = torch.cos((u + self.s) / (1 + self.s) * math.pi / 2) ** 2
         return f / math.cos(self.s / (1 + self.s) * math.pi / 2) ** 2
 
     def betas(self) -> torch.Tensor:
+        import torch
+
         u = torch.arange(self.T + 1, dtype=torch.float64) / self.T
         abar = self.alpha_bar(u)
         return (1 - abar[1:] / abar[:-1]).clamp(max=self.max_beta)
@@ -227,16 +241,22 @@ class ContinuousCosineSchedule(NoiseSchedule):
             )
 
     def angles(self) -> torch.Tensor:
+        import torch
+
         start, end = math.acos(self.max_signal_rate), math.acos(self.min_signal_rate)
         return torch.linspace(start, end, self.T, dtype=torch.float64)
 
     def betas(self) -> torch.Tensor:
+        import torch
+
         abar = torch.cos(self.angles()) ** 2
         prev = torch.cat([abar.new_ones(1), abar[:-1]])
         # max_signal_rate = 1 would make beta_0 = 0; floor it so that every derived quantity stays finite.
         return (1 - abar / prev).clamp(min=1e-12, max=0.999)
 
     def table(self) -> ScheduleTable:
+        import torch
+
         theta = self.angles()
         betas = self.betas()
         if float(betas.max()) >= 0.999 or self.max_signal_rate == 1.0:

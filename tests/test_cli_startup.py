@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from diffusion.data import ImageDataModule
+from diffusion.data.settings import check_data
 from diffusion.models import SimpleUNet, UNet
 from diffusion.models.settings import check_network, check_simple_unet, check_unet
 
@@ -26,6 +28,7 @@ HEAVY = ("torch", "lightning", "wandb", "torchvision", "scipy", "matplotlib", "g
 #: line on stderr, the length of its stdout and the heavy packages imported so far
 DRIVER = r"""
 import contextlib, io, json, runpy, sys, warnings
+{prelude}
 warnings.filterwarnings("ignore", message=".*found in sys.modules after import of package")  # the CLIs import each other
 heavy, cases, report = {heavy!r}, json.loads(sys.argv[1]), []
 for argv in cases:
@@ -43,9 +46,9 @@ print(json.dumps(report))
 """
 
 
-def run_cases(cases: list[list[str]], cwd) -> list[dict]:
-    proc = subprocess.run([sys.executable, "-c", DRIVER.format(heavy=HEAVY), json.dumps(cases)], capture_output=True,
-                          text=True, cwd=cwd, timeout=600)
+def run_cases(cases: list[list[str]], cwd, prelude: str = "") -> list[dict]:
+    proc = subprocess.run([sys.executable, "-c", DRIVER.format(heavy=HEAVY, prelude=prelude), json.dumps(cases)],
+                          capture_output=True, text=True, cwd=cwd, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -60,6 +63,9 @@ def test_every_cli_answers_help_without_torch(tmp_path):
         assert case["heavy"] == [], f"diffusion.{cli} --help imported {case['heavy']}"
         assert "Powered by Hydra" in case["stdout"] and "== Config ==" in case["stdout"], cli  # Hydra's help, in full
     train = report[0]["stdout"]
+    # runtime.share_config_store (Hydra shares its ConfigStore instead of copying it per group listed) changes no word
+    unshared = "import diffusion.runtime\nfrom hydra.core.config_store import ConfigStore\ndel ConfigStore.__deepcopy__"
+    assert run_cases([["diffusion.train", "--help"]], tmp_path, unshared)[0]["stdout"] == train
     assert "schedule: blur, continuous_cosine, cosine, linear, quadratic, sigmoid" in train  # the groups it lists
     assert "sampler: cold, ddim, ddpm, dpmsolver++, euler, euler_ancestral, heun, plms, pndm, unipc" in train
 
@@ -84,6 +90,12 @@ def refused(tmp_path) -> list[tuple[list[str], str]]:
          "model activation='tanh' is invalid: allowed values are relu, leaky_relu"),
         (["data.image_size=18"], "model image_size=18 cannot be halved 2 times for channel_mult=[1, 2, 4]: use a "
                                  "multiple of 4 or fewer levels"),
+        (["schedule.T=0"], "schedule T=0 is invalid: the number of diffusion steps must be an integer >= 1"),
+        (["schedule=cosine", "schedule.max_beta=1.5"], "schedule max_beta=1.5 is invalid: it must lie in (0, 1)"),
+        (["schedule.beta_start=0.5", "schedule.beta_end=0.1"], "schedule beta_start=0.5 is invalid: it must be smaller than beta_end=0.1"),
+        (["data.batch_size=0"], "data batch_size=0 is invalid: it must be a positive integer"),
+        (["data.val_fraction=1.0"], "data val_fraction=1.0 is invalid: it must lie in [0, 1)"),
+        (["data.conditional=yes"], "data conditional='yes' is invalid: allowed values are true, false"),
         (["optimizer.lr=-1"], "optimizer.lr=-1 is invalid: it must be a finite number > 0"),
         (["trainer.devices=0"], "trainer.devices=0 is invalid: it must be a positive number of devices"),
         (["init_from=/nonexistent.ckpt"], "init_from=/nonexistent.ckpt does not exist: pass a checkpoint"),
@@ -119,9 +131,9 @@ def test_a_refused_setting_answers_in_one_line_before_torch(tmp_path):
 
 
 def test_the_network_checks_are_the_networks_own():
-    """The torch-free checks take each network's own arguments, with its defaults, and refuse what it refuses with
-    the same words (they are the one copy: the constructors call them)."""
-    for network, check in ((UNet, check_unet), (SimpleUNet, check_simple_unet)):
+    """The torch-free checks take each network's (and the data modules') own arguments, with its defaults, and refuse
+    what it refuses with the same words (they are the one copy: the constructors call them)."""
+    for network, check in ((UNet, check_unet), (SimpleUNet, check_simple_unet), (ImageDataModule, check_data)):
         theirs = {k: p.default for k, p in inspect.signature(network.__init__).parameters.items() if k != "self"}
         ours = {k: p.default for k, p in inspect.signature(check).parameters.items()}
         assert ours == theirs, network.__name__

@@ -4,8 +4,8 @@ sizes, optimizer and trainer values, the run directory, FID without torch-fideli
 
 Most checks run in-process on a config composed as the CLI composes it (``train(cfg)`` raises the UsageError the
 CLI prints); two subprocesses prove the CLI's side: exit status 2, one ``error:`` line, no traceback. A check
-that must come before the data is built is run together with a bad data value (``data.batch_size=0``, refused
-when the data module is built): the message must be about the earlier check.
+that must come before the data is prepared is run together with a bad data value (``data.batch_size=100000``, more
+than the training split, refused when the data is prepared): the message must be about the earlier check.
 """
 
 import os
@@ -24,7 +24,7 @@ from diffusion.runtime import UsageError, exits_on_usage_error, unusable_dir_rea
 from diffusion.train import CONFIG_DIR, build_module, train
 from tests.conftest import FAST, run_train
 
-BAD_DATA = "data.batch_size=0"  # refused when the data module is built: a check before it must answer first
+BAD_DATA = "data.batch_size=100000"  # refused when the data is prepared (more than the training split): a check before it must answer first
 
 
 def compose_cfg(*overrides: str, config_name: str = "config"):

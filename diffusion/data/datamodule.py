@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from diffusion.checks import check_positive_int
 from diffusion.data.resumable import ResumableDataLoader
+from diffusion.data.settings import check_data
 
 log = logging.getLogger("diffusion.data")
 
@@ -87,14 +87,8 @@ class ImageDataModule(L.LightningDataModule):
         conditional: bool = False,
     ):
         super().__init__()
-        if not isinstance(conditional, bool):
-            raise ValueError(f"data conditional={conditional!r} is invalid: allowed values are true, false")
-        self.image_size = check_positive_int("image_size", image_size, "data")
-        self.batch_size = check_positive_int("batch_size", batch_size, "data")
-        if limit is not None:
-            check_positive_int("limit", limit, "data")
-        if not 0 <= val_fraction < 1:
-            raise ValueError(f"data val_fraction={val_fraction!r} is invalid: it must lie in [0, 1)")
+        check_data(image_size, batch_size, val_fraction, num_workers, hflip, seed, limit, conditional)
+        self.image_size, self.batch_size = image_size, batch_size
         self.val_fraction, self.num_workers, self.hflip, self.seed, self.limit = val_fraction, num_workers, hflip, seed, limit
         self.conditional = conditional
         #: classes the labels index (labels are 0..num_classes-1), None unless ``conditional``
