@@ -87,8 +87,8 @@ def share_config_store() -> None:
     submitit launchers, the Optuna sweeper and samplers). ``--help`` builds one such repository per config group it
     lists (about 125 here), which took 1.3 s of a 2.4 s ``python -m diffusion.train --help``; a sweep builds one per
     job. Reading from the store already copies what it returns (``ConfigStore.load``), so sharing it changes no
-    config: Hydra itself moved to always using the live singleton (facebookresearch/hydra#2928, after 1.3.x). The
-    help texts with and without this are compared in tests/test_cli_startup.py."""
+    config: Hydra's main branch reads the live singleton instead of a stored one (facebookresearch/hydra#2928;
+    hydra-core 1.3.8 still stores and copies it). The help texts with and without this are compared in tests/test_cli_startup.py."""
     from hydra.core.config_store import ConfigStore
 
     ConfigStore.__deepcopy__ = lambda self, memo: self

@@ -127,6 +127,7 @@ COVERAGE = {
     # speed
     'pip install -e ".[bench]"': EXTRA,
     "python experiments/benchmark.py": "tests/test_benchmark.py::test_benchmark_writes_json",
+    "python experiments/cli_startup.py": "tests/test_cli_startup.py::test_the_startup_benchmark_writes_its_table",
     # the first run
     "python experiments/first_run.py --out outputs/first_run": "tests/test_first_run.py::test_a_candidates_seconds_add_up_to_the_profilers_and_the_wall_clock",
     "python experiments/first_run.py --only default --out outputs/first_run": "tests/test_first_run.py::test_a_candidates_seconds_add_up_to_the_profilers_and_the_wall_clock",
