@@ -6,7 +6,7 @@ The package is lazy: ``diffusion.data.DigitsDataModule`` imports Lightning when 
 
 from __future__ import annotations
 
-import importlib
+from diffusion.lazy import lazy_exports
 
 #: each public name and the module that defines it
 _LAZY = {"ImageDataModule": "diffusion.data.datamodule", "DigitsDataModule": "diffusion.data.digits",
@@ -14,12 +14,4 @@ _LAZY = {"ImageDataModule": "diffusion.data.datamodule", "DigitsDataModule": "di
 
 __all__ = list(_LAZY)
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + __all__)
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -7,7 +7,7 @@ before any heavy import); :mod:`.base` and the samplers import it when first use
 
 from __future__ import annotations
 
-import importlib
+from diffusion.lazy import lazy_exports
 
 #: each public name and the module that defines it
 _LAZY = {**dict.fromkeys(("Sampler", "SampleOutput", "StepOutput", "make_timesteps"), "diffusion.samplers.base"),
@@ -16,12 +16,4 @@ _LAZY = {**dict.fromkeys(("Sampler", "SampleOutput", "StepOutput", "make_timeste
 
 __all__ = list(_LAZY)
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + __all__)
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
