@@ -173,7 +173,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if trainer.is_global_zero:
         if best:
             log.info("best checkpoint %s; last %s", best, trainer.checkpoint_callback.last_model_path)
-        # where the wall clock went (imports before train() are not counted): the first-run overhead budget
+        # where the wall clock went: the first-run overhead budget (before_fit includes the heavy imports, which train()
+        # makes once the torch-free checks have passed)
         seconds = {"before_fit": fit_started - started, "fit": fit_ended - fit_started,
                    "after_fit": time.perf_counter() - fit_ended}
         summary = {"metrics": metrics, "global_step": trainer.global_step, "epoch": trainer.current_epoch,
