@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from diffusion.models.settings import COMPILE_CHOICES, SPEED_KEYS, check_speed  # noqa: F401 - also imported from here
+from diffusion.models.settings import SPEED_KEYS, check_speed
 
 
 def _inputs_channels_last(module: nn.Module, args: tuple) -> tuple:

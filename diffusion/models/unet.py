@@ -19,7 +19,7 @@ from diffusion.models.blocks import (
     Upsample,
     group_norm,
 )
-from diffusion.models.settings import BLOCK_ATTENTION, check_unet, deepest_resolution, level_resolutions  # noqa: F401 - also imported from here
+from diffusion.models.settings import check_unet
 
 
 class EmbedSequential(nn.ModuleList):
@@ -40,9 +40,9 @@ class UNet(nn.Module):
         base_channels: width of the first level; level ``i`` has ``base_channels * channel_mult[i]``.
         channel_mult: one multiplier per resolution level; each level after the first halves the resolution.
         num_res_blocks: residual blocks per level on the way down (one more on the way up).
-        attention_resolutions: resolutions (in pixels, e.g. ``[16, 8]``, among :func:`level_resolutions`) whose
-            blocks get self-attention; the middle block always has it. The config's default is the deepest level
-            (:func:`deepest_resolution`).
+        attention_resolutions: resolutions (in pixels, e.g. ``[16, 8]``, among the levels'
+            :func:`~diffusion.models.settings.level_resolutions`) whose blocks get self-attention; the middle block
+            always has it. The config's default is the deepest level (:func:`~diffusion.models.settings.deepest_resolution`).
         dropout: dropout inside residual blocks.
         time_emb_dim: width of the time embedding MLP (default ``4 * base_channels``).
         num_heads: attention heads.
