@@ -33,7 +33,9 @@ import hydra
 from omegaconf import DictConfig
 from PIL import Image
 
+from diffusion.checks import check_whole, is_whole
 from diffusion.grids import grid_image, labelled_grid_image, plural, save_png
+from diffusion.reproduce import grid_settings
 from diffusion.runtime import CONFIG_DIR, UsageError, build_or_usage_error, exits_on_usage_error, require_ckpt
 from diffusion.samplers.registry import sampler_config, sampler_controls, sampler_name
 from diffusion.samplers.registry import sampler_names as registered_names
@@ -70,8 +72,6 @@ def to_pil(images: torch.Tensor, nrow: int) -> Image.Image:
 def check_seed(seed) -> int:
     """The seed to draw with: the field's whole number in [0, 2^63 - 1] (an int, or a float such as 3.0), or a new
     random one for -1."""
-    from diffusion.checks import is_whole
-
     if is_whole(seed) and seed == RANDOM_SEED:
         return secrets.randbelow(2**32)
     if seed is None or seed == "":
@@ -171,8 +171,6 @@ def read_fields(module: DiffusionModule, sampler: str, steps, seed, count, optio
     one for -1; ``options``: each control's value; ``classes``: :func:`chosen_classes`), and a one-line message per
     bad field (``sampler``, ``steps``, ``count``, ``seed``, a control's name, ``classes``), in that order; the
     options are checked only for a known sampler, an option it does not take first."""
-    from diffusion.checks import check_whole
-
     values, errors = {}, {}
 
     def read(name, check):
@@ -225,8 +223,6 @@ def generate(module: DiffusionModule, sampler: str, steps, seed, count, options:
     strip follows the first image of each class (:func:`strip_order`). ``progress(done, total)``: after each call."""
     import torch
 
-    from diffusion.reproduce import grid_settings
-
     values, errors = read_fields(module, sampler, steps, seed, count, options, classes, max_count)
     if errors:
         raise ValueError(next(iter(errors.values())))
@@ -276,8 +272,6 @@ def generate(module: DiffusionModule, sampler: str, steps, seed, count, options:
 
 def steps_info(module: DiffusionModule, name: str, steps) -> str:
     """What ``steps`` mean for sampler ``name``: its network calls per image (every timestep for a full chain)."""
-    from diffusion.checks import check_whole
-
     try:
         steps = check_whole("steps", steps, 1, module.process.num_timesteps)
         sampler = module.named_sampler(None if name == sampler_name(module.hparams.sampler) else name, steps)

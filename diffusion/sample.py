@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from diffusion.reproduce import grid_settings
 from diffusion.runtime import CONFIG_DIR, UsageError, build_or_usage_error, exits_on_usage_error, require_ckpt
 
 if TYPE_CHECKING:  # torch and the module load once the settings that need no checkpoint have passed
@@ -110,7 +111,6 @@ def settings(cfg: DictConfig, module: DiffusionModule, sampler, n: int, classes:
     model and every sampler setting given, and ``command``, the ``python -m diffusion.sample`` line that draws the
     same pixels (the same ``ckpt=... sampler.num_steps=... seed=... n=... batch_size=...``). ``n``: the images (of
     each of ``classes``, in their grid order, for a class-conditional model)."""
-    from diffusion.reproduce import grid_settings
     from diffusion.samplers.registry import sampler_config
 
     config = OmegaConf.to_container(cfg.sampler, resolve=True)
