@@ -108,7 +108,7 @@ def check_inputs(cfg: DictConfig) -> tuple[list[str] | None, list[int]]:
     """Every setting that can be checked without the checkpoint, in one-line UsageErrors."""
     require_ckpt(cfg)
     if not Path(cfg.ckpt).is_file():
-        raise UsageError(f"ckpt={cfg.ckpt} does not exist or is not a file")
+        raise UsageError(f"ckpt={cfg.ckpt} is not a file: compare reads a .ckpt file written by python -m diffusion.train")
     nfe = check_nfe(cfg.nfe)
     names = check_sampler_names(cfg.samplers)
     if not _positive_int(cfg.n) or cfg.n < 2:

@@ -34,7 +34,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion.runtime import (CONFIG_DIR, UsageError, build_or_usage_error, exits_on_usage_error, log_to_training_run,
-                               unusable_dir_reason)
+                               require_ckpt, unusable_dir_reason)
 
 if TYPE_CHECKING:  # torch and the module are imported where they are used, once the configuration is checked
     import torch
@@ -112,8 +112,8 @@ def check_options(cfg: DictConfig) -> str:
             what = "a checkpoint written by python -m diffusion.train" if key == "ckpt" else \
                 "a training run directory, outputs/train/<run>"
             raise UsageError(f"{key} is required by figure={figure}: pass {key}=<{what}>")
-    if "ckpt" in own and not Path(str(cfg.ckpt)).exists():  # (a file, or a folder python -m diffusion.export wrote)
-        raise UsageError(f"ckpt={cfg.ckpt} does not exist: pass a checkpoint written by python -m diffusion.train")
+    if "ckpt" in own:
+        require_ckpt(cfg)  # a file, or a folder python -m diffusion.export wrote
     if "run" in own and not Path(str(cfg.run)).is_dir():
         raise UsageError(f"run={cfg.run} does not exist or is not a directory: pass a training run directory")
     reason = unusable_dir_reason(out_dir(cfg))
