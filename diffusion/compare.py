@@ -34,7 +34,9 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from diffusion.runtime import CONFIG_DIR, UsageError, build_or_usage_error, exits_on_usage_error, require_ckpt, save_run_config
+from diffusion.run.config import CONFIG_DIR, save_run_config
+from diffusion.run.errors import UsageError, build_or_usage_error, exits_on_usage_error
+from diffusion.run.outputs import require_ckpt
 
 if TYPE_CHECKING:  # torch loads once the settings that need no checkpoint have passed
     import torch
@@ -162,7 +164,7 @@ def draw_from_noise(module, sampler, noise_batches, step_seed: int, desc: str, t
     sampler's steps, not the noise draws)."""
     import torch
 
-    from diffusion.grids import to_uint8
+    from diffusion.plots.grids import to_uint8
 
     device = module.device
     generator = torch.Generator(device=device).manual_seed(step_seed)
@@ -308,7 +310,7 @@ def plot(rows: list[Row], names: list[str], about: dict):
 
 def grid_figure(images: torch.Tensor, name: str, sampler, target_nfe: int, seed: int):
     """The first images of a cell as a labelled grid (each enlarged to a readable size, pixel for pixel)."""
-    from diffusion.grids import GridLayout, grid_array, labelled_figure, readable_scale
+    from diffusion.plots.grids import GridLayout, grid_array, labelled_figure, readable_scale
 
     k = len(images)
     nrow = max(1, math.ceil(math.sqrt(k)))
@@ -328,11 +330,11 @@ def compare(cfg: DictConfig) -> list[Row]:
     names, nfes = check_inputs(cfg)  # every check that needs no torch, before the imports below
     import torch
 
-    from diffusion.grids import save_new
+    from diffusion.plots.grids import save_new
     from diffusion.metrics import inception, inception_weights
     from diffusion.metrics.classifier import check_labels, check_options, set_up_datamodule, split_images, trained_classifier
-    from diffusion.module import DiffusionModule
-    from diffusion.sample import resolve_device
+    from diffusion.training.module import DiffusionModule
+    from diffusion.run.sampling import resolve_device
     from diffusion.samplers.registry import sampler_names
 
     feature = None

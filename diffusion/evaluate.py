@@ -40,15 +40,17 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from diffusion.runtime import (CONFIG_DIR, UsageError, build_or_usage_error, exits_on_usage_error, log_to_training_run, require_ckpt,
-                               save_run_config)
-from diffusion.sample import check_guidance, chosen_classes, chosen_sampler, draw, resolve_device
+from diffusion.run.config import CONFIG_DIR, save_run_config
+from diffusion.run.errors import UsageError, build_or_usage_error, exits_on_usage_error
+from diffusion.run.outputs import require_ckpt
+from diffusion.run.wandb_runs import log_to_training_run
+from diffusion.run.sampling import check_guidance, chosen_classes, chosen_sampler, draw, resolve_device
 
 if TYPE_CHECKING:  # torch, Lightning and the metrics load once the settings that need no checkpoint have passed
     import torch
     from lightning.fabric import Fabric
 
-    from diffusion.module import DiffusionModule
+    from diffusion.training.module import DiffusionModule
 
 log = logging.getLogger("diffusion.evaluate")
 
@@ -106,7 +108,7 @@ def nll(module: DiffusionModule, images: torch.Tensor, cfg: DictConfig, fabric: 
     """
     import torch
 
-    from diffusion.module import to_model_range
+    from diffusion.training.module import to_model_range
 
     generator = torch.Generator(device=module.device).manual_seed(cfg.seed + fabric.global_rank)
     T = module.process.num_timesteps
@@ -172,7 +174,7 @@ def generated(module: DiffusionModule, num_real: int, cfg: DictConfig, fabric: F
     """This rank's share of ``fid.num_samples`` generated uint8 images (one draw for every sample metric), their
     classes (a class-conditional model: :func:`balanced_labels` of ``classes``, every ``world_size``-th; else None)
     and the sampler that drew them (with its guidance and the classes, for a class-conditional model)."""
-    from diffusion.module import to_uint8
+    from diffusion.plots.grids import to_uint8
 
     n_total = cfg.fid.num_samples or num_real
     n = len(range(fabric.global_rank, n_total, fabric.world_size))
@@ -315,7 +317,7 @@ def evaluate(cfg: DictConfig) -> dict:
     from lightning.fabric import Fabric
 
     from diffusion.metrics.classifier import check_labels, check_options, trained_classifier
-    from diffusion.module import DiffusionModule
+    from diffusion.training.module import DiffusionModule
 
     feature = build_or_usage_error("fid", lambda: feature_extractor(cfg)) if {"fid", "kid"} & set(cfg.metrics) else None
     device = resolve_device(cfg.device)

@@ -3,21 +3,21 @@
 ``safetensors`` writes the weights (EMA unless ``ema=false``) as ``DIR/model.safetensors`` (tensors only: loading it
 runs nothing) and the model/schedule/process/sampler settings as ``DIR/config.json``; ``ckpt=DIR`` of sample,
 evaluate, compare, app, figures and ``diffusion.train init_from=DIR`` read the folder back. ``diffusers`` writes a
-``DDPMPipeline`` folder (:mod:`diffusion.diffusers_bridge`; networks UNet2DModel cannot represent are refused in one
+``DDPMPipeline`` folder (:mod:`diffusion.sharing.diffusers_bridge`; networks UNet2DModel cannot represent are refused in one
 line). The folder is written under a temporary name and renamed into place, and ``out`` must not exist.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion.runtime import CONFIG_DIR, UsageError, build_or_usage_error, exits_on_usage_error, require_ckpt
+from diffusion.run.config import CONFIG_DIR
+from diffusion.run.errors import UsageError, build_or_usage_error, exits_on_usage_error
+from diffusion.run.outputs import require_ckpt
 
 log = logging.getLogger("diffusion.export")
 
@@ -36,8 +36,8 @@ def export(cfg: DictConfig) -> Path:
         raise UsageError(f"out={out} already exists: an export never writes over anything; choose another out")
     if not out.parent.is_dir():
         raise UsageError(f"out={out} is invalid: its parent folder {out.parent} does not exist")
-    from diffusion.checkpoints import write_safetensors_folder  # every check above needs no torch
-    from diffusion.module import DiffusionModule
+    from diffusion.sharing.checkpoints import write_safetensors_folder  # every check above needs no torch
+    from diffusion.training.module import DiffusionModule
 
     module = build_or_usage_error("ckpt", lambda: DiffusionModule.from_checkpoint(cfg.ckpt, ema=cfg.ema,
                                                                                  trust=cfg.get("trust_checkpoint", False)))
@@ -45,15 +45,10 @@ def export(cfg: DictConfig) -> Path:
     if cfg.format == "safetensors":
         write_safetensors_folder(module, out, {"ckpt": str(cfg.ckpt), "ema": module.has_ema})
     else:
-        from diffusion.diffusers_bridge import check_exportable, export_pipeline
+        from diffusion.sharing.diffusers_bridge import check_exportable, write_pipeline_folder
 
         build_or_usage_error("format=diffusers", lambda: check_exportable(dict(module.hparams.model), dict(module.hparams.process)))
-        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-        try:  # complete or absent: written under a temporary name, then renamed into place
-            export_pipeline(module, tmp)
-            os.replace(tmp, out)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        write_pipeline_folder(module, out)
     log.info("%s (%s weights) exported as %s to %s", cfg.ckpt, "EMA" if module.has_ema else "raw", cfg.format, out)
     return out
 

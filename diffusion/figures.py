@@ -33,13 +33,15 @@ from typing import TYPE_CHECKING
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion.runtime import (CONFIG_DIR, UsageError, build_or_usage_error, exits_on_usage_error, log_to_training_run,
-                               require_ckpt, unusable_dir_reason)
+from diffusion.run.config import CONFIG_DIR
+from diffusion.run.errors import UsageError, build_or_usage_error, exits_on_usage_error
+from diffusion.run.outputs import require_ckpt, unusable_dir_reason
+from diffusion.run.wandb_runs import log_to_training_run
 
 if TYPE_CHECKING:  # torch and the module are imported where they are used, once the configuration is checked
     import torch
 
-    from diffusion.module import DiffusionModule
+    from diffusion.training.module import DiffusionModule
 
 log = logging.getLogger("diffusion.figures")
 
@@ -137,7 +139,7 @@ def _new_path(path: Path) -> Path:
 
 
 def _save(fig, path: Path) -> Path:
-    from diffusion.grids import save_new
+    from diffusion.plots.grids import save_new
 
     try:
         return save_new(fig, path)
@@ -147,7 +149,7 @@ def _save(fig, path: Path) -> Path:
 
 def _save_rows(rows: torch.Tensor, path: Path, title: str, column_labels=None, row_labels=None) -> Path:
     """rows: (R, K, C, H, W) in [-1, 1] -> one labelled PNG with R rows of K images, enlarged to a readable size."""
-    from diffusion.grids import GridLayout, grid_array, labelled_figure, readable_scale
+    from diffusion.plots.grids import GridLayout, grid_array, labelled_figure, readable_scale
 
     r, k = rows.shape[:2]
     scale = readable_scale(max(rows.shape[-2:]))
@@ -158,7 +160,7 @@ def _save_rows(rows: torch.Tensor, path: Path, title: str, column_labels=None, r
 
 # ----------------------------------------------------------------------------------------------- the figures
 def schedule_name(target: str) -> str:
-    """``diffusion.schedules.ContinuousCosineSchedule`` -> ``continuous_cosine``."""
+    """``diffusion.processes.schedules.ContinuousCosineSchedule`` -> ``continuous_cosine``."""
     name = target.rsplit(".", 1)[-1].removesuffix("Schedule")
     return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
 
@@ -172,7 +174,7 @@ def schedules_figure(T: int, out: Path) -> Path:
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
-    from diffusion.schedules import ContinuousCosineSchedule, CosineSchedule, LinearSchedule
+    from diffusion.processes.schedules import ContinuousCosineSchedule, CosineSchedule, LinearSchedule
 
     schedules = build_or_usage_error("T", lambda: [("linear", LinearSchedule(T)), ("cosine", CosineSchedule(T)),
                                                    ("continuous cosine", ContinuousCosineSchedule(T))])
@@ -221,7 +223,7 @@ def forward_figure(train_cfg: DictConfig, n: int, columns: int, out: Path, seed:
     import torch
     from hydra.utils import instantiate
 
-    from diffusion.module import to_model_range
+    from diffusion.training.module import to_model_range
     from diffusion.processes import build_process
 
     if columns < 2:
@@ -247,7 +249,7 @@ def forward_figure(train_cfg: DictConfig, n: int, columns: int, out: Path, seed:
 
 
 def _load(ckpt: str, ema: bool = True, trust: bool = False) -> DiffusionModule:
-    from diffusion.module import DiffusionModule
+    from diffusion.training.module import DiffusionModule
 
     return build_or_usage_error("ckpt", lambda: DiffusionModule.from_checkpoint(ckpt, ema=ema, trust=trust))
 
@@ -257,7 +259,7 @@ def classes_and_sampler(module: DiffusionModule, source: str, classes, sampler: 
     as ``diffusion.sample`` checks them (``classes``, ``sampler=<name>``, ``sampler.*``): a bad value, a class the
     model does not have, classes or guidance for an unconditional model are a one-line UsageError naming
     ``source``, before any work."""
-    from diffusion.sample import check_guidance, chosen_classes, chosen_sampler
+    from diffusion.run.sampling import check_guidance, chosen_classes, chosen_sampler
 
     named = OmegaConf.create({"ckpt": str(source), "classes": classes})
     chosen = chosen_classes(named, module)
@@ -309,7 +311,7 @@ def reverse_figure(ckpt: str, n: int | None, transitions: int, out: Path, sample
 
 def distinct_checkpoints(run: str, trust: bool = False) -> list[tuple[int, int, list[Path]]]:
     """(global step, epoch, files) of every distinct checkpoint of a run, by step ('last' often equals 'best')."""
-    from diffusion.checkpoints import load_file
+    from diffusion.sharing.checkpoints import load_file
 
     ckpts = sorted(Path(run).glob("checkpoints/*.ckpt"))
     if not ckpts:

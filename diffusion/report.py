@@ -31,7 +31,8 @@ import hydra
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion.runtime import CONFIG_DIR, UsageError, build_or_usage_error, exits_on_usage_error
+from diffusion.run.config import CONFIG_DIR
+from diffusion.run.errors import UsageError, build_or_usage_error, exits_on_usage_error
 
 log = logging.getLogger("diffusion.report")
 

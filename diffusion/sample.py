@@ -21,28 +21,23 @@ from typing import TYPE_CHECKING
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion.reproduce import grid_settings
-from diffusion.runtime import CONFIG_DIR, UsageError, build_or_usage_error, exits_on_usage_error, require_ckpt
+from diffusion.run.config import CONFIG_DIR
+from diffusion.run.errors import UsageError, build_or_usage_error, exits_on_usage_error
+from diffusion.run.outputs import require_ckpt
+from diffusion.run.sampling import check_guidance, chosen_classes, chosen_sampler, draw, resolve_device
+from diffusion.sharing.reproduce import grid_settings
 
 if TYPE_CHECKING:  # torch and the module load once the settings that need no checkpoint have passed
     import torch
 
-    from diffusion.module import DiffusionModule
+    from diffusion.training.module import DiffusionModule
 
 log = logging.getLogger("diffusion.sample")
 
 
-def resolve_device(name: str) -> torch.device:
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def load_for_sampling(cfg: DictConfig) -> tuple[DiffusionModule, object]:
     """The module (on its device) and the requested sampler; every bad value is a UsageError."""
-    from diffusion.module import DiffusionModule
+    from diffusion.training.module import DiffusionModule
 
     module = build_or_usage_error("ckpt", lambda: DiffusionModule.from_checkpoint(cfg.ckpt, ema=cfg.ema,
                                                                                  trust=cfg.get("trust_checkpoint", False)))
@@ -52,62 +47,9 @@ def load_for_sampling(cfg: DictConfig) -> tuple[DiffusionModule, object]:
     return module.to(resolve_device(cfg.device)), sampler
 
 
-def chosen_sampler(module: DiffusionModule, config: DictConfig):
-    """``sampler=<name>`` (a config with ``_target_``) as configured; otherwise the checkpoint's own sampler with the
-    settings given (``sampler.num_steps=20``; null ones keep the checkpoint's)."""
-    config = OmegaConf.to_container(config, resolve=True)
-    if "_target_" in config:
-        return module.build_sampler(config)
-    return module.build_sampler(dict(module.hparams.sampler), **{k: v for k, v in config.items() if v is not None})
-
-
-def draw(module: DiffusionModule, sampler, n: int, batch_size: int, seed: int, labels: torch.Tensor | None = None) -> torch.Tensor:
-    """``n`` images in [-1, 1] on the CPU, batch by batch, from one generator seeded with ``seed``; ``labels`` (n,):
-    their classes (a class-conditional model)."""
-    import torch
-    from tqdm.auto import tqdm
-
-    generator = torch.Generator(device=module.device).manual_seed(seed)
-    batches = []
-    for start in tqdm(range(0, n, batch_size), desc=f"sampling {n} images", unit="batch"):
-        size = min(batch_size, n - start)
-        part = None if labels is None else labels[start : start + size]
-        batches.append(module.sample(size, sampler=sampler, generator=generator, progress=True, labels=part).samples.cpu())
-    return torch.cat(batches)
-
-
-def chosen_classes(cfg: DictConfig, module: DiffusionModule) -> torch.Tensor | None:
-    """The ``classes`` to draw (``all`` or null: every class of a class-conditional model; a list), None for an
-    unconditional model; a UsageError for classes it does not have, or guidance without classes."""
-    import torch
-
-    from diffusion.samplers.guidance import check_labels
-
-    classes = cfg.get("classes")
-    if module.num_classes is None:
-        if classes is not None:
-            raise UsageError(f"classes={classes} is invalid for ckpt={cfg.ckpt}: the model is unconditional (trained "
-                             "without data.conditional=true); leave classes unset")
-        return None
-    if classes is None or classes == "all":
-        return torch.arange(module.num_classes)
-    if isinstance(classes, int) and not isinstance(classes, bool):
-        classes = [classes]
-    if isinstance(classes, str) or not classes:
-        raise UsageError(f"classes={classes!r} is invalid: it must be all or a list of class indices in "
-                         f"0..{module.num_classes - 1} (e.g. classes=[3,7])")
-    return build_or_usage_error("classes", lambda: check_labels(list(classes), module.num_classes))
-
-
-def check_guidance(module: DiffusionModule, sampler, cfg: DictConfig) -> None:
-    if sampler.guidance_scale != 1.0 and module.num_classes is None:
-        raise UsageError(f"sampler.guidance_scale={sampler.guidance_scale:g} is invalid for ckpt={cfg.ckpt}: the model "
-                         "is unconditional (trained without data.conditional=true), so there is nothing to guide")
-
-
 def settings(cfg: DictConfig, module: DiffusionModule, sampler, n: int, classes: torch.Tensor | None) -> dict:
     """What drew a grid (the PNG's text chunks: ``PIL.Image.open(p).text``), as ``diffusion.sample`` options
-    (:func:`diffusion.reproduce.grid_settings`): the sampler's steps, its eta, the guidance of a class-conditional
+    (:func:`diffusion.sharing.reproduce.grid_settings`): the sampler's steps, its eta, the guidance of a class-conditional
     model and every sampler setting given, and ``command``, the ``python -m diffusion.sample`` line that draws the
     same pixels (the same ``ckpt=... sampler.num_steps=... seed=... n=... batch_size=...``). ``n``: the images (of
     each of ``classes``, in their grid order, for a class-conditional model)."""
@@ -142,7 +84,7 @@ def sample(cfg: DictConfig) -> Path:
         raise UsageError(f"output directory {out} already holds samples.npz: choose another hydra.run.dir")
     import numpy as np
 
-    from diffusion.grids import class_rows_image, grid_image, save_png, to_uint8
+    from diffusion.plots.grids import class_rows_image, grid_image, save_png, to_uint8
 
     module, sampler = load_for_sampling(cfg)
     classes = chosen_classes(cfg, module)

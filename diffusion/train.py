@@ -17,27 +17,18 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from diffusion import preflight, requeue
-from diffusion.cluster import adopt_submitit_local_ranks, require_launcher_plugin
-from diffusion.runtime import (
-    CONFIG_DIR,
-    build_or_usage_error,
-    check_resume_and_outputs,
-    exits_on_usage_error,
-    configure_wandb_mode,
-    instantiate_group,
-    is_rank_zero,
-    job_names,
-    prepare_ddp_relaunch,
-    resolved_config,
-    save_run_config,
-    share_run_stamp,
-    write_text_atomic,
-)
-from diffusion.sweeps import sweep_objective
+from diffusion.run import preflight, requeue
+from diffusion.run.cluster import adopt_submitit_local_ranks, require_launcher_plugin
+from diffusion.run.config import CONFIG_DIR, instantiate_group, resolved_config, save_run_config
+from diffusion.run.ddp import prepare_ddp_relaunch, share_run_stamp
+from diffusion.run.errors import build_or_usage_error, exits_on_usage_error
+from diffusion.run.jobs import is_rank_zero, job_names
+from diffusion.run.outputs import check_resume_and_outputs, write_text_atomic
+from diffusion.run.wandb_runs import configure_wandb_mode
+from diffusion.run.sweeps import sweep_objective
 
 if TYPE_CHECKING:  # torch, Lightning and the module load once the configuration has passed preflight.check_config
-    from diffusion.module import DiffusionModule
+    from diffusion.training.module import DiffusionModule
 
 log = logging.getLogger("diffusion.train")
 
@@ -61,7 +52,7 @@ def build_module(cfg: DictConfig, channels: int, image_size: int, num_classes: i
     """The LightningModule from plain dicts; the network's in_channels, image_size and (conditional data)
     num_classes follow the data. ``init_from`` (fine-tuning): its network, schedule and process, and its weights; this
     run's data, optimizer, sampler, module and speed settings."""
-    from diffusion.module import DiffusionModule
+    from diffusion.training.module import DiffusionModule
 
     model = {**OmegaConf.to_container(cfg.model, resolve=True), "in_channels": channels, "image_size": image_size}
     schedule, process = OmegaConf.to_container(cfg.schedule, resolve=True), OmegaConf.to_container(cfg.process, resolve=True)
@@ -126,7 +117,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     import torch
     from lightning.pytorch.callbacks import LearningRateMonitor
 
-    from diffusion.callbacks import wandb_run_id
+    from diffusion.training.resumable import wandb_run_id
 
     source = preflight.read_init_from(cfg)  # fine-tuning: the network to start from, read before any work
     resume = preflight.check_settings(cfg)  # each bad value is refused before the data and the model are built
@@ -160,7 +151,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     save_run_config(cfg, keep_existing=requeued is not None)  # every check passed (a refused run changes nothing)
     fit_started = time.perf_counter()
-    # the resume checkpoint weights-only (diffusion.checkpoints) unless trust_checkpoint=true
+    # the resume checkpoint weights-only (diffusion.sharing.checkpoints) unless trust_checkpoint=true
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=not cfg.get("trust_checkpoint", False))
     fit_ended = time.perf_counter()
 

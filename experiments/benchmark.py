@@ -62,8 +62,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from diffusion.models.blocks import group_norm  # noqa: E402
 from diffusion.models.speed import apply_speed_options, split_speed_options  # noqa: E402
-from diffusion.module import DiffusionModule, build_optimizer  # noqa: E402
-from diffusion.runtime import UsageError  # noqa: E402
+from diffusion.training.module import DiffusionModule  # noqa: E402
+from diffusion.training.optim import build_optimizer
+from diffusion.run.errors import UsageError  # noqa: E402
 from diffusion.train import CONFIG_DIR, build_module  # noqa: E402
 
 MATCH_TOLERANCE = 0.10

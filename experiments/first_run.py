@@ -72,7 +72,7 @@ def digits_config(image_size: int | None = None) -> tuple[dict, str]:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from diffusion.runtime import CONFIG_DIR
+    from diffusion.run.config import CONFIG_DIR
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("config", overrides=["logger=none", *([f"data.image_size={image_size}"] if image_size else [])])
@@ -114,9 +114,9 @@ def area_resize(images: torch.Tensor, size: int) -> torch.Tensor:
 
 def draw_samples(ckpt: Path, n: int = SAMPLES, seed: int = SEED) -> tuple[torch.Tensor, str]:
     """``n`` uint8 images from ``ckpt`` (EMA weights, its own sampler, seed ``seed``) and the sampler's name."""
-    from diffusion.grids import to_uint8
-    from diffusion.module import DiffusionModule
-    from diffusion.sample import draw
+    from diffusion.plots.grids import to_uint8
+    from diffusion.training.module import DiffusionModule
+    from diffusion.run.sampling import draw
 
     module = DiffusionModule.from_checkpoint(ckpt, ema=True)
     return to_uint8(draw(module, module.sampler, n, 100, seed)), module.sampler.describe()

@@ -23,7 +23,7 @@ table with its error and the others still run):
    ``model.gradient_checkpointing=true``, in 32-true and bf16-mixed, on random images of its size (no compile).
 4. **ddp**: a real ``python -m diffusion.train`` run on every visible GPU (``trainer.strategy=ddp``, NCCL; digits
    default, bf16-mixed, channels_last, no compile so that start-up stays short), with
-   ``diffusion.callbacks.RankProbe``: each rank's EMA weights hash (equal on all ranks or not) and images/s.
+   ``diffusion.training.probe.RankProbe``: each rank's EMA weights hash (equal on all ranks or not) and images/s.
 
 ``--device cpu --quick`` runs the same parts on tiny networks (base 8 channels, batch 4 / 1, DDIM-5, one iteration)
 in float32 with channels_last and without compile (inductor's C++ build on a CPU takes minutes; bf16 is slow on
@@ -58,13 +58,13 @@ sys.path.insert(0, str(REPO))
 
 import benchmark as bench  # noqa: E402
 
-from diffusion.runtime import UsageError, exits_on_usage_error  # noqa: E402
+from diffusion.run.errors import UsageError, exits_on_usage_error  # noqa: E402
 
 PARTS = ("benchmark", "sampling", "memory", "ddp")
 GPU_SPEED = ["model.compile=true", "model.channels_last=true"]  # and trainer.precision=bf16-mixed (see gpu_precision)
 CPU_SPEED = ["model.channels_last=true"]  # no compile (minutes of C++ on a CPU), float32 (bf16 is slow on most CPUs)
 TINY = ["model.base_channels=8", "model.time_emb_dim=32"]
-PROBE = "+callbacks.probe._target_=diffusion.callbacks.RankProbe"
+PROBE = "+callbacks.probe._target_=diffusion.training.probe.RankProbe"
 SYNTHETIC_IMAGES = 64  # enough for dog32's batch 32 and human64's 16 after the validation split
 SAMPLE_STEPS = 50
 
@@ -554,7 +554,7 @@ def render_markdown(report: dict) -> str:
     ddp = report.get("ddp")
     if ddp is not None:
         lines += ["A real `python -m diffusion.train` run, `trainer.strategy=ddp` on every visible device, "
-                  "with `diffusion.callbacks.RankProbe` (EMA weights hashed on each rank when training ends).", "",
+                  "with `diffusion.training.probe.RankProbe` (EMA weights hashed on each rank when training ends).", "",
                   "| ranks | EMA weights equal | images/s (all ranks) | optimizer steps |", "|---:|---|---:|---:|"]
         if ddp["ok"]:
             equal = {True: "yes", False: "**NO**", None: "n/a (one rank)"}[ddp["ema_equal"]]

@@ -28,7 +28,7 @@ NOTEBOOKS = {
                           "$q(x_t|x_0) = \\mathcal{N}(\\sqrt{\\bar\\alpha_t}x_0, (1-\\bar\\alpha_t)I)$. "
                           "How fast the signal disappears is the schedule's choice."),
         new_code_cell(SETUP),
-        new_code_cell('''from diffusion.schedules import LinearSchedule, CosineSchedule, ContinuousCosineSchedule
+        new_code_cell('''from diffusion.processes.schedules import LinearSchedule, CosineSchedule, ContinuousCosineSchedule
 T = 1000
 fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
 for name, sched in [("linear", LinearSchedule(T)), ("cosine", CosineSchedule(T)), ("continuous cosine", ContinuousCosineSchedule(T))]:
@@ -36,7 +36,7 @@ for name, sched in [("linear", LinearSchedule(T)), ("cosine", CosineSchedule(T))
     a.plot(tab.alphas_cumprod, label=name); b.semilogy(tab.betas, label=name)
 a.set(title="alpha_bar_t", xlabel="t"); b.set(title="beta_t", xlabel="t"); a.legend(); plt.show()'''),
         new_code_cell('''from diffusion.data import DigitsDataModule
-from diffusion.module import to_model_range
+from diffusion.training.module import to_model_range
 from diffusion.processes import GaussianDiffusion
 dm = DigitsDataModule(image_size=16); dm.setup()
 x0 = to_model_range(torch.stack([dm.train_set[i] for i in range(6)]))
@@ -58,14 +58,14 @@ print("mean error", (xt.mean(0) - abar.sqrt() * x0[0]).abs().max().item(), " var
                           "The same Lightning module and data module as `python -m diffusion.train`, built in Python."),
         new_code_cell(SETUP),
         new_code_cell('''import lightning as L, tempfile, time
-from diffusion.module import DiffusionModule
+from diffusion.training.module import DiffusionModule
 from diffusion.data import DigitsDataModule
-from diffusion.callbacks import EMA
+from diffusion.training.ema import EMA
 out = tempfile.mkdtemp()
 module = DiffusionModule(
     model={"_target_": "diffusion.models.UNet", "in_channels": 1, "image_size": 16, "base_channels": 8 if FAST else 16,
            "channel_mult": [1, 2, 4], "num_res_blocks": 1 if FAST else 2, "attention_resolutions": [4]},
-    schedule={"_target_": "diffusion.schedules.LinearSchedule", "T": 1000},
+    schedule={"_target_": "diffusion.processes.schedules.LinearSchedule", "T": 1000},
     sampler={"_target_": "diffusion.samplers.ddim.DDIMSampler", "num_steps": 50, "clip_denoised": True},
     optimizer={"_target_": "torch.optim.AdamW", "lr": 2e-3}, lr_warmup_steps=100, sample_every_n_epochs=0)
 trainer = L.Trainer(max_epochs=1 if FAST else 20, limit_train_batches=3 if FAST else None, logger=False,
@@ -84,7 +84,7 @@ for sampler in [DDPMSampler(module.process, clip_denoised=True), DDIMSampler(mod
                           "Set `CKPT` to a `checkpoints/last.ckpt` written by `python -m diffusion.train`."),
         new_code_cell(SETUP + '''
 CKPT = os.environ.get("DIFFUSION_CKPT", "outputs/train/<run>/checkpoints/last.ckpt")'''),
-        new_code_cell('''from diffusion.module import DiffusionModule
+        new_code_cell('''from diffusion.training.module import DiffusionModule
 module = DiffusionModule.from_checkpoint(CKPT)   # EMA weights; ema=False for the raw ones
 print(module.hparams.schedule, module.hparams.sampler, sep="\\n")
 images = module.sample(4 if FAST else 16, generator=torch.Generator().manual_seed(0)).samples
@@ -97,7 +97,7 @@ picks = torch.linspace(0, out.trajectory.shape[0] - 1, 11).round().long()
 show(out.trajectory[picks].transpose(0, 1).flatten(0, 1), "x_T -> x_0", nrow=11)'''),
         new_code_cell('''# the bound in bits/dim on a few validation images (an unbiased 50-term estimate)
 from diffusion.data import DigitsDataModule
-from diffusion.module import to_model_range
+from diffusion.training.module import to_model_range
 from hydra.utils import instantiate
 dm = instantiate(module.hparams.data) if module.hparams.get("data") else DigitsDataModule(image_size=16)
 dm.setup()

@@ -119,7 +119,7 @@ def classifier_cache(ckpt, tmp_path_factory):
     """A cache directory (``paths.cache_dir``) holding the fd_classifier classifier of the shared run's data, trained
     once for the session (~15 s on a CPU): the metric and compare tests read it instead of training their own."""
     from diffusion.metrics.classifier import trained_classifier
-    from diffusion.module import read_checkpoint
+    from diffusion.sharing.checkpoints import read_checkpoint
 
     cache = tmp_path_factory.mktemp("classifier_cache")
     trained_classifier(read_checkpoint(ckpt)["hyper_parameters"]["data"], cache)
@@ -132,13 +132,13 @@ def make_conditional_checkpoint(path: Path, num_classes: int = 10, seed: int = 0
     the pixels do not matter."""
     import torch
 
-    from diffusion.module import DiffusionModule
+    from diffusion.training.module import DiffusionModule
 
     torch.manual_seed(seed)
     module = DiffusionModule(
         model={"_target_": "diffusion.models.UNet", "in_channels": 1, "image_size": 16, "base_channels": 8,
                "channel_mult": [1, 2, 4], "num_res_blocks": 1, "attention_resolutions": [4], "num_classes": num_classes},
-        schedule={"_target_": "diffusion.schedules.LinearSchedule", "T": 1000},
+        schedule={"_target_": "diffusion.processes.schedules.LinearSchedule", "T": 1000},
         sampler={"_target_": "diffusion.samplers.ddim.DDIMSampler", "_partial_": True, "num_steps": 3, "eta": 0.0,
                  "spacing": "leading", "clip_denoised": True, "guidance_scale": 1.0, "guidance_rescale": 0.0},
         optimizer={"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-3},

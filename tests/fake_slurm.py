@@ -1,4 +1,4 @@
-"""A stand-in for SLURM's sbatch, srun and sacct on this machine, for tests/test_cluster.py.
+"""A stand-in for SLURM's sbatch, srun and sacct on this machine, for tests/run/test_cluster.py.
 
 :func:`install` writes ``sbatch``, ``srun`` and ``sacct`` into a folder (put it first on PATH); each runs this file.
 

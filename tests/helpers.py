@@ -1,5 +1,5 @@
 """Test-only pieces loaded by training subprocesses (``+callbacks.nan._target_=tests.helpers.NaNAtStep``); the DDP
-probe lives in the package (diffusion.callbacks.RankProbe, also used by experiments/gpu_check.py) and is re-exported here."""
+probe lives in the package (diffusion.training.probe.RankProbe, also used by experiments/gpu_check.py) and is re-exported here."""
 
 import json
 from pathlib import Path
@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from diffusion.callbacks import RankProbe, state_hash  # noqa: F401 - tests.helpers.RankProbe in the tests' overrides
+from diffusion.training.probe import RankProbe, state_hash  # noqa: F401 - tests.helpers.RankProbe in the tests' overrides
 
 
 class NaNAtStep(Callback):
@@ -39,7 +39,7 @@ class TinyFeatures(torch.nn.Module):
 
 
 def fid_kid_on_a_shard(rank: int, world_size: int, port: int, real, fake, out_dir: str) -> None:
-    """One gloo rank of ``tests/test_metrics.py``'s DDP check: FID/KID from every ``world_size``-th image."""
+    """One gloo rank of ``tests/metrics/test_metrics.py``'s DDP check: FID/KID from every ``world_size``-th image."""
     import torch.distributed as dist
 
     from diffusion.metrics import fid_kid
@@ -67,7 +67,7 @@ class WaitForSignalAtStep(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         import time
 
-        from diffusion.callbacks import ResumableRun
+        from diffusion.training.resumable import ResumableRun
 
         if trainer.global_step != self.step:
             return

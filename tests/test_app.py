@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from diffusion.app import generate, sampler_names
-from diffusion.module import DiffusionModule
+from diffusion.training.module import DiffusionModule
 from tests.conftest import REPO, clean_env, run_train
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -419,7 +419,7 @@ def peak_rss_kib(pid: int) -> int:
 
 def test_serving_beyond_localhost_without_a_login_warns_and_logins_come_from_the_environment():
     from diffusion.app import logins, serving_warning
-    from diffusion.runtime import UsageError
+    from diffusion.run.errors import UsageError
 
     assert logins({}) is None and logins({"DIFFUSION_APP_AUTH": "ana:s3:cret, bo:pw"}) == [("ana", "s3:cret"), ("bo", "pw")]
     for bad in ("ana", "ana:", ":s3cret", "ana:s3cret,bo"):

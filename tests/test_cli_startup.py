@@ -63,8 +63,8 @@ def test_every_cli_answers_help_without_torch(tmp_path):
         assert case["heavy"] == [], f"diffusion.{cli} --help imported {case['heavy']}"
         assert "Powered by Hydra" in case["stdout"] and "== Config ==" in case["stdout"], cli  # Hydra's help, in full
     train = report[0]["stdout"]
-    # runtime.share_config_store (Hydra shares its ConfigStore instead of copying it per group listed) changes no word
-    unshared = "import diffusion.runtime\nfrom hydra.core.config_store import ConfigStore\ndel ConfigStore.__deepcopy__"
+    # run.config.share_config_store (Hydra shares its ConfigStore instead of copying it per group listed) changes no word
+    unshared = "import diffusion.run.config\nfrom hydra.core.config_store import ConfigStore\ndel ConfigStore.__deepcopy__"
     assert run_cases([["diffusion.train", "--help"]], tmp_path, unshared)[0]["stdout"] == train
     assert "schedule: blur, continuous_cosine, cosine, linear, quadratic, sigmoid" in train  # the groups it lists
     assert "sampler: cold, ddim, ddpm, dpmsolver++, euler, euler_ancestral, heun, plms, pndm, unipc" in train

@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 from diffusion.compare import compare, starting_noise
-from diffusion.grids import grid_array, to_uint8
-from diffusion.module import DiffusionModule
-from diffusion.runtime import UsageError
+from diffusion.plots.grids import grid_array, to_uint8
+from diffusion.training.module import DiffusionModule
+from diffusion.run.errors import UsageError
 from diffusion.samplers.registry import sampler_config, sampler_names
 from tests.conftest import run_train, snapshot
 from tests.test_readme import compose_job

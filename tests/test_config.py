@@ -8,7 +8,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from diffusion.processes.blur import BlurSchedule
-from diffusion.schedules import NoiseSchedule
+from diffusion.processes.schedules import NoiseSchedule
 from diffusion.train import CONFIG_DIR, build_module
 
 GROUPS = ["schedule", "sampler", "model", "data", "optimizer", "logger", "trainer"]

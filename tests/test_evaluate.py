@@ -56,7 +56,7 @@ def test_results_and_figures_go_to_the_training_runs_wandb(finished_run, tmp_pat
     from pathlib import Path
 
     from diffusion.figures import make_figure
-    from tests.test_errors import compose_cfg
+    from tests.run.test_errors import compose_cfg
     from tests.conftest import clean_env
     import numpy as np
     from PIL import Image

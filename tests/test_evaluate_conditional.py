@@ -12,8 +12,10 @@ import torch
 
 from diffusion.evaluate import evaluate
 from diffusion.metrics import classifier as clf
-from diffusion.module import DiffusionModule, read_checkpoint, to_uint8
-from diffusion.runtime import UsageError
+from diffusion.plots.grids import to_uint8
+from diffusion.sharing.checkpoints import read_checkpoint
+from diffusion.training.module import DiffusionModule
+from diffusion.run.errors import UsageError
 from tests.conftest import run_train
 from tests.test_readme import compose_job
 
@@ -314,7 +316,7 @@ def test_a_guidance_sweep_and_its_report(cond_ckpt, classifier_cache, tmp_path, 
     import matplotlib.axes
 
     from diffusion.report import make_report
-    from tests.test_errors import compose_cfg
+    from tests.run.test_errors import compose_cfg
 
     plotted = []
     original = matplotlib.axes.Axes.plot

@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from diffusion.module import DiffusionModule
-from diffusion.runtime import UsageError
-from tests.test_errors import compose_cfg
+from diffusion.training.module import DiffusionModule
+from diffusion.run.errors import UsageError
+from tests.run.test_errors import compose_cfg
 
 
 def _export(ckpt, out, *overrides):
@@ -105,13 +105,13 @@ def test_sample_reads_an_exported_folder_and_train_fine_tunes_from_it(ckpt, tmp_
 def _diffusers_compatible_checkpoint(path):
     """An untrained 16 px UNet whose every GroupNorm has 32 groups (widths multiples of 128), the form UNet2DModel
     can hold, written as diffusion.train writes a checkpoint (DDIM-3, clipped)."""
-    from diffusion.module import DiffusionModule
+    from diffusion.training.module import DiffusionModule
 
     torch.manual_seed(0)
     module = DiffusionModule(
         model={"_target_": "diffusion.models.UNet", "in_channels": 1, "image_size": 16, "base_channels": 128,
                "channel_mult": [1, 1], "num_res_blocks": 1, "attention_resolutions": [8]},
-        schedule={"_target_": "diffusion.schedules.LinearSchedule", "T": 1000},
+        schedule={"_target_": "diffusion.processes.schedules.LinearSchedule", "T": 1000},
         sampler={"_target_": "diffusion.samplers.ddim.DDIMSampler", "_partial_": True, "num_steps": 3,
                  "clip_denoised": True},
         optimizer={"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-3},

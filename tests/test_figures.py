@@ -12,10 +12,10 @@ from PIL import Image
 
 from diffusion.data import DigitsDataModule
 from diffusion.figures import make_figure
-from diffusion.grids import GridLayout, grid_array, labelled_figure, readable_scale, save_new
-from diffusion.runtime import UsageError
+from diffusion.plots.grids import GridLayout, grid_array, labelled_figure, readable_scale, save_new
+from diffusion.run.errors import UsageError
 from tests.conftest import REPO, snapshot
-from tests.test_errors import compose_cfg
+from tests.run.test_errors import compose_cfg
 
 SIDE, PAD, SCALE = 16, 2, 4  # digits: 16 px images, 2 px padding, enlarged 4 x to 64 px
 
@@ -150,7 +150,7 @@ def test_forward_figure_columns_are_q_xt_x0_at_their_labelled_t_and_nothing_is_o
 
 
 def test_reverse_figure_columns_are_labelled_with_their_t(ckpt, tmp_path):
-    from diffusion.module import DiffusionModule
+    from diffusion.training.module import DiffusionModule
 
     path = draw("figure=reverse", f"ckpt={ckpt}", "n=2", "transitions=4", "sampler=ddim", "sampler.num_steps=8",
                   f"out={tmp_path}")
@@ -177,7 +177,7 @@ def test_reverse_figure_columns_are_labelled_with_their_t(ckpt, tmp_path):
 
 
 def test_progression_rows_are_the_checkpoints_by_step(finished_run, tmp_path, capsys):
-    from diffusion.module import DiffusionModule
+    from diffusion.training.module import DiffusionModule
 
     run, figs = finished_run[0], tmp_path / "figs"
     figs.mkdir()
@@ -246,7 +246,7 @@ def test_bad_options_are_refused_in_one_line_before_any_work(overrides, text, tm
 
 
 def test_reverse_figure_of_a_conditional_checkpoint_has_one_named_row_per_class(cond_ckpt, tmp_path):
-    from diffusion.module import DiffusionModule
+    from diffusion.training.module import DiffusionModule
 
     module = DiffusionModule.from_checkpoint(cond_ckpt)
     path = draw("figure=reverse", f"ckpt={cond_ckpt}", "classes=[7,2]", "sampler.guidance_scale=3", "transitions=3",
@@ -276,7 +276,7 @@ def test_reverse_figure_of_a_conditional_checkpoint_has_one_named_row_per_class(
 
 
 def test_progression_of_a_conditional_run_has_one_named_column_per_image(tmp_path):
-    from diffusion.module import DiffusionModule
+    from diffusion.training.module import DiffusionModule
     from tests.conftest import make_conditional_checkpoint
 
     run = tmp_path / "run"

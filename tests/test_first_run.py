@@ -91,7 +91,7 @@ def test_the_readme_default_trains_digits_the_classifiers_read(tmp_path):
 def test_the_final_grid_reuses_the_last_epochs_images_only_for_the_same_weights(ckpt, monkeypatch):
     """The final grid after a last epoch that drew one (same step, weights, sampler and seed) is those images,
     not drawn again; any other weights are sampled anew."""
-    from diffusion.module import DiffusionModule
+    from diffusion.training.module import DiffusionModule
 
     module = DiffusionModule.from_checkpoint(ckpt)
     drawn = []

@@ -5,7 +5,7 @@ from hydra import compose, initialize_config_dir
 
 from diffusion.train import CONFIG_DIR
 from tests.conftest import run_train
-from tests.test_data import make_image_folder, make_mnist
+from tests.data.test_data import make_image_folder, make_mnist
 
 # preset: (data kind, checks on the composed config)
 PRESETS = {
@@ -19,7 +19,7 @@ PRESETS = {
     "fashion_mnist": ("mnist", {"data.dataset": "fashion_mnist", "data.image_size": 28}),
     "cars128": ("folder", {"data.image_size": 128}),
     "flowers64": ("folder", {"data.image_size": 64, "sampler._target_": "diffusion.samplers.ddim.DDIMSampler",
-                             "schedule._target_": "diffusion.schedules.ContinuousCosineSchedule",
+                             "schedule._target_": "diffusion.processes.schedules.ContinuousCosineSchedule",
                              "callbacks.ema.decay": 0.999}),
 }
 LIGHT = {"mnist", "fashion_mnist", "flowers64"}

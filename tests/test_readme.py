@@ -12,7 +12,7 @@ how the suite runs it:
   and every job's config is composed and its network built (small); test_train runs real sweeps;
 - CI: a setup line that ``.ci/run`` executes verbatim (checked here); EXTRA: ``pip install -e ".[x]"`` of an extra
   whose packages ``.[dev]``, which CI installs, already holds;
-- "tests/test_x.py::test_name": the existing test that runs it (with small settings: the shared ``ckpt`` and
+- "tests/[<package>/]test_x.py::test_name": the existing test that runs it (with small settings: the shared ``ckpt`` and
   ``finished_run`` fixtures); the function must exist and must not be marked slow.
 
 Whatever its entry, every command of a Hydra CLI is also read as a shell and Hydra read it: ``$HOME`` expanded,
@@ -57,16 +57,16 @@ COVERAGE = {
     "python -m diffusion.train sampler=plms sampler.num_steps=25": TRAIN,
     "python -m diffusion.evaluate ckpt=... metrics=[nll] max_images=256": "tests/test_evaluate.py::test_full_bound_reports_terms_per_quarter",
     "python -m diffusion.evaluate ckpt=... nll.num_timesteps=100": "tests/test_evaluate.py::test_nll_from_a_checkpoint_alone",
-    "python -m diffusion.evaluate ckpt=... metrics=[fid,kid] fid.weights=$HOME/weights-inception-2015-12-05-6726825d.pth": ("tests/test_metrics.py::test_evaluate_fid_kid_cli_with_a_custom_feature_extractor", "tests/test_metrics.py::test_evaluate_fid_without_weights_fails_before_work", "tests/test_readme.py::test_fid_weights_path_reaches_the_weights_lookup"),
+    "python -m diffusion.evaluate ckpt=... metrics=[fid,kid] fid.weights=$HOME/weights-inception-2015-12-05-6726825d.pth": ("tests/metrics/test_metrics.py::test_evaluate_fid_kid_cli_with_a_custom_feature_extractor", "tests/metrics/test_metrics.py::test_evaluate_fid_without_weights_fails_before_work", "tests/test_readme.py::test_fid_weights_path_reaches_the_weights_lookup"),
     "python -m diffusion.evaluate ckpt=... wandb_run=outputs/train/<run>": "tests/test_evaluate.py::test_results_and_figures_go_to_the_training_runs_wandb",
-    "python -m diffusion.evaluate ckpt=... metrics=[nll,fid] devices=4": "tests/test_metrics.py::test_evaluate_on_two_ranks",
+    "python -m diffusion.evaluate ckpt=... metrics=[nll,fid] devices=4": "tests/metrics/test_metrics.py::test_evaluate_on_two_ranks",
     "python -m diffusion.figures figure=schedules out=figures/": "tests/test_figures.py::test_schedules_figure",
     "python -m diffusion.figures figure=forward out=figures/ data=digits schedule=cosine": "tests/test_figures.py::test_forward_figure_columns_are_q_xt_x0_at_their_labelled_t_and_nothing_is_overwritten",
     "python -m diffusion.figures figure=reverse ckpt=... sampler=ddpm transitions=10 out=figures/": "tests/test_figures.py::test_reverse_figure_columns_are_labelled_with_their_t",
     "python -m diffusion.figures figure=progression run=outputs/train/<run> out=figures/": "tests/test_figures.py::test_progression_rows_are_the_checkpoints_by_step",
     "python -m diffusion.report sweep=outputs/train/multirun/<date_time>": "tests/test_report.py::test_report_on_a_2x2_sweep",
     'python -m diffusion.compare ckpt=... "samplers=[ddim,dpmsolver++,heun,euler,ddpm]" "nfe=[5,10,20,50,100]"': "tests/test_compare.py::test_compare_cli_writes_the_comparison_and_a_second_run_changes_nothing",
-    "python -m diffusion.evaluate ckpt=... metrics=[fd_classifier]": "tests/test_metrics_classifier.py::test_evaluate_offers_fd_classifier",
+    "python -m diffusion.evaluate ckpt=... metrics=[fd_classifier]": "tests/metrics/test_metrics_classifier.py::test_evaluate_offers_fd_classifier",
     "python -m diffusion.app ckpt=...": ("tests/test_app.py::test_the_page_generates_the_models_samples_in_headless_chromium", "tests/test_app.py::test_generate_returns_the_grid_the_strip_and_a_summary"),
     'pip install -e ".[app]"': EXTRA,
     "python -m diffusion.app ckpt=outputs/train/<run>/checkpoints/last.ckpt": "tests/test_app.py::test_the_page_generates_the_models_samples_in_headless_chromium",
@@ -88,11 +88,11 @@ COVERAGE = {
     "python -m diffusion.sample ckpt=shared/digits": "tests/test_export.py::test_sample_reads_an_exported_folder_and_train_fine_tunes_from_it",
     "python -m diffusion.train init_from=shared/digits trainer.max_epochs=10": "tests/test_export.py::test_sample_reads_an_exported_folder_and_train_fine_tunes_from_it",
     "python -m diffusion.export ckpt=... format=diffusers out=shared/wide_diffusers": "tests/test_export.py::test_diffusers_export_loads_in_diffusers_and_reads_back",
-    "python -m diffusion.sample ckpt=$HOME/my_unet sampler=ddim": ("tests/test_export.py::test_diffusers_export_loads_in_diffusers_and_reads_back", "tests/test_diffusers_bridge.py::test_import_unet_folder_samples_like_ddim_pipeline"),
+    "python -m diffusion.sample ckpt=$HOME/my_unet sampler=ddim": ("tests/test_export.py::test_diffusers_export_loads_in_diffusers_and_reads_back", "tests/sharing/test_diffusers_bridge.py::test_import_unet_folder_samples_like_ddim_pipeline"),
     # class-conditional models and guidance
     "python -m diffusion.train data.conditional=true": TRAIN,
-    "python -m diffusion.sample ckpt=outputs/train/<run>/checkpoints/last.ckpt classes=all n=8 sampler.guidance_scale=2": "tests/test_conditional.py::test_sample_cli_draws_the_chosen_classes_of_the_checkpoint",
-    'python -m diffusion.sample ckpt=... "classes=[3,7]" n=16 sampler.guidance_scale=4 sampler.guidance_rescale=0.7': "tests/test_conditional.py::test_sample_cli_draws_the_chosen_classes_of_the_checkpoint",
+    "python -m diffusion.sample ckpt=outputs/train/<run>/checkpoints/last.ckpt classes=all n=8 sampler.guidance_scale=2": "tests/training/test_conditional.py::test_sample_cli_draws_the_chosen_classes_of_the_checkpoint",
+    'python -m diffusion.sample ckpt=... "classes=[3,7]" n=16 sampler.guidance_scale=4 sampler.guidance_rescale=0.7': "tests/training/test_conditional.py::test_sample_cli_draws_the_chosen_classes_of_the_checkpoint",
     "python -m diffusion.evaluate -m ckpt=... metrics=[fd_classifier] fid.num_samples=400 sampler.guidance_scale=0,1,2,4": (SWEEP, "tests/test_evaluate_conditional.py::test_a_guidance_sweep_and_its_report"),
     "python -m diffusion.report sweep=outputs/evaluate/multirun/<date_time>": "tests/test_evaluate_conditional.py::test_a_guidance_sweep_and_its_report",
     "python -m diffusion.train data=mnist data.root=$HOME/data data.conditional=true": TRAIN,
@@ -104,12 +104,12 @@ COVERAGE = {
     "python -m diffusion.train experiment=human64 data.root=$HOME/ffhq trainer.devices=4 trainer.strategy=ddp": (ONE_DEVICE, "tests/test_train.py::test_ddp_two_cpu_ranks"),
     # improved DDPM, objectives, attention, cold diffusion
     "python -m diffusion.train model.learn_sigma=true process.loss_type=hybrid sampler=ddpm": TRAIN,
-    "python -m diffusion.train -m model.learn_sigma=true process.loss_type=vlb process.timestep_sampling=uniform,importance": (SWEEP, "tests/test_timesteps.py::test_timestep_sampling_choices"),
-    "python -m diffusion.train -m process=gaussian,blur": (SWEEP, "tests/test_blur.py::test_process_blur_trains_samples_and_draws_figures_from_the_cli"),
+    "python -m diffusion.train -m model.learn_sigma=true process.loss_type=vlb process.timestep_sampling=uniform,importance": (SWEEP, "tests/processes/test_timesteps.py::test_timestep_sampling_choices"),
+    "python -m diffusion.train -m process=gaussian,blur": (SWEEP, "tests/processes/test_blur.py::test_process_blur_trains_samples_and_draws_figures_from_the_cli"),
     "python -m diffusion.train -m process=blur schedule.routine=incremental,constant schedule.kernel_std=0.1,1.0": SWEEP,
-    "python -m diffusion.sample ckpt=<blur run>/checkpoints/last.ckpt sampler=cold sampler.prior_noise_std=0.02": "tests/test_blur.py::test_process_blur_trains_samples_and_draws_figures_from_the_cli",
-    "python -m diffusion.train -m process.objective=eps,x0,v process.min_snr_gamma=null,5": (SWEEP, "tests/test_objectives.py::test_improved_ddpm_options_train_sample_and_evaluate_from_the_cli"),
-    'python -m diffusion.train -m model.block_attention=none,self,cbam model.skip_gates=false,true "model.attention_resolutions=[4],[8,4]"': (SWEEP, "tests/test_models.py::test_cbam_and_skip_gates_keep_shapes_and_train"),
+    "python -m diffusion.sample ckpt=<blur run>/checkpoints/last.ckpt sampler=cold sampler.prior_noise_std=0.02": "tests/processes/test_blur.py::test_process_blur_trains_samples_and_draws_figures_from_the_cli",
+    "python -m diffusion.train -m process.objective=eps,x0,v process.min_snr_gamma=null,5": (SWEEP, "tests/processes/test_objectives.py::test_improved_ddpm_options_train_sample_and_evaluate_from_the_cli"),
+    'python -m diffusion.train -m model.block_attention=none,self,cbam model.skip_gates=false,true "model.attention_resolutions=[4],[8,4]"': (SWEEP, "tests/models/test_models.py::test_cbam_and_skip_gates_keep_shapes_and_train"),
     # sweeps, multi-GPU, resume
     "python -m diffusion.train -m schedule.T=500,750,1000 schedule.beta_end=0.01,0.02": (SWEEP, "tests/test_train.py::test_multirun_writes_one_directory_per_combination"),
     "python -m diffusion.train -m schedule=linear,cosine sampler.num_steps=20,50": SWEEP,
@@ -118,10 +118,10 @@ COVERAGE = {
     "python -m diffusion.train ckpt_path=outputs/train/<run>/checkpoints/last.ckpt trainer.max_epochs=100": "tests/test_train.py::test_resume_continues_exactly_like_an_uninterrupted_run",
     # cluster
     'pip install -e ".[cluster]"': EXTRA,
-    "python -m diffusion.train -m hydra/launcher=slurm hydra.launcher.partition=gpu schedule.T=500,1000 trainer.devices=4": (SWEEP, "tests/test_cluster.py::test_slurm_sweep_renders_one_array_job_of_two_nodes_with_four_gpus_each"),
-    "python -m diffusion.train -m hydra/launcher=submitit_local schedule.T=500,1000": (SWEEP, "tests/test_cluster.py::test_submitit_local_sweep_runs_each_job_in_its_directory_and_the_report_reads_it"),
-    "python -m diffusion.train -m hydra/launcher=slurm hydra.launcher.partition=gpu trainer.num_nodes=2 trainer.devices=4 trainer.strategy=ddp": (SWEEP, "tests/test_cluster.py::test_slurm_sweep_renders_one_array_job_of_two_nodes_with_four_gpus_each"),
-    "python -m diffusion.train hparams_search=digits_optuna hydra.sweeper.n_trials=30": "tests/test_hparams_search.py::test_a_three_trial_search_finds_and_reports_its_best_trial",
+    "python -m diffusion.train -m hydra/launcher=slurm hydra.launcher.partition=gpu schedule.T=500,1000 trainer.devices=4": (SWEEP, "tests/run/test_cluster.py::test_slurm_sweep_renders_one_array_job_of_two_nodes_with_four_gpus_each"),
+    "python -m diffusion.train -m hydra/launcher=submitit_local schedule.T=500,1000": (SWEEP, "tests/run/test_cluster.py::test_submitit_local_sweep_runs_each_job_in_its_directory_and_the_report_reads_it"),
+    "python -m diffusion.train -m hydra/launcher=slurm hydra.launcher.partition=gpu trainer.num_nodes=2 trainer.devices=4 trainer.strategy=ddp": (SWEEP, "tests/run/test_cluster.py::test_slurm_sweep_renders_one_array_job_of_two_nodes_with_four_gpus_each"),
+    "python -m diffusion.train hparams_search=digits_optuna hydra.sweeper.n_trials=30": "tests/run/test_hparams_search.py::test_a_three_trial_search_finds_and_reports_its_best_trial",
     "torchrun --nnodes 2 --node-rank 0 --nproc-per-node 4 --master-addr node0 --master-port 29500 -m diffusion.train trainer.num_nodes=2 trainer.devices=4 trainer.strategy=ddp": "tests/test_train.py::test_torchrun_two_nodes_agree_on_one_run_directory",
     "python experiments/gpu_check.py --out outputs/gpu_check": "tests/test_gpu_check.py::test_cpu_quick_check_measures_every_part",
     # speed
@@ -133,7 +133,7 @@ COVERAGE = {
     "python experiments/first_run.py --only default --out outputs/first_run": "tests/test_first_run.py::test_a_candidates_seconds_add_up_to_the_profilers_and_the_wall_clock",
     "python experiments/first_run.py --judge outputs/train/<run>": "tests/test_first_run.py::test_judging_a_run_you_trained",
     "python experiments/benchmark.py model.base_channels=128 model.channel_mult=[1,2,2,2] model.attention_resolutions=[16] data.image_size=64 --batch 16 --warmup 1 --iters 1 --repeats 3 --no-loader": "tests/test_benchmark.py::test_matched_diffusers_model_is_within_ten_percent",
-    "python experiments/benchmark.py trainer.precision=bf16-mixed model.compile=true model.channels_last=true --device cuda": ("tests/test_speed.py::test_speed_option_trains_to_the_same_loss", "tests/test_speed.py::test_compile_trains_to_the_same_loss_and_keeps_the_checkpoint_format", "tests/test_speed.py::test_channels_last_reaches_the_network"),
+    "python experiments/benchmark.py trainer.precision=bf16-mixed model.compile=true model.channels_last=true --device cuda": ("tests/models/test_speed.py::test_speed_option_trains_to_the_same_loss", "tests/models/test_speed.py::test_compile_trains_to_the_same_loss_and_keeps_the_checkpoint_format", "tests/models/test_speed.py::test_channels_last_reaches_the_network"),
 }
 
 RUNNERS = {TRAIN, ONE_DEVICE, SWEEP, CI, EXTRA}
@@ -231,7 +231,7 @@ def commands_with(runner: str) -> list[str]:
 @pytest.fixture(scope="module")
 def home(tmp_path_factory) -> Path:
     """A $HOME holding what the README's paths point at: image folders and MNIST/FashionMNIST IDX files."""
-    from tests.test_data import make_image_folder, make_mnist
+    from tests.data.test_data import make_image_folder, make_mnist
 
     home = tmp_path_factory.mktemp("home")
     for folder in ("images", "ffhq", "dogs-vs-cats/train", "simpsons", "flowers"):
@@ -274,7 +274,7 @@ def _test_function(test_id: str) -> ast.FunctionDef | None:
 
 def test_mapped_tests_exist_and_run_in_the_fast_suite():
     ids = sorted({e for how in COVERAGE.values() for e in entries(how) if e not in RUNNERS})
-    assert all(re.fullmatch(r"tests/test_\w+\.py::test_\w+(\[.*\])?", i) for i in ids), ids
+    assert all(re.fullmatch(r"tests/(\w+/)?test_\w+\.py::test_\w+(\[.*\])?", i) for i in ids), ids
     missing = [i for i in ids if _test_function(i) is None]
     assert not missing, f"COVERAGE names tests that do not exist: {missing}"
     slow = [i for i in ids if any("slow" in ast.unparse(d) for d in _test_function(i).decorator_list)]
@@ -304,7 +304,7 @@ HYDRA_COMMANDS = [c for c in COVERAGE if c.startswith("python") and program(shle
 
 def _network(cfg):
     """The module of a training config at the data's size and channels (a bad model setting: one-line UsageError)."""
-    from diffusion.runtime import build_or_usage_error
+    from diffusion.run.errors import build_or_usage_error
 
     return build_or_usage_error("model", lambda: build_module(cfg, cfg.data.get("channels", 1), cfg.data.image_size))
 
@@ -327,7 +327,7 @@ def test_hydra_reads_the_command_and_builds_every_job(command, home):
         assert SWEEP in entries(COVERAGE[command]) and stated, f"{command}: a sweep's comment must say '# N jobs'"
     trains = prog in ("diffusion.train", "experiments/benchmark.py")
     for job in jobs:
-        small = ["model.base_channels=8", "model.compile=false"] if trains else []  # torch.compile: tests/test_speed.py
+        small = ["model.base_channels=8", "model.compile=false"] if trains else []  # torch.compile: tests/models/test_speed.py
         cfg = compose_job(HYDRA_CONFIGS.get(prog, "config"), job + small)
         if trains:  # a narrow network, otherwise as the job builds it
             assert _network(cfg).model.image_size == cfg.data.image_size
@@ -380,7 +380,7 @@ def test_train_command_runs(command, home, tmp_path, monkeypatch):
 
 def test_error_example_is_what_the_command_prints(tmp_path):
     """The README's ``$ command`` / ``error: ...`` example: the error the run raises, word for word."""
-    from diffusion.runtime import UsageError
+    from diffusion.run.errors import UsageError
     from diffusion.train import train
 
     examples = re.findall(r"^```\n\$ (python -m diffusion\.train [^\n]*)\n(error: [^\n]*)\n```", README.read_text(), flags=re.M)

@@ -9,9 +9,9 @@ import pytest
 import yaml
 
 from diffusion.report import make_report, report
-from diffusion.runtime import UsageError
+from diffusion.run.errors import UsageError
 from tests.conftest import REPO
-from tests.test_errors import compose_cfg
+from tests.run.test_errors import compose_cfg
 
 
 def fake_sweep(root):

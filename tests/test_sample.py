@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion.module import DiffusionModule
+from diffusion.training.module import DiffusionModule
 from tests.conftest import run_train, snapshot
 
 
@@ -56,11 +56,12 @@ def test_raw_weights_and_ddpm_sampler(ckpt, tmp_path):
     ],
 )
 def test_sample_bad_input(ckpt, tmp_path, overrides, text):
-    """In-process (the CLI's exit 2 and one stderr line: the first case, and tests/test_errors.py); every bad value is a
+    """In-process (the CLI's exit 2 and one stderr line: the first case, and tests/run/test_errors.py); every bad value is a
     one-line UsageError raised before anything is written."""
     from hydra import compose, initialize_config_dir
 
-    from diffusion.runtime import CONFIG_DIR, UsageError
+    from diffusion.run.config import CONFIG_DIR
+    from diffusion.run.errors import UsageError
     from diffusion.sample import sample
 
     if overrides == ["sampler.num_steps=5000"]:
@@ -134,9 +135,10 @@ def test_readme_sampler_commands_draw_what_their_sampler_draws(ckpt, tmp_path, n
     that sampler class draws from the same seed, and the network is called as often as the README says."""
     from hydra import compose, initialize_config_dir
 
-    from diffusion.grids import to_uint8
-    from diffusion.runtime import CONFIG_DIR
-    from diffusion.sample import draw, sample
+    from diffusion.plots.grids import to_uint8
+    from diffusion.run.config import CONFIG_DIR
+    from diffusion.run.sampling import draw
+    from diffusion.sample import sample
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="sample", overrides=[f"ckpt={ckpt}", "n=3", *overrides])
@@ -156,7 +158,7 @@ def test_grid_png_carries_its_settings_and_they_draw_it_again(ckpt, tmp_path):
     from PIL import Image
 
     from diffusion.sample import sample
-    from tests.test_errors import compose_cfg
+    from tests.run.test_errors import compose_cfg
 
     sample(compose_cfg(f"ckpt={ckpt}", "n=3", "seed=7", "batch_size=2", "sampler.num_steps=2",
                        f"paths.output_dir={tmp_path / 'a'}", config_name="sample"))
@@ -194,7 +196,7 @@ def test_grid_png_command_draws_the_same_pixels_again(checkpoint, overrides, com
     from PIL import Image
 
     from diffusion.sample import sample
-    from tests.test_errors import compose_cfg
+    from tests.run.test_errors import compose_cfg
 
     path = request.getfixturevalue(checkpoint)
     sample(compose_cfg(f"ckpt={path}", *overrides, f"paths.output_dir={tmp_path / 'a'}", config_name="sample"))
@@ -217,8 +219,8 @@ def test_the_own_sampler_settings_of_sample_yaml_are_those_the_command_sets_with
 
     import yaml
 
-    from diffusion.reproduce import OWN_SAMPLER_KEYS
-    from diffusion.runtime import CONFIG_DIR
+    from diffusion.sharing.reproduce import OWN_SAMPLER_KEYS
+    from diffusion.run.config import CONFIG_DIR
 
     config = yaml.safe_load((Path(CONFIG_DIR) / "sample.yaml").read_text())
     assert tuple(config["sampler"]) == OWN_SAMPLER_KEYS

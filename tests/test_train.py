@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from diffusion.models import UNet
-from diffusion.module import DiffusionModule
+from diffusion.training.module import DiffusionModule
 from tests.conftest import FAST, RESUME_RUN, assert_same_training, snapshot
 from tests.wandb_records import config, history, records
 

@@ -10,7 +10,7 @@ mean is kept exactly. The last step averages completely (sigma_T = inf, the "dis
 paper's code), so x_T is exactly the constant image of x_0's channel means, whatever the image size, and the prior
 that generation starts from matches what the network saw in training.
 
-Indexing follows :mod:`diffusion.schedules`: the network's 0-based timestep ``t`` is the paper's step
+Indexing follows :mod:`diffusion.processes.schedules`: the network's 0-based timestep ``t`` is the paper's step
 ``s = t + 1``, so ``q_sample(x_0, t) = D(x_0, t + 1)`` and ``blur(x, 0)`` is the identity.
 """
 
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from diffusion.checks import check_choice
 from diffusion.processes.base import ForwardProcess, randn
-from diffusion.timesteps import TIMESTEP_SAMPLINGS
+from diffusion.processes.timesteps import TIMESTEP_SAMPLINGS
 
 BLUR_ROUTINES = ("incremental", "constant", "exponential")
 BLUR_LOSS_TYPES = ("l1", "mse")
@@ -110,7 +110,7 @@ class BlurDiffusion(ForwardProcess):
         channels: image channels (sizes the prior's statistics).
         loss_type: ``l1`` (the paper's) or ``mse`` between the restored and the clean image.
         learn_sigma: must be false (the process is deterministic: there is no variance to learn).
-        timestep_sampling: how training draws t: ``uniform`` or ``importance`` (:mod:`diffusion.timesteps`).
+        timestep_sampling: how training draws t: ``uniform`` or ``importance`` (:mod:`diffusion.processes.timesteps`).
 
     The prior of x_T is the one-component case of the paper's Gaussian mixture on channel means: a Gaussian with the
     mean and covariance of the channel means of the training images (which blurring keeps), accumulated from every

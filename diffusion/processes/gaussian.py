@@ -3,7 +3,7 @@
 ``GaussianDiffusion`` is an ``nn.Module`` only so that the schedule table lives in registered buffers: they move
 with ``.to(device)``, are saved in every checkpoint and let a checkpoint be sampled without its config.
 
-Timesteps are 0-based: ``t`` in ``0..T-1`` (see :mod:`diffusion.schedules`).
+Timesteps are 0-based: ``t`` in ``0..T-1`` (see :mod:`diffusion.processes.schedules`).
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from diffusion.checks import check_choice
-from diffusion.objectives import OBJECTIVES, eps_from_x0, target_from_x0_eps, to_x0_eps
+from diffusion.processes.objectives import OBJECTIVES, eps_from_x0, target_from_x0_eps, to_x0_eps
 from diffusion.processes.base import ForwardProcess, randn
-from diffusion.schedules import NoiseSchedule, ScheduleTable
-from diffusion.timesteps import TIMESTEP_SAMPLINGS
+from diffusion.processes.schedules import NoiseSchedule, ScheduleTable
+from diffusion.processes.timesteps import TIMESTEP_SAMPLINGS
 
 VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned_range")
 #: the schedule table's entries this process reads (buffers: in every checkpoint, moved with the module)
@@ -58,13 +58,13 @@ class GaussianDiffusion(ForwardProcess):
             ``hybrid`` (Nichol & Dhariwal eq. 16): L_simple + ``hybrid_lambda`` * L_vlb, the VLB term seeing the
             predicted mean through a stop-gradient so that it trains the variance only; or ``vlb``, the bound
             itself (T L_t per example, in bits/dim: Ho et al. eq. 5, Nichol & Dhariwal's L_vlb), which trains mean and
-            variance; pair it with ``timestep_sampling=importance`` (:mod:`diffusion.timesteps`).
+            variance; pair it with ``timestep_sampling=importance`` (:mod:`diffusion.processes.timesteps`).
         objective: what the network predicts: ``eps`` (the noise, Ho et al.), ``x0`` (the clean image) or ``v``
             (sqrt(abar) eps - sqrt(1 - abar) x_0, Salimans & Ho 2022).
         min_snr_gamma: if set, weight each example's loss by min(SNR_t, gamma) / SNR_t (eps), min(SNR_t, gamma)
             (x0) or min(SNR_t, gamma) / (SNR_t + 1) (v) -- Hang et al. 2023, "Min-SNR weighting"; 5 is theirs.
         hybrid_lambda: lambda of the hybrid loss (0.001 in Nichol & Dhariwal).
-        timestep_sampling: how training draws t: ``uniform`` or ``importance`` (:mod:`diffusion.timesteps`).
+        timestep_sampling: how training draws t: ``uniform`` or ``importance`` (:mod:`diffusion.processes.timesteps`).
         channels: the images' channels (unused: every process takes it).
         learn_sigma: whether the network outputs a variance too (``model.learn_sigma``): true makes the variance
             ``learned_range``, false refuses ``learned_range``; None (library use): as ``variance`` says.
@@ -332,7 +332,7 @@ class GaussianDiffusion(ForwardProcess):
         timesteps 1..T-1, equally spaced in log t (b_k = T^(k/K) rounded, each stratum at least one timestep).
 
         Small strata where the terms are large and change fast: the first few steps dominate the bound (Nichol &
-        Dhariwal 2021, Fig. 2). On a trained model (tests/test_nll.py) this gives a per-image standard deviation of
+        Dhariwal 2021, Fig. 2). On a trained model (tests/processes/test_nll.py) this gives a per-image standard deviation of
         the 10-term estimate about 20 times smaller than strata of equal size; any strata give an unbiased estimate.
         """
         T = self.num_timesteps

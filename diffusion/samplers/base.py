@@ -34,7 +34,7 @@ import torch
 
 from diffusion.checks import check_choice, check_whole
 from diffusion.samplers.controls import SPACING_CONTROL, SPACINGS, Control  # noqa: F401 - also imported from here
-from diffusion.objectives import eps_from_x0, to_x0_eps
+from diffusion.processes.objectives import eps_from_x0, to_x0_eps
 from diffusion.processes.base import randn
 from diffusion.samplers.guidance import Guided
 

@@ -7,7 +7,7 @@ import torch
 from diffusion.checks import check_choice
 from diffusion.processes.gaussian import VARIANCE_TYPES, GaussianDiffusion
 from diffusion.samplers.base import SPACING_CONTROL, SPACINGS, Sampler, StepOutput, make_timesteps
-from diffusion.schedules import compute_table
+from diffusion.processes.schedules import compute_table
 
 
 class DDPMSampler(Sampler):

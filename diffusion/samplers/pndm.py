@@ -43,10 +43,10 @@ Where diffusers and the paper differ, and what this file does:
   (:meth:`Sampler.predict_x0_eps`), and the multistep combines those eps (eq. 12 is a combination of noises).
   diffusers' ``prediction_type="v_prediction"`` instead combines the raw v outputs of different states and
   converts the combination with the *current* x_t and abar_t, which is not the combination of their noises: an
-  O(delta) error in e' that makes its v sampler first order (tests/test_pndm.py measures it). So eps, x0 and v
+  O(delta) error in e' that makes its v sampler first order (tests/samplers/test_pndm.py measures it). So eps, x0 and v
   networks that agree give the same samples here.
 
-Accuracy (tests/test_pndm.py, Gaussian data with the exact denoiser, linear schedule, leading grid): the multistep
+Accuracy (tests/samplers/test_pndm.py, Gaussian data with the exact denoiser, linear schedule, leading grid): the multistep
 runs on a grid uniform in t, and near t = 0 the noise prediction varies like sqrt(1 - abar_t) ~ sqrt(t + 1), so
 the global order is well below the 4 of eq. 12 and the error is made in the last steps (mid-chain it is ~100x
 smaller). Fitted over NFE 10..80 the error falls like NFE^-2.0 (PNDM NFE^-3.0 over 14..80, from its large warm-up
@@ -66,7 +66,7 @@ from __future__ import annotations
 import math
 
 from diffusion.checks import check_choice
-from diffusion.objectives import eps_from_x0, x0_from_eps
+from diffusion.processes.objectives import eps_from_x0, x0_from_eps
 from diffusion.processes.gaussian import GaussianDiffusion
 from diffusion.samplers.base import SPACING_CONTROL, SPACINGS, Sampler, StepOutput, make_timesteps
 

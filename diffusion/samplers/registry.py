@@ -7,21 +7,14 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from diffusion.samplers.controls import GUIDANCE_CONTROLS, Control
 
-if TYPE_CHECKING:
-    from diffusion.samplers.base import Sampler
-
 SAMPLER_DIR = Path(__file__).resolve().parents[2] / "conf" / "sampler"
-#: the classes' paths before the samplers/ package (checkpoints written by earlier versions name them)
-LEGACY_TARGETS = {"diffusion.samplers.DDPMSampler": "diffusion.samplers.ddpm.DDPMSampler",
-                  "diffusion.samplers.DDIMSampler": "diffusion.samplers.ddim.DDIMSampler",
-                  "diffusion.samplers.ColdSampler": "diffusion.samplers.cold.ColdSampler"}
 
 __all__ = ["sampler_names", "sampler_config", "sampler_class", "sampler_name", "build_sampler", "sampler_controls",
-           "GUIDANCE_CONTROLS", "LEGACY_TARGETS"]
+           "GUIDANCE_CONTROLS"]
 
 
 @lru_cache(maxsize=1)
@@ -31,7 +24,7 @@ def _configs() -> dict[str, dict]:
     return {f.stem: yaml.safe_load(f.read_text()) for f in sorted(SAMPLER_DIR.glob("*.yaml"))}
 
 
-def sampler_class(name: str) -> type[Sampler]:
+def sampler_class(name: str) -> type:
     from hydra.utils import get_class
 
     return get_class(sampler_config(name)["_target_"])
@@ -56,7 +49,7 @@ def sampler_config(name: str, **overrides: Any) -> dict:
 
 def sampler_name(config: dict) -> str:
     """The registry name of a sampler config (a checkpoint's, say), from its ``_target_``."""
-    target = LEGACY_TARGETS.get(config.get("_target_"), config.get("_target_"))
+    target = config.get("_target_")
     for name, cfg in _configs().items():
         if cfg["_target_"] == target:
             return name
@@ -69,7 +62,7 @@ def sampler_controls(name: str, conditional: bool = False) -> tuple[Control, ...
     return sampler_class(name).controls + (GUIDANCE_CONTROLS if conditional else ())
 
 
-def build_sampler(config: dict | str, process, **overrides: Any) -> Sampler:
+def build_sampler(config: dict | str, process, **overrides: Any):
     """Instantiate a sampler (a name, or a config with ``_target_``) for ``process``, with ``overrides``.
 
     Options a sampler does not take are refused in one line naming the sampler and what it takes; every sampler
@@ -83,8 +76,7 @@ def build_sampler(config: dict | str, process, **overrides: Any) -> Sampler:
     if isinstance(config, str):
         config = sampler_config(config)
     config = {**config, **overrides}
-    target = LEGACY_TARGETS.get(config["_target_"], config["_target_"])
-    cls = get_class(target)
+    cls = get_class(config["_target_"])
     options = {k: v for k, v in config.items() if not k.startswith("_")}
     guidance = {k: options.pop(k) for k in GUIDANCE_OPTIONS if k in options}
     allowed = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "process")]

@@ -1,0 +1,1 @@
+"""Tests of diffusion/data/ (and, under legacy/, files earlier versions wrote)."""

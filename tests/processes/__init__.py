@@ -1,0 +1,1 @@
+"""Tests of diffusion/processes/: the forward processes and their math."""

@@ -1,0 +1,1 @@
+"""Tests of diffusion/run/: the run machinery (errors, clusters, requeue, sweeps)."""

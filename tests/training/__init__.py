@@ -1,0 +1,1 @@
+"""Tests of diffusion/training/: the LightningModule's parts and callbacks."""
