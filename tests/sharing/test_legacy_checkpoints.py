@@ -70,3 +70,60 @@ def test_an_old_run_resumes(tmp_path):
     resumed = torch.load(tmp_path / "v" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert (resumed["epoch"], resumed["global_step"]) == (1, 4) and resumed["hyper_parameters"]["process"]["objective"] == "v"
 
+
+# ------------------------------------------------------------------------------- the package layout of issue #27
+def test_a_folder_exported_before_the_layout_change_samples_as_its_checkpoint(expected):
+    """tests/data/legacy/exported: gauss.ckpt exported by main at e37b816 (``diffusion.export format=safetensors``),
+    whose config.json names the schedule by its path then, ``diffusion.schedules.CosineSchedule``: it loads (the path
+    upgraded) and draws the checkpoint's own samples."""
+    import json
+
+    config = json.loads((DATA / "exported" / "config.json").read_text())
+    assert config["hyper_parameters"]["schedule"]["_target_"] == "diffusion.schedules.CosineSchedule"  # as written
+    module = DiffusionModule.from_checkpoint(DATA / "exported")
+    assert module.hparams.schedule["_target_"] == "diffusion.processes.schedules.CosineSchedule"
+    out = module.sample(3, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out.samples, expected["gauss/configured"], rtol=0, atol=1e-5)
+
+
+def test_every_class_path_an_earlier_layout_saved_is_upgraded_to_one_that_imports():
+    """Each class path a checkpoint or exported folder of an earlier layout can name (the schedules, the imported
+    diffusers schedule, the samplers and the blur schedule before their packages) maps to today's path, which
+    imports; today's paths stay as they are."""
+    from hydra.utils import get_class
+
+    from diffusion.sharing.legacy import upgrade_hyper_parameters, upgrade_target
+
+    old = {f"diffusion.schedules.{n}Schedule": f"diffusion.processes.schedules.{n}Schedule"
+           for n in ("Linear", "Cosine", "ContinuousCosine", "Quadratic", "Sigmoid")}
+    old["diffusion.diffusers_bridge.TrainedBetasSchedule"] = "diffusion.sharing.diffusers_bridge.TrainedBetasSchedule"
+    old["diffusion.samplers.DDIMSampler"] = "diffusion.samplers.ddim.DDIMSampler"
+    old["diffusion.blur.BlurSchedule"] = "diffusion.processes.BlurSchedule"
+    for before, now in old.items():
+        assert upgrade_target(before) == now and get_class(now).__name__ == now.rsplit(".", 1)[1]
+    for today in ("diffusion.models.UNet", "diffusion.processes.GaussianDiffusion", "torch.optim.AdamW",
+                  "diffusion.data.DigitsDataModule", "diffusion.samplers.karras.HeunSampler"):
+        assert upgrade_target(today) == today
+    hparams = upgrade_hyper_parameters({"schedule": {"_target_": "diffusion.diffusers_bridge.TrainedBetasSchedule",
+                                                     "betas": [0.1, 0.2]},
+                                        "sampler": {"_target_": "diffusion.samplers.ddpm.DDPMSampler"},
+                                        "process": {"_target_": "diffusion.processes.GaussianDiffusion"}})
+    assert hparams["schedule"] == {"_target_": "diffusion.sharing.diffusers_bridge.TrainedBetasSchedule", "betas": [0.1, 0.2]}
+
+
+def test_lightning_load_from_checkpoint_reads_the_layout_before_the_packages(tmp_path, expected):
+    """A checkpoint of the layout just before issue #27 (process options in conf/process/, the schedule at
+    ``diffusion.schedules``, a diffusers-imported schedule at ``diffusion.diffusers_bridge``), read by Lightning's own
+    loader, which passes the saved hyper-parameters to __init__ as they are: built with today's classes."""
+    ckpt = torch.load(DATA / "gauss.ckpt", map_location="cpu", weights_only=True)
+    module = DiffusionModule.from_checkpoint(DATA / "gauss.ckpt")
+    hparams = dict(module.hparams)
+    betas = module.process.betas.double().tolist()
+    hparams["schedule"] = {"_target_": "diffusion.diffusers_bridge.TrainedBetasSchedule", "betas": betas}
+    ckpt["hyper_parameters"] = hparams
+    path = tmp_path / "pre27.ckpt"
+    torch.save(ckpt, path)
+    loaded = DiffusionModule.load_from_checkpoint(path, map_location="cpu").eval()
+    assert loaded.hparams.schedule["_target_"] == "diffusion.sharing.diffusers_bridge.TrainedBetasSchedule"
+    out = loaded.sample(3, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out.samples, expected["gauss/configured"], rtol=0, atol=1e-5)
