@@ -35,12 +35,12 @@ from PIL import Image
 
 from diffusion.checks import check_whole, is_whole
 from diffusion.plots.grids import grid_image, labelled_grid_image, plural, save_png
-from diffusion.sharing.reproduce import grid_settings
 from diffusion.run.config import CONFIG_DIR
 from diffusion.run.errors import UsageError, build_or_usage_error, exits_on_usage_error
 from diffusion.run.outputs import require_ckpt
 from diffusion.samplers.registry import sampler_config, sampler_controls, sampler_name
 from diffusion.samplers.registry import sampler_names as registered_names
+from diffusion.sharing.reproduce import grid_settings
 
 if TYPE_CHECKING:  # torch and the module load once the settings that need no checkpoint have passed
     import torch
@@ -480,8 +480,8 @@ def main(cfg: DictConfig) -> None:
         import gradio as gr
     except ImportError as exc:
         raise UsageError('the app needs gradio: pip install -e ".[app]"') from exc
-    from diffusion.training.module import DiffusionModule  # every check above needs no torch: a typo answers at once
     from diffusion.run.sampling import resolve_device
+    from diffusion.training.module import DiffusionModule  # every check above needs no torch: a typo answers at once
 
     module = build_or_usage_error("ckpt", lambda: DiffusionModule.from_checkpoint(cfg.ckpt, ema=cfg.ema,
                                                                                  trust=cfg.get("trust_checkpoint", False)))

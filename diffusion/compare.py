@@ -330,12 +330,18 @@ def compare(cfg: DictConfig) -> list[Row]:
     names, nfes = check_inputs(cfg)  # every check that needs no torch, before the imports below
     import torch
 
-    from diffusion.plots.grids import save_new
     from diffusion.metrics import inception, inception_weights
-    from diffusion.metrics.classifier import check_labels, check_options, set_up_datamodule, split_images, trained_classifier
-    from diffusion.training.module import DiffusionModule
+    from diffusion.metrics.classifier import (
+        check_labels,
+        check_options,
+        set_up_datamodule,
+        split_images,
+        trained_classifier,
+    )
+    from diffusion.plots.grids import save_new
     from diffusion.run.sampling import resolve_device
     from diffusion.samplers.registry import sampler_names
+    from diffusion.training.module import DiffusionModule
 
     feature = None
     if cfg.metric == "fid":

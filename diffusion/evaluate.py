@@ -43,8 +43,8 @@ from tqdm.auto import tqdm
 from diffusion.run.config import CONFIG_DIR, save_run_config
 from diffusion.run.errors import UsageError, build_or_usage_error, exits_on_usage_error
 from diffusion.run.outputs import require_ckpt
-from diffusion.run.wandb_runs import log_to_training_run
 from diffusion.run.sampling import check_guidance, chosen_classes, chosen_sampler, draw, resolve_device
+from diffusion.run.wandb_runs import log_to_training_run
 
 if TYPE_CHECKING:  # torch, Lightning and the metrics load once the settings that need no checkpoint have passed
     import torch

@@ -223,8 +223,8 @@ def forward_figure(train_cfg: DictConfig, n: int, columns: int, out: Path, seed:
     import torch
     from hydra.utils import instantiate
 
-    from diffusion.training.module import to_model_range
     from diffusion.processes import build_process
+    from diffusion.training.module import to_model_range
 
     if columns < 2:
         raise UsageError(f"columns={columns} is invalid: it must be >= 2 (t = 0 and t = T)")

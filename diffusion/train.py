@@ -24,8 +24,8 @@ from diffusion.run.ddp import prepare_ddp_relaunch, share_run_stamp
 from diffusion.run.errors import build_or_usage_error, exits_on_usage_error
 from diffusion.run.jobs import is_rank_zero, job_names
 from diffusion.run.outputs import check_resume_and_outputs, write_text_atomic
-from diffusion.run.wandb_runs import configure_wandb_mode
 from diffusion.run.sweeps import sweep_objective
+from diffusion.run.wandb_runs import configure_wandb_mode
 
 if TYPE_CHECKING:  # torch, Lightning and the module load once the configuration has passed preflight.check_config
     from diffusion.training.module import DiffusionModule

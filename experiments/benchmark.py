@@ -62,10 +62,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from diffusion.models.blocks import group_norm  # noqa: E402
 from diffusion.models.speed import apply_speed_options, split_speed_options  # noqa: E402
-from diffusion.training.module import DiffusionModule  # noqa: E402
-from diffusion.training.optim import build_optimizer
 from diffusion.run.errors import UsageError  # noqa: E402
 from diffusion.train import CONFIG_DIR, build_module  # noqa: E402
+from diffusion.training.module import DiffusionModule  # noqa: E402
+from diffusion.training.optim import build_optimizer  # noqa: E402
 
 MATCH_TOLERANCE = 0.10
 FIELDS = ("params", "train_images_per_s", "train_step_ms", "sample_images_per_s_per_step", "sample_step_ms", "peak_memory_mb",

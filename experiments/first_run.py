@@ -86,8 +86,17 @@ def classifiers() -> dict:
     and shown the samples averaged down the same way: it judges the digit's shape, not fine texture at 16 px.
     (Not trained on sklearn's original 8 x 8 arrays: the real 16 px images averaged down differ from those by an FD of
     2.5, more than the samples differ from the real images.)"""
-    from diffusion.metrics.classifier import (DEFAULTS, PenultimateFeatures, accuracy, class_confidence, feature_scale,
-                                              set_up_datamodule, split_images, train_classifier, trained_classifier)
+    from diffusion.metrics.classifier import (
+        DEFAULTS,
+        PenultimateFeatures,
+        accuracy,
+        class_confidence,
+        feature_scale,
+        set_up_datamodule,
+        split_images,
+        train_classifier,
+        trained_classifier,
+    )
 
     data, cache_dir = digits_config()
     datamodule = set_up_datamodule(data)
@@ -115,8 +124,8 @@ def area_resize(images: torch.Tensor, size: int) -> torch.Tensor:
 def draw_samples(ckpt: Path, n: int = SAMPLES, seed: int = SEED) -> tuple[torch.Tensor, str]:
     """``n`` uint8 images from ``ckpt`` (EMA weights, its own sampler, seed ``seed``) and the sampler's name."""
     from diffusion.plots.grids import to_uint8
-    from diffusion.training.module import DiffusionModule
     from diffusion.run.sampling import draw
+    from diffusion.training.module import DiffusionModule
 
     module = DiffusionModule.from_checkpoint(ckpt, ema=True)
     return to_uint8(draw(module, module.sampler, n, 100, seed)), module.sampler.describe()

@@ -40,7 +40,8 @@ def test_generate_returns_the_grid_the_strip_and_a_summary(ckpt):
     import torch
 
     module = DiffusionModule.from_checkpoint(ckpt)
-    from diffusion.samplers.registry import sampler_class, sampler_names as registered
+    from diffusion.samplers.registry import sampler_class
+    from diffusion.samplers.registry import sampler_names as registered
 
     names = sampler_names(module)
     assert names[0] == "ddim" and sorted(names) == sorted(registered("gaussian"))  # the trained one first, then the registry's

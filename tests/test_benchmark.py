@@ -4,7 +4,6 @@ its FLOP count is the closed form of known layers, and its FLOP/s and % of the m
 import json
 import subprocess
 import sys
-
 from contextlib import nullcontext
 
 import pytest

@@ -13,9 +13,9 @@ from PIL import Image
 
 from diffusion.compare import compare, starting_noise
 from diffusion.plots.grids import grid_array, to_uint8
-from diffusion.training.module import DiffusionModule
 from diffusion.run.errors import UsageError
 from diffusion.samplers.registry import sampler_config, sampler_names
+from diffusion.training.module import DiffusionModule
 from tests.conftest import run_train, snapshot
 from tests.test_readme import compose_job
 

@@ -53,17 +53,16 @@ def test_evaluate_never_overwrites(ckpt, tmp_path):
 
 def test_results_and_figures_go_to_the_training_runs_wandb(finished_run, tmp_path, monkeypatch):
     import glob
+    import shutil
     from pathlib import Path
 
-    from diffusion.figures import make_figure
-    from tests.run.test_errors import compose_cfg
-    from tests.conftest import clean_env
     import numpy as np
     from PIL import Image
 
+    from diffusion.figures import make_figure
+    from tests.conftest import clean_env
+    from tests.run.test_errors import compose_cfg
     from tests.wandb_records import history, records
-
-    import shutil
 
     run = tmp_path / "run"  # a copy: the session's run stays as the other tests expect it
     shutil.copytree(finished_run[0], run)

@@ -13,9 +13,9 @@ import torch
 from diffusion.evaluate import evaluate
 from diffusion.metrics import classifier as clf
 from diffusion.plots.grids import to_uint8
+from diffusion.run.errors import UsageError
 from diffusion.sharing.checkpoints import read_checkpoint
 from diffusion.training.module import DiffusionModule
-from diffusion.run.errors import UsageError
 from tests.conftest import run_train
 from tests.test_readme import compose_job
 

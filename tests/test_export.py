@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from diffusion.training.module import DiffusionModule
 from diffusion.run.errors import UsageError
+from diffusion.training.module import DiffusionModule
 from tests.run.test_errors import compose_cfg
 
 

@@ -113,7 +113,7 @@ def test_the_cycle_finder_finds_the_cycles_the_layout_had(tmp_path):
         ["diffusion.cluster", "diffusion.requeue", "diffusion.runtime"],  # requeue <- runtime: `from diffusion import requeue`
         ["diffusion.pkg", "diffusion.pkg.a"], ["diffusion.samplers.base", "diffusion.samplers.registry"]]
     found["diffusion.samplers.registry"].write_text("from typing import Any\n")
-    found["diffusion.cluster"].write_text("from diffusion.errors import UsageError\n")
+    found["diffusion.cluster"].write_text("from diffusion.run.errors import UsageError\n")
     found["diffusion.pkg.a"].write_text("B = 1\n")
     assert cycles(import_graph(found)) == []
 

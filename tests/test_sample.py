@@ -219,8 +219,8 @@ def test_the_own_sampler_settings_of_sample_yaml_are_those_the_command_sets_with
 
     import yaml
 
-    from diffusion.sharing.reproduce import OWN_SAMPLER_KEYS
     from diffusion.run.config import CONFIG_DIR
+    from diffusion.sharing.reproduce import OWN_SAMPLER_KEYS
 
     config = yaml.safe_load((Path(CONFIG_DIR) / "sample.yaml").read_text())
     assert tuple(config["sampler"]) == OWN_SAMPLER_KEYS

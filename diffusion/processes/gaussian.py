@@ -9,15 +9,14 @@ Timesteps are 0-based: ``t`` in ``0..T-1`` (see :mod:`diffusion.processes.schedu
 from __future__ import annotations
 
 import math
-
 from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from diffusion.checks import check_choice
-from diffusion.processes.objectives import OBJECTIVES, eps_from_x0, target_from_x0_eps, to_x0_eps
 from diffusion.processes.base import ForwardProcess, randn
+from diffusion.processes.objectives import OBJECTIVES, eps_from_x0, target_from_x0_eps, to_x0_eps
 from diffusion.processes.schedules import NoiseSchedule, ScheduleTable
 from diffusion.processes.timesteps import TIMESTEP_SAMPLINGS
 

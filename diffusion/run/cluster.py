@@ -4,6 +4,8 @@ the launching; conf/hydra/launcher/ holds their settings):
 
 - :func:`slurm_detected`: whether SLURM started this process, decided as Lightning decides it (its
   ``SLURMEnvironment`` then reads the ranks from SLURM's tasks and Lightning starts no rank itself);
+- :func:`slurm_job_id`, :func:`slurm_restart_count`: which SLURM job this is (the id it is requeued under) and how
+  often it was requeued;
 - :func:`slurm_run_stamp`: the name every task of one SLURM job step shares (``slurm-<job>[.<step>]``), the same on
   every node and after a requeue, which ``run.ddp.share_run_stamp`` puts in place of the launch time;
 - :func:`ranks_from_scheduler`: whether this job's DDP ranks are tasks that a scheduler started (then
@@ -52,6 +54,24 @@ def slurm_detected() -> bool:
     return SLURMEnvironment.detect() and not TorchElasticEnvironment.detect()
 
 
+def slurm_job_id() -> str | None:
+    """The id SLURM requeues this job under, or None outside SLURM: ``<SLURM_ARRAY_JOB_ID>_<SLURM_ARRAY_TASK_ID>``
+    for a task of an array job (each task is requeued on its own), else ``SLURM_JOB_ID``. Both stay the same when
+    the job is requeued."""
+    array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array_job and task:
+        return f"{array_job}_{task}"
+    return os.environ.get("SLURM_JOB_ID") or None
+
+
+def slurm_restart_count() -> int:
+    """How often SLURM has requeued this job (``SLURM_RESTART_COUNT``; 0 on the first start)."""
+    try:
+        return int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    except ValueError:
+        return 0
+
+
 def slurm_run_stamp() -> str | None:
     """``slurm-<job id>`` (``slurm-<array job id>_<array task id>`` in a job array), with ``.<step id>`` in a step
     that srun started: the same in every task of the step, on every node (also for torchrun started by srun), and
@@ -64,9 +84,7 @@ def slurm_run_stamp() -> str | None:
 
     if _is_slurm_interactive_mode():
         return None
-    from diffusion.run.cluster import slurm_job_id  # the id SLURM requeues this job under
-
-    job = slurm_job_id()
+    job = slurm_job_id()  # the id SLURM requeues this job under
     if not job:
         return None
     step = os.environ.get("SLURM_STEP_ID", "")
@@ -216,21 +234,3 @@ class LauncherCheck(HydraCallback):
         if problem:
             print(f"error: {problem}", file=sys.stderr)
             sys.exit(2)
-
-
-def slurm_job_id() -> str | None:
-    """The id SLURM requeues this job under, or None outside SLURM: ``<SLURM_ARRAY_JOB_ID>_<SLURM_ARRAY_TASK_ID>``
-    for a task of an array job (each task is requeued on its own), else ``SLURM_JOB_ID``. Both stay the same when
-    the job is requeued."""
-    array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
-    if array_job and task:
-        return f"{array_job}_{task}"
-    return os.environ.get("SLURM_JOB_ID") or None
-
-
-def slurm_restart_count() -> int:
-    """How often SLURM has requeued this job (``SLURM_RESTART_COUNT``; 0 on the first start)."""
-    try:
-        return int(os.environ.get("SLURM_RESTART_COUNT") or 0)
-    except ValueError:
-        return 0

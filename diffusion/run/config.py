@@ -3,7 +3,6 @@ run's config written once its checks pass, and config groups instantiated with o
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from hydra.utils import instantiate
@@ -17,10 +16,6 @@ from diffusion.run.outputs import write_text_atomic
 #: the Hydra configuration directory every CLI composes from
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
-log = logging.getLogger("diffusion")
-
-
-# ----------------------------------------------------------------------------------------------- config resolvers
 def _deepest_resolution(image_size, channel_mult) -> int:
     from diffusion.models.settings import deepest_resolution  # torch-free
 
@@ -28,7 +23,8 @@ def _deepest_resolution(image_size, channel_mult) -> int:
 
 
 def register_resolvers() -> None:
-    """The OmegaConf resolvers conf/ uses, registered when this module is imported (every CLI and test imports it):
+    """The OmegaConf resolvers conf/ uses, registered when this module is imported (every CLI imports it for
+    CONFIG_DIR before Hydra composes, and so does every test that composes a config):
     ``${deepest_resolution:<image_size>,<channel_mult>}``, the UNet's lowest-resolution level in pixels
     (conf/model/unet.yaml's default ``attention_resolutions``: the default model fits the data it is given)."""
     if not OmegaConf.has_resolver("deepest_resolution"):

@@ -8,7 +8,7 @@ import sys
 from omegaconf.errors import MissingMandatoryValue
 
 from diffusion.checks import root_cause
-from diffusion.run.jobs import hydra_job
+from diffusion.run.jobs import hydra_job, sweep_job_number
 
 
 class UsageError(Exception):
@@ -59,8 +59,6 @@ def exits_on_usage_error(fn):
         try:
             return fn(*args, **kwargs)
         except (UsageError, TrainingFault) as err:
-            from diffusion.run.jobs import sweep_job_number
-
             job = sweep_job_number()
             print(f"error: {'' if job is None else f'job {job}: '}{err}", file=sys.stderr)
             if job is not None and (hydra_job().sweeper.get("max_failure_rate") or 0) > 0:

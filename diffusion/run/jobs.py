@@ -15,7 +15,6 @@ def is_rank_zero() -> bool:
     return all(os.environ.get(key, "0") == "0" for key in _RANK_KEYS)
 
 
-# ----------------------------------------------------------------------------------------------- Hydra + DDP
 def hydra_job():
     """The HydraConfig of this job, or None outside ``@hydra.main``."""
     from hydra.core.hydra_config import HydraConfig

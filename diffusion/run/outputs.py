@@ -66,24 +66,6 @@ def check_resume_and_outputs(cfg: DictConfig) -> Path | None:
     return None
 
 
-def last_training_step(run_dir: str | Path) -> int | None:
-    """The last global step of a training run: ``metrics.json`` (written when training ends), else the
-    ``global_step`` of ``checkpoints/last.ckpt``; None when it has neither."""
-    import json
-
-    run_dir = Path(run_dir)
-    try:
-        return int(json.loads((run_dir / "metrics.json").read_text())["global_step"])
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    try:
-        from diffusion.sharing.checkpoints import load_file
-
-        return int(load_file(run_dir / "checkpoints" / "last.ckpt", mmap=True)["global_step"])
-    except Exception:  # noqa: BLE001 - no usable checkpoint either
-        return None
-
-
 def unusable_dir_reason(path: str | Path) -> str | None:
     """Why the folder ``path`` could not be created or written (a file on the way, no write permission, a
     read-only file system), or None when it can. Nothing is created. ``os.access`` asks the kernel, so a read-only

@@ -1,4 +1,4 @@
-"""SLURM preemption and requeue: which job this is, whether the run directory's last.ckpt is its own (a requeued job
+"""SLURM preemption and requeue: whether the run directory's last.ckpt is its own (a requeued job
 continues it by itself), the ``scontrol requeue`` call, and Lightning's own auto-requeue turned off.
 
 The flow (the signal side lives in :class:`diffusion.training.resumable.ResumableRun`):
@@ -21,11 +21,11 @@ import logging
 import subprocess
 from pathlib import Path
 
-from diffusion.run.cluster import slurm_job_id, slurm_restart_count
+from diffusion.run.cluster import slurm_detected, slurm_job_id, slurm_restart_count
 
 log = logging.getLogger("diffusion.run.requeue")
 
-#: the key under which every checkpoint records the SLURM job that wrote it (:func:`slurm_job_id`)
+#: the key under which every checkpoint records the SLURM job that wrote it (:func:`diffusion.run.cluster.slurm_job_id`)
 JOB_ID_KEY = "slurm_job_id"
 
 
@@ -88,8 +88,6 @@ def lightning_requeue_off(trainer_cfg) -> dict:
     torchrun inside a SLURM job Lightning uses torchrun's environment (its ranks): nothing is forced on it.
     """
     from lightning.fabric.plugins.environments import SLURMEnvironment
-
-    from diffusion.run.cluster import slurm_detected
 
     if not slurm_detected():  # not SLURM, or torchrun inside a SLURM job: Lightning takes torchrun's ranks then
         return {}

@@ -1,4 +1,4 @@
-"""What a sweep (``-m``) needs beyond Hydra's own sweepers: the job's number, the objective a search optimises, and
+"""What a sweep (``-m``) needs beyond Hydra's own sweepers (the job's number is :func:`diffusion.run.jobs.sweep_job_number`): the objective a search optimises, and
 ``SweepCheck``, which composes a sweep's first job before any job starts (enabled in conf/hydra/default.yaml)."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ log = logging.getLogger("diffusion")
 def sweep_objective(metrics: dict[str, float], metric: str) -> float | None:
     """What ``main`` returns to the sweeper: ``metrics[metric]``, the last logged value (val/loss: the last
     validation's mean, with the EMA weights). In a sweep, a value that is not a number fails the job (a
-    TrainingFault naming it, handled as in :func:`exits_on_usage_error`): hydra-optuna-sweeper 1.3 would tell
+    TrainingFault naming it, handled as in :func:`diffusion.run.errors.exits_on_usage_error`): hydra-optuna-sweeper 1.3 would tell
     Optuna FAIL together with the NaN, which Optuna refuses, and that error would end the whole study with a
     traceback. A metric that was not logged is warned about."""
     import math

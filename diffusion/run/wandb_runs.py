@@ -10,12 +10,10 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from diffusion.run.jobs import is_rank_zero
-from diffusion.run.outputs import last_training_step
 
 log = logging.getLogger("diffusion")
 
 
-# ----------------------------------------------------------------------------------------------- W&B
 def _wandb_logged_in() -> bool:
     if os.environ.get("WANDB_API_KEY"):
         return True
@@ -38,6 +36,24 @@ def configure_wandb_mode(cfg: DictConfig) -> None:
             "`wandb login` to log online, or logger=csv)",
             cfg.paths.output_dir,
         )
+
+
+def last_training_step(run_dir: str | Path) -> int | None:
+    """The last global step of a training run: ``metrics.json`` (written when training ends), else the
+    ``global_step`` of ``checkpoints/last.ckpt``; None when it has neither."""
+    import json
+
+    run_dir = Path(run_dir)
+    try:
+        return int(json.loads((run_dir / "metrics.json").read_text())["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    try:
+        from diffusion.sharing.checkpoints import load_file
+
+        return int(load_file(run_dir / "checkpoints" / "last.ckpt", mmap=True)["global_step"])
+    except Exception:  # noqa: BLE001 - no usable checkpoint either
+        return None
 
 
 #: the x-axis of the training run's W&B charts (Lightning's WandbLogger logs it with every record)

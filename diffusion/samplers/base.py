@@ -33,11 +33,10 @@ from typing import Callable, NamedTuple
 import torch
 
 from diffusion.checks import check_choice, check_whole
-from diffusion.samplers.controls import SPACING_CONTROL, SPACINGS, Control  # noqa: F401 - also imported from here
-from diffusion.processes.objectives import eps_from_x0, to_x0_eps
 from diffusion.processes.base import randn
+from diffusion.processes.objectives import eps_from_x0, to_x0_eps
+from diffusion.samplers.controls import SPACING_CONTROL, SPACINGS, Control  # noqa: F401 - also imported from here
 from diffusion.samplers.guidance import Guided
-
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

@@ -6,7 +6,15 @@ import math
 
 from diffusion.checks import check_choice
 from diffusion.processes.gaussian import GaussianDiffusion
-from diffusion.samplers.base import SPACING_CONTROL, SPACINGS, Control, Sampler, StepOutput, check_number, make_timesteps
+from diffusion.samplers.base import (
+    SPACING_CONTROL,
+    SPACINGS,
+    Control,
+    Sampler,
+    StepOutput,
+    check_number,
+    make_timesteps,
+)
 
 
 class DDIMSampler(Sampler):

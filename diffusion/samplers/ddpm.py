@@ -6,8 +6,8 @@ import torch
 
 from diffusion.checks import check_choice
 from diffusion.processes.gaussian import VARIANCE_TYPES, GaussianDiffusion
-from diffusion.samplers.base import SPACING_CONTROL, SPACINGS, Sampler, StepOutput, make_timesteps
 from diffusion.processes.schedules import compute_table
+from diffusion.samplers.base import SPACING_CONTROL, SPACINGS, Sampler, StepOutput, make_timesteps
 
 
 class DDPMSampler(Sampler):

@@ -25,7 +25,15 @@ import torch
 
 from diffusion.checks import check_choice
 from diffusion.processes.gaussian import GaussianDiffusion
-from diffusion.samplers.base import SPACING_CONTROL, SPACINGS, Control, Sampler, StepOutput, check_num_steps, make_timesteps
+from diffusion.samplers.base import (
+    SPACING_CONTROL,
+    SPACINGS,
+    Control,
+    Sampler,
+    StepOutput,
+    check_num_steps,
+    make_timesteps,
+)
 
 ALGORITHM_TYPES = ("dpmsolver++", "sde-dpmsolver++")
 SOLVER_TYPES = ("midpoint", "heun")

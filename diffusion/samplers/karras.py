@@ -33,7 +33,16 @@ import math
 import torch
 
 from diffusion.checks import check_choice
-from diffusion.samplers.base import check_nfe, SPACINGS, Control, Sampler, StepOutput, check_num_steps, check_number, make_timesteps
+from diffusion.samplers.base import (
+    SPACINGS,
+    Control,
+    Sampler,
+    StepOutput,
+    check_nfe,
+    check_num_steps,
+    check_number,
+    make_timesteps,
+)
 
 SIGMA_GRIDS = ("karras", "exponential", "schedule")
 

@@ -66,8 +66,8 @@ from __future__ import annotations
 import math
 
 from diffusion.checks import check_choice
-from diffusion.processes.objectives import eps_from_x0, x0_from_eps
 from diffusion.processes.gaussian import GaussianDiffusion
+from diffusion.processes.objectives import eps_from_x0, x0_from_eps
 from diffusion.samplers.base import SPACING_CONTROL, SPACINGS, Sampler, StepOutput, make_timesteps
 
 __all__ = ["PLMSSampler", "PNDMSampler", "ADAMS_BASHFORTH"]

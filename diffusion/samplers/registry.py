@@ -24,7 +24,7 @@ def _configs() -> dict[str, dict]:
     return {f.stem: yaml.safe_load(f.read_text()) for f in sorted(SAMPLER_DIR.glob("*.yaml"))}
 
 
-def sampler_class(name: str) -> type:
+def sampler_class(name: str) -> type:  # a Sampler subclass (base.py is not imported here: it imports this)
     from hydra.utils import get_class
 
     return get_class(sampler_config(name)["_target_"])

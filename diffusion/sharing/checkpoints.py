@@ -7,6 +7,8 @@ same), which torch's weights-only unpickler reads without running anything. :dat
 classes beyond those that a checkpoint may hold (none today); a file that names any other global is refused in one
 line naming it, before any of it is built. ``trust_checkpoint=true`` (every CLI that reads a checkpoint) is the
 explicit way to open an old or foreign file with the full unpickler, for files whose origin you trust.
+:func:`read_checkpoint` reads one of this framework's checkpoints, its hyper-parameters in today's layout
+(:mod:`diffusion.sharing.legacy`: a file written by an earlier layout loads as it was trained).
 
 The formats a model is shared in: an exported folder (``model.safetensors``: tensors only, + ``config.json``: the
 hyper-parameters as plain data; :func:`write_safetensors_folder`), and a diffusers ``UNet2DModel`` / ``DDPMPipeline``
@@ -28,7 +30,7 @@ if TYPE_CHECKING:
 #: OrderedDict, ...): none; add a class here, never a function, if a checkpoint must hold one
 ALLOWED_GLOBALS: list = []
 
-__all__ = ["ALLOWED_GLOBALS", "load_file", "unsafe_globals", "folder_kind", "write_safetensors_folder",
+__all__ = ["ALLOWED_GLOBALS", "load_file", "read_checkpoint", "unsafe_globals", "folder_kind", "write_safetensors_folder",
            "read_safetensors_folder", "SAFETENSORS_FORMAT"]
 
 
@@ -70,6 +72,23 @@ def load_file(path: str | Path, setting: str = "ckpt", map_location: str | torch
         raise _unreadable(setting, path, exc) from exc
     except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same one-line answer
         raise _unreadable(setting, path, exc) from exc
+
+
+def read_checkpoint(path: str | Path, setting: str = "ckpt", map_location: str | torch.device = "cpu", mmap: bool = False,
+                    trust: bool = False) -> dict:
+    """A checkpoint this framework wrote, as ``torch.load`` returns it (``mmap``: tensors stay on disk until read),
+    read weights-only (:func:`load_file`) unless ``trust`` (``trust_checkpoint=true``).
+
+    Raises ValueError naming ``<setting>=<path>`` when the file is missing, unreadable (truncated, a text file),
+    holds objects beyond tensors and plain data (nothing of it is run), or is not one of this framework's checkpoints.
+    """
+    ckpt = load_file(path, setting, map_location, mmap, trust)
+    hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    if not hparams or not {"model", "schedule", "sampler"} <= set(hparams) or "state_dict" not in ckpt:
+        raise ValueError(f"{setting}={path} is not a checkpoint of this framework (no model/schedule hyper-parameters): "
+                         "pass a .ckpt file written by python -m diffusion.train")
+    ckpt["hyper_parameters"] = upgrade_hyper_parameters(hparams)  # an earlier layout's, in today's
+    return ckpt
 
 
 def _unreadable(setting: str, path: Path, exc: Exception) -> ValueError:
@@ -148,20 +167,3 @@ def read_safetensors_folder(path: str | Path, setting: str = "ckpt") -> tuple[di
         raise ValueError(f"{setting}={path} is not a readable exported model ({type(exc).__name__}: it needs "
                          f"{CONFIG_FILE} and {WEIGHTS_FILE} as python -m diffusion.export writes them)") from exc
     return config["hyper_parameters"], state, bool(config.get("has_ema"))
-
-
-def read_checkpoint(path: str | Path, setting: str = "ckpt", map_location: str | torch.device = "cpu", mmap: bool = False,
-                    trust: bool = False) -> dict:
-    """A checkpoint this framework wrote, as ``torch.load`` returns it (``mmap``: tensors stay on disk until read),
-    read weights-only (:mod:`diffusion.sharing.checkpoints`) unless ``trust`` (``trust_checkpoint=true``).
-
-    Raises ValueError naming ``<setting>=<path>`` when the file is missing, unreadable (truncated, a text file),
-    holds objects beyond tensors and plain data (nothing of it is run), or is not one of this framework's checkpoints.
-    """
-    ckpt = load_file(path, setting, map_location, mmap, trust)
-    hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
-    if not hparams or not {"model", "schedule", "sampler"} <= set(hparams) or "state_dict" not in ckpt:
-        raise ValueError(f"{setting}={path} is not a checkpoint of this framework (no model/schedule hyper-parameters): "
-                         "pass a .ckpt file written by python -m diffusion.train")
-    ckpt["hyper_parameters"] = upgrade_hyper_parameters(hparams)
-    return ckpt

@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -55,11 +57,11 @@ __all__ = [
     "TrainedBetasSchedule",
     "check_exportable",
     "export_pipeline",
-    "write_pipeline_folder",
     "from_diffusers_state_dict",
     "import_pipeline",
     "to_diffusers_state_dict",
     "unet2d_config",
+    "write_pipeline_folder",
 ]
 
 
@@ -479,9 +481,6 @@ def export_pipeline(module, out_dir) -> Path:
 def write_pipeline_folder(module, out: str | Path) -> Path:
     """:func:`export_pipeline` into ``out``, complete or absent: written under a temporary name beside it, then renamed
     into place (a full disk or a refusal leaves nothing at ``out``)."""
-    import os
-    import shutil
-
     out = Path(out)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:

@@ -9,6 +9,8 @@ ones keep the process options among the module's. Every reader upgrades them her
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 #: the process options that lived among the module's arguments before conf/process/ held them
 LEGACY_PROCESS_KEYS = ("variance", "loss_type", "objective", "min_snr_gamma", "hybrid_lambda", "timestep_sampling")
 
@@ -39,10 +41,11 @@ def upgrade_target(target):
 
 
 def has_legacy_layout(hparams: dict) -> bool:
-    """Whether :func:`upgrade_hyper_parameters` would change these hyper-parameters."""
+    """Whether these hyper-parameters are of an earlier layout: no ``process`` (or the process options among the
+    module's), or a class path that :func:`upgrade_target` changes."""
     if hparams.get("process") is None or any(k in hparams for k in LEGACY_PROCESS_KEYS):
         return True
-    return any(isinstance(hparams.get(k), dict) and upgrade_target(hparams[k].get("_target_")) != hparams[k].get("_target_")
+    return any(isinstance(hparams.get(k), Mapping) and upgrade_target(hparams[k].get("_target_")) != hparams[k].get("_target_")
                for k in CLASS_CONFIGS)
 
 
@@ -65,6 +68,6 @@ def upgrade_hyper_parameters(hparams: dict) -> dict:
         hparams["process"] = {**process, "_partial_": True}
     for key in CLASS_CONFIGS:
         config = hparams.get(key)
-        if isinstance(config, dict) and "_target_" in config:
+        if isinstance(config, Mapping) and "_target_" in config:
             hparams[key] = {**config, "_target_": upgrade_target(config["_target_"])}
     return hparams

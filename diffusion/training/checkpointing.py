@@ -15,7 +15,6 @@ from lightning.pytorch.plugins import TorchCheckpointIO
 from diffusion.run.errors import TrainingFault
 
 
-# ----------------------------------------------------------------------------------------------- checkpoints
 def _last_epoch(trainer) -> bool:
     """Whether the epoch now ending is the run's last: ``max_epochs`` or ``max_steps`` reached, or a stop requested."""
     max_epochs, max_steps = trainer.max_epochs, trainer.max_steps

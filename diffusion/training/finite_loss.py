@@ -8,7 +8,6 @@ from lightning.pytorch.callbacks import Callback
 from diffusion.run.errors import TrainingFault
 
 
-# ----------------------------------------------------------------------------------------------- faults
 class FiniteLoss(Callback):
     """Stops training at the first non-finite training loss, before anything is saved from the diverged weights.
 

@@ -123,7 +123,7 @@ class DiffusionModule(L.LightningModule):
     def from_checkpoint(cls, path: str | Path, ema: bool = True, map_location: str | torch.device = "cpu",
                         trust: bool = False) -> "DiffusionModule":
         """Rebuild a trained module from a checkpoint alone (no Hydra config), with its EMA or its raw weights; read
-        weights-only unless ``trust`` (:func:`read_checkpoint`).
+        weights-only unless ``trust`` (:func:`diffusion.sharing.checkpoints.read_checkpoint`).
 
         Raises ValueError naming the path when it is not a checkpoint written by this framework.
         """

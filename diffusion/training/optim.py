@@ -1,5 +1,5 @@
 """The optimizer and the learning-rate schedule: fused Adam/AdamW where PyTorch has it, and warm-up then constant or
-cosine decay (``optimizer.lr_schedule``)."""
+cosine decay (``module.lr_schedule``)."""
 
 from __future__ import annotations
 

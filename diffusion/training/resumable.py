@@ -17,7 +17,7 @@ from diffusion.run.errors import TrainingFault
 from diffusion.training.checkpointing import ModelCheckpoint
 from diffusion.training.ema import EMA
 
-log = logging.getLogger("diffusion.training")
+log = logging.getLogger("diffusion.training.resumable")
 
 
 class ResumableRun(Callback):

@@ -10,8 +10,7 @@ import torch
 from PIL import Image
 
 import diffusion.data.folder as folder_mod
-from diffusion.data import DigitsDataModule, ImageFolderDataModule, TorchvisionDataModule
-from diffusion.data import cache
+from diffusion.data import DigitsDataModule, ImageFolderDataModule, TorchvisionDataModule, cache
 
 
 def make_image_folder(root: Path) -> Path:

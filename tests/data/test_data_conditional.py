@@ -15,8 +15,7 @@ import torch
 from PIL import Image
 
 import diffusion.data.folder as folder_mod
-from diffusion.data import DigitsDataModule, ImageFolderDataModule, TorchvisionDataModule
-from diffusion.data import cache
+from diffusion.data import DigitsDataModule, ImageFolderDataModule, TorchvisionDataModule, cache
 from tests.data.test_data import write_idx
 
 

@@ -7,9 +7,9 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
 
+from diffusion.train import CONFIG_DIR, build_module
 from diffusion.training.ema import EMA
 from diffusion.training.module import DiffusionModule
-from diffusion.train import CONFIG_DIR, build_module
 
 STEPS = 4
 

@@ -7,13 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from diffusion.processes import GaussianDiffusion, build_process
 from diffusion.processes.blur import BlurDiffusion, BlurSchedule, dct_blur
-from diffusion.processes import build_process
-from diffusion.processes import GaussianDiffusion
+from diffusion.processes.schedules import LinearSchedule
 from diffusion.samplers.cold import ColdSampler
 from diffusion.samplers.ddim import DDIMSampler
 from diffusion.samplers.ddpm import DDPMSampler
-from diffusion.processes.schedules import LinearSchedule
 from tests.conftest import FAST, run_train
 
 

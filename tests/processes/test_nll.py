@@ -12,9 +12,9 @@ from torch import nn
 
 from diffusion.data import DigitsDataModule
 from diffusion.evaluate import nll
-from diffusion.training.module import to_model_range
 from diffusion.processes.gaussian import GaussianDiffusion, discretized_gaussian_log_likelihood, normal_kl
 from diffusion.processes.schedules import LinearSchedule
+from diffusion.training.module import to_model_range
 from tests.oracles import PointOracle
 
 LEVELS = torch.arange(256, dtype=torch.float64) / 127.5 - 1  # bin centres of uint8 images in [-1, 1]

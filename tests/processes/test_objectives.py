@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from diffusion.models import UNet
-from diffusion.processes.objectives import OBJECTIVES, to_x0_eps
 from diffusion.processes import GaussianDiffusion
+from diffusion.processes.objectives import OBJECTIVES, to_x0_eps
+from diffusion.processes.schedules import CosineSchedule, LinearSchedule
 from diffusion.samplers.ddim import DDIMSampler
 from diffusion.samplers.ddpm import DDPMSampler
-from diffusion.processes.schedules import CosineSchedule, LinearSchedule
 from tests.conftest import FAST, run_train
 from tests.oracles import PointOracle
 

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from diffusion.processes.objectives import x0_from_eps
 from diffusion.processes import GaussianDiffusion
 from diffusion.processes.gaussian import extract
+from diffusion.processes.objectives import x0_from_eps
 from diffusion.processes.schedules import CosineSchedule, LinearSchedule
 from tests.oracles import PointOracle
 

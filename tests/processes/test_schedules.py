@@ -5,7 +5,13 @@ import math
 import pytest
 import torch
 
-from diffusion.processes.schedules import ContinuousCosineSchedule, CosineSchedule, LinearSchedule, QuadraticSchedule, SigmoidSchedule
+from diffusion.processes.schedules import (
+    ContinuousCosineSchedule,
+    CosineSchedule,
+    LinearSchedule,
+    QuadraticSchedule,
+    SigmoidSchedule,
+)
 
 ALL = [
     LinearSchedule(T=1000),

@@ -18,8 +18,8 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 import diffusion.data.folder as folder_mod
-from diffusion.run import preflight
 from diffusion.evaluate import evaluate
+from diffusion.run import preflight
 from diffusion.run.errors import UsageError, exits_on_usage_error
 from diffusion.run.outputs import unusable_dir_reason
 from diffusion.train import CONFIG_DIR, build_module, train

@@ -282,8 +282,8 @@ def test_under_slurm_lightning_gets_its_slurm_environment_with_auto_requeue_off(
     from hydra.utils import instantiate
     from lightning.fabric.plugins.environments import SLURMEnvironment
 
-    from diffusion.training.checkpointing import AtomicCheckpointIO
     from diffusion.run.requeue import lightning_requeue_off
+    from diffusion.training.checkpointing import AtomicCheckpointIO
     from tests.test_config import compose_cfg
 
     cfg = compose_cfg("trainer.accelerator=cpu")

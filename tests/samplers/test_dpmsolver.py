@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from diffusion.processes import GaussianDiffusion
+from diffusion.processes.schedules import CosineSchedule, LinearSchedule
 from diffusion.samplers.ddim import DDIMSampler
 from diffusion.samplers.dpmsolver import DPMSolverSampler, UniPCSampler
 from diffusion.samplers.registry import build_sampler
-from diffusion.processes.schedules import CosineSchedule, LinearSchedule
 from tests.oracles import GaussianOracle
 
 MU, S = 0.5, 0.3  # the data: N(MU, S^2)

@@ -5,10 +5,9 @@ import pytest
 import torch
 
 from diffusion.processes.gaussian import GaussianDiffusion
+from diffusion.processes.schedules import LinearSchedule
 from diffusion.samplers.guidance import Guided, combine, rescale
 from diffusion.samplers.registry import build_sampler, sampler_names
-from diffusion.processes.schedules import LinearSchedule
-
 from tests.oracles import ClassGaussianOracle
 
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from diffusion.processes import GaussianDiffusion
-from diffusion.samplers.karras import EulerAncestralSampler, EulerSampler, HeunSampler, karras_sigmas, sigma_to_t
 from diffusion.processes.schedules import LinearSchedule
+from diffusion.samplers.karras import EulerAncestralSampler, EulerSampler, HeunSampler, karras_sigmas, sigma_to_t
 from tests.oracles import GaussianOracle
 
 MU, S = 0.3, 0.5

@@ -10,10 +10,10 @@ import torch
 from diffusers import PNDMScheduler
 
 from diffusion.processes import GaussianDiffusion
+from diffusion.processes.schedules import LinearSchedule
 from diffusion.samplers import build_sampler, make_timesteps
 from diffusion.samplers.ddim import DDIMSampler
 from diffusion.samplers.pndm import PLMSSampler, PNDMSampler
-from diffusion.processes.schedules import LinearSchedule
 from tests.oracles import GaussianOracle, PointOracle
 
 MU, S = 0.5, 0.3

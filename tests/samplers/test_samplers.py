@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from diffusion.processes import GaussianDiffusion
+from diffusion.processes.schedules import CosineSchedule, LinearSchedule
 from diffusion.samplers import make_timesteps
 from diffusion.samplers.ddim import DDIMSampler
 from diffusion.samplers.ddpm import DDPMSampler
-from diffusion.processes.schedules import CosineSchedule, LinearSchedule
 from tests.oracles import GaussianOracle, PointOracle
 
 

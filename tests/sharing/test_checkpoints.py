@@ -7,8 +7,8 @@ import pathlib
 import pytest
 import torch
 
-from diffusion.sharing.checkpoints import load_file, unsafe_globals
 from diffusion.run.errors import UsageError
+from diffusion.sharing.checkpoints import load_file, unsafe_globals
 from tests.conftest import REPO
 
 

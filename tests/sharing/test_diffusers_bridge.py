@@ -12,9 +12,16 @@ import pytest
 import torch
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
 
-from diffusion.sharing.diffusers_bridge import check_exportable, export_pipeline, from_diffusers_state_dict, import_pipeline, to_diffusers_state_dict, unet2d_config
-from diffusion.training.module import DiffusionModule
 from diffusion.samplers.ddim import DDIMSampler
+from diffusion.sharing.diffusers_bridge import (
+    check_exportable,
+    export_pipeline,
+    from_diffusers_state_dict,
+    import_pipeline,
+    to_diffusers_state_dict,
+    unet2d_config,
+)
+from diffusion.training.module import DiffusionModule
 
 MODEL = {"_target_": "diffusion.models.UNet", "in_channels": 1, "image_size": 8, "base_channels": 128,
          "channel_mult": [1, 1], "num_res_blocks": 1, "attention_resolutions": [4], "num_heads": 2}

@@ -15,11 +15,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from diffusion.run.errors import TrainingFault, exits_on_usage_error
 from diffusion.training import checkpointing
 from diffusion.training.checkpointing import AtomicCheckpointIO, ModelCheckpoint
 from diffusion.training.ema import EMA
 from diffusion.training.finite_loss import FiniteLoss
-from diffusion.run.errors import TrainingFault, exits_on_usage_error
 from tests.conftest import FAST, REPO, clean_env
 
 QUIET = ["module.sample_every_n_epochs=0", "final_samples=false"]
