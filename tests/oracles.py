@@ -93,3 +93,55 @@ class ClassGaussianOracle:
         mixture = (r * answers).sum(0)  # eps, x0 and v are all affine in eps: the mixture's answer in any objective
         out = torch.where(_bcast(y == self.num_classes, x), mixture, answers[y.clamp(max=self.num_classes - 1), torch.arange(x.shape[0])])
         return out.to(x.dtype)
+
+
+class EDMGaussianOracle:
+    """Data ~ N(mu, s^2 I) under EDM's x = x_0 + sigma eps: the exact denoiser is E[x_0 | x] = mu + s^2 / (s^2 +
+    sigma^2) (x - mu). Called as the raw network F(c_in x, c_noise) of an EDM process, it recovers sigma = exp(4 c_noise)
+    and x = input / c_in from Karras et al.'s Table 1 (written here from the paper, not from the process's own
+    functions) and answers F = (D - c_skip x) / c_out, so that the preconditioned D is the exact one."""
+
+    def __init__(self, sigma_data: float, mu: float, s: float):
+        self.sd, self.mu, self.s, self.calls = sigma_data, mu, s, 0
+
+    def denoiser(self, x, sigma):
+        return self.mu + self.s**2 / (self.s**2 + sigma**2) * (x - self.mu)
+
+    def __call__(self, x_in, c_noise):
+        self.calls += 1
+        sigma = _bcast(torch.exp(4 * c_noise.double()), x_in)
+        sd2 = self.sd**2
+        x = x_in.double() * (sigma**2 + sd2).sqrt()  # c_in = 1 / sqrt(sigma^2 + sigma_data^2)
+        c_skip, c_out = sd2 / (sigma**2 + sd2), sigma * self.sd / (sigma**2 + sd2).sqrt()
+        return ((self.denoiser(x, sigma) - c_skip * x) / c_out).to(x_in.dtype)
+
+    def ode_solution(self, x, sigma_from: float, sigma_to: float):
+        """The probability-flow ODE's map between marginals N(mu, s^2 + sigma^2): x at sigma_from -> at sigma_to."""
+        s2 = self.s**2
+        return self.mu + ((s2 + sigma_to**2) / (s2 + sigma_from**2)) ** 0.5 * (x.double() - self.mu)
+
+
+class FlowGaussianOracle:
+    """Data ~ N(mu, s^2 I) on the flow path x_t = (1 - t) x_0 + t eps: with a = 1 - t, b = t, x_t ~ N(a mu, a^2 s^2 +
+    b^2) and E[x_0 | x_t] = mu + a s^2 (x_t - a mu) / (a^2 s^2 + b^2), E[eps | x_t] = (x_t - a E[x_0 | x_t]) / b.
+    Called as the network at 1000 t, it answers in ``objective`` (v = eps - x_0, x0 or eps)."""
+
+    def __init__(self, objective: str, mu: float, s: float):
+        self.objective, self.mu, self.s, self.calls = objective, mu, s, 0
+
+    def answers(self, x, t):
+        a, b = 1 - t, t
+        x0 = self.mu + a * self.s**2 * (x - a * self.mu) / (a**2 * self.s**2 + b**2)
+        eps = (x - a * x0) / b
+        return x0, eps
+
+    def __call__(self, x, timestep):
+        self.calls += 1
+        t = _bcast(timestep.double() / 1000, x)
+        x0, eps = self.answers(x.double(), t)
+        return {"v": eps - x0, "x0": x0, "eps": eps}[self.objective].to(x.dtype)
+
+    def ode_solution(self, x, t_from: float, t_to: float):
+        """The ODE's monotone map between the marginals N((1 - t) mu, (1 - t)^2 s^2 + t^2)."""
+        var = lambda t: (1 - t) ** 2 * self.s**2 + t**2  # noqa: E731
+        return (1 - t_to) * self.mu + (var(t_to) / var(t_from)) ** 0.5 * (x.double() - (1 - t_from) * self.mu)

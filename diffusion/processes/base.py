@@ -1,9 +1,10 @@
 """What every forward process offers the rest of the framework, so that nothing outside this package asks which
 process a model was trained with (no ``isinstance`` on process kinds):
 
-- ``kind``: its name in the ``process`` group (``gaussian``, ``blur``); a sampler lists the kinds it reverses;
+- ``kind``: its name in the ``process`` group (``gaussian``, ``blur``, ``edm``, ``flow``); a sampler lists the kinds
+  it reverses; ``time_name`` (``t``, EDM's ``σ``) labels its time, ``continuous_time`` says whether t is real;
 - ``num_timesteps`` (T), ``objective`` (what the network predicts), ``timestep_sampling`` (how training draws t);
-- ``q_sample(x0, t, noise)``, ``training_losses(model, x0, t, noise)``, ``sample_timesteps``;
+- ``q_sample(x0, t, noise)``, ``training_losses(model, x0, t, noise)``, ``sample_timesteps``, ``time_bins``;
 - ``sample_prior(shape, generator, device)``: the x_T that sampling starts from;
 - ``describe()``: one line for figure titles (what the forward process does to an image).
 
@@ -36,6 +37,10 @@ class ForwardProcess(nn.Module):
     kind: str = ""
     objective: str = "x0"
     timestep_sampling: str = "uniform"
+    #: the name of the process's own time in labels (``t``; EDM's is ``σ``, sigma)
+    time_name: str = "t"
+    #: whether time is continuous (edm, flow: training draws real t and ``num_timesteps`` only bounds step counts)
+    continuous_time: bool = False
 
     @property
     def num_timesteps(self) -> int:  # pragma: no cover - abstract
@@ -48,6 +53,10 @@ class ForwardProcess(nn.Module):
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError  # pragma: no cover - abstract
 
+    def time_bins(self, t: torch.Tensor, n: int) -> torch.Tensor:
+        """Which of n equal parts of the training times each t falls in (the per-quartile losses): (t n) // T."""
+        return (t * n) // self.num_timesteps
+
     def training_losses(self, model, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError  # pragma: no cover - abstract
 
@@ -56,6 +65,16 @@ class ForwardProcess(nn.Module):
 
     def describe(self) -> str:
         return self.kind
+
+    def figure_columns(self, columns: int) -> list[tuple[str, torch.Tensor | None]]:
+        """The forward figure's columns: (label, the t of ``q_sample`` or None for x_0), evenly spaced from the image
+        (the paper's t = 0) to t = T."""
+        times = torch.linspace(0, self.num_timesteps, columns).round().long().tolist()
+        return [(f"t={t}", None if t == 0 else torch.tensor(t - 1)) for t in times]
+
+    def figure_state(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """What the forward figure shows at time t (in the image range): q_sample itself."""
+        return self.q_sample(x0, t.expand(len(x0)), noise)
 
 
 def build_process(config: dict | None, schedule, channels: int, learn_sigma: bool = False) -> ForwardProcess:

@@ -8,6 +8,7 @@ Timesteps are 0-based: ``t`` in ``0..T-1`` (see :mod:`diffusion.processes.schedu
 
 from __future__ import annotations
 
+import bisect
 import math
 from typing import Callable, NamedTuple
 
@@ -34,6 +35,19 @@ Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 def extract(a: torch.Tensor, t: torch.Tensor, x_shape: torch.Size) -> torch.Tensor:
     """Gather ``a[t]`` per batch element and shape it to broadcast against ``x_shape``: (B, 1, 1, ...)."""
     return a.gather(0, t).reshape(t.shape[0], *((1,) * (len(x_shape) - 1)))
+
+
+def sigma_to_t(sigma: float, log_sigmas: list[float]) -> float:
+    """The continuous timestep of ``sigma``: linear interpolation in log sigma between the schedule's (increasing)
+    ``log_sigmas``, clamped to [0, T - 1] (diffusers' ``_sigma_to_t``; the inverse of
+    ``GaussianDiffusion.alphas_cumprod_at`` for float t)."""
+    if len(log_sigmas) == 1:
+        return 0.0
+    log_sigma = math.log(max(sigma, 1e-10))
+    low = min(max(bisect.bisect_right(log_sigmas, log_sigma) - 1, 0), len(log_sigmas) - 2)
+    lo, hi = log_sigmas[low], log_sigmas[low + 1]
+    w = min(max((lo - log_sigma) / (lo - hi), 0.0), 1.0)
+    return low + w
 
 
 class PMeanVariance(NamedTuple):
@@ -170,6 +184,40 @@ class GaussianDiffusion(ForwardProcess):
         w = t - low
         log_sigma = (1 - w) * log_sigmas.gather(0, low) + w * log_sigmas.gather(0, high)
         return (1 / (1 + (2 * log_sigma).exp())).to(abar.dtype)
+
+    # the sigma interface of diffusion.samplers.karras (EDMProcess has the same methods): the table read as the
+    # variance-exploding process x = x_VP / sqrt(alpha_bar) = x_0 + sigma eps, sigma = sqrt((1 - alpha_bar) / alpha_bar)
+    def sigma_table(self) -> list[float]:
+        """sigma_t for t = 0..T-1 (increasing): the table's ``sqrt_recipm1_alphas_cumprod``, computed in float64 before
+        its float32 rounding, like the coefficients the network was trained with (from the float32 alpha_bar,
+        1 - alpha_bar at t = 0 keeps only 3-4 digits: sigma_min would be off by 1e-4, as in diffusers)."""
+        return self.sqrt_recipm1_alphas_cumprod.detach().double().cpu().tolist()
+
+    def sigma_range(self) -> tuple[float, float]:
+        table = self.sigma_table()
+        return table[0], table[-1]
+
+    def sigma_input(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        """The VP state the network was trained on: x / sqrt(sigma^2 + 1)."""
+        return x / math.sqrt(sigma * sigma + 1)
+
+    def sigma_time(self, sigma: float) -> float:
+        """The continuous timestep of sigma (:func:`sigma_to_t` on the table's log sigmas)."""
+        key = self.sqrt_recipm1_alphas_cumprod.data_ptr()
+        if getattr(self, "_log_sigmas_key", None) != key:
+            self._log_sigmas, self._log_sigmas_key = [math.log(s) for s in self.sigma_table()], key
+        return sigma_to_t(sigma, self._log_sigmas)
+
+    def sigma_denoised(self, output: torch.Tensor, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        """D(x; sigma): the predicted x_0 from the network's output at the VP input x / sqrt(sigma^2 + 1), where
+        alpha = 1 / sqrt(1 + sigma^2) and sigma_VP = sigma / sqrt(1 + sigma^2) (any objective)."""
+        c = math.sqrt(1 + sigma * sigma)
+        prediction, _ = self.split_output(output, x / c)
+        return to_x0_eps(self.objective, prediction, x / c, 1 / c, sigma / c)[0]
+
+    def sigma_prior_std(self, sigma: float) -> float:
+        """sqrt(sigma^2 + 1): the VP prior draw N(0, I) in the sigma state at sigma (x_VP / sqrt(alpha_bar))."""
+        return math.sqrt(sigma * sigma + 1)
 
     # ----------------------------------------------------------------------------------------------- reverse
     def split_output(self, output: torch.Tensor, xt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

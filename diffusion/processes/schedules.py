@@ -25,6 +25,7 @@ __all__ = [
     "ContinuousCosineSchedule",
     "QuadraticSchedule",
     "SigmoidSchedule",
+    "NoSchedule",
     "ScheduleTable",
     "compute_table",
 ]
@@ -262,3 +263,11 @@ class ContinuousCosineSchedule(NoiseSchedule):
         if float(betas.max()) >= 0.999 or self.max_signal_rate == 1.0:
             return compute_table(betas)  # clipped: the rates must follow the betas actually used
         return compute_table(betas, sqrt_alphas_cumprod=torch.cos(theta), sqrt_one_minus_alphas_cumprod=torch.sin(theta))
+
+
+class NoSchedule:
+    """The ``schedule`` of a continuous-time process (``process=edm``, ``process=flow``): there is no beta table;
+    the noise levels are the process's own settings (``conf/schedule/none.yaml``, which those processes select)."""
+
+    def __repr__(self) -> str:
+        return "NoSchedule()"
