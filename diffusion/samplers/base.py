@@ -216,9 +216,12 @@ class Sampler:
 
     def kept_times(self, points: int | None = None) -> list[str]:
         """The papers' t of each state a trajectory of ``points`` keeps (:attr:`state_times`: x_T first, 0 for x_0),
-        as labels (``t=999``); a fractional t (the Karras samplers' sigmas fall between timesteps) with one decimal."""
-        return [f"t={t:.1f}" if isinstance(t, float) and not t.is_integer() else f"t={int(t)}"
-                for t in (self.state_times[i] for i in sorted(self.trajectory_indices(points)))]
+        as labels (``t=999``); a fractional t (the Karras samplers' sigmas fall between timesteps) with one decimal.
+        A continuous-time process labels its own time with 3 significant digits (``sigma=80``, ``t=0.25``)."""
+        times = [self.state_times[i] for i in sorted(self.trajectory_indices(points))]
+        if getattr(self.process, "continuous_time", False):
+            return [f"{self.process.time_name}={t:.3g}" for t in times]
+        return [f"t={t:.1f}" if isinstance(t, float) and not t.is_integer() else f"t={int(t)}" for t in times]
 
     def initial_state(self, shape, noise: torch.Tensor | None, generator, device) -> torch.Tensor:
         """x_T = ``init_noise_sigma`` * (``noise`` or a draw from the process's prior)."""

@@ -1,4 +1,8 @@
-"""Samplers on a sigma grid, Karras et al. (2022, "EDM"): Euler, Euler ancestral (k-diffusion) and Heun.
+"""Samplers on a sigma grid, Karras et al. (2022, "EDM"): Euler, Euler ancestral (k-diffusion), Heun and
+DPM-Solver++(2M), for process=edm (its preconditioned denoiser) and for a DDPM table (process=gaussian) read as sigmas.
+Each reads the process through six methods (``sigma_table``, ``sigma_range``, ``sigma_input``, ``sigma_time``,
+``sigma_denoised``, ``sigma_prior_std``: :class:`diffusion.processes.edm.EDMProcess` and
+:class:`diffusion.processes.gaussian.GaussianDiffusion` have them). For a DDPM table:
 
 A discrete schedule alpha_bar_t is read as the variance-exploding process of EDM: with
 sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t), the state x = x_0 + sigma eps is the VP state divided by
@@ -27,12 +31,12 @@ sigma_max = 157.
 
 from __future__ import annotations
 
-import bisect
 import math
 
 import torch
 
 from diffusion.checks import check_choice
+from diffusion.processes.gaussian import sigma_to_t  # noqa: F401 - the sigma -> t map, also imported from here
 from diffusion.samplers.base import (
     SPACINGS,
     Control,
@@ -46,17 +50,18 @@ from diffusion.samplers.base import (
 
 SIGMA_GRIDS = ("karras", "exponential", "schedule")
 
-__all__ = ["SIGMA_GRIDS", "EulerAncestralSampler", "EulerSampler", "HeunSampler", "KarrasSampler",
+__all__ = ["SIGMA_GRIDS", "DPMSolverPP2MSampler", "EulerAncestralSampler", "EulerSampler", "HeunSampler", "KarrasSampler",
            "exponential_sigmas", "karras_sigmas", "schedule_sigmas", "sigma_to_t"]
 
 
 # ----------------------------------------------------------------------------------------------- the sigma grid
 def schedule_sigmas(process) -> list[float]:
-    """sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) for t = 0..T-1 (increasing): the table's
-    ``sqrt_recipm1_alphas_cumprod``, computed in float64 before its float32 rounding, like the coefficients the
-    network was trained with (from the float32 alpha_bar, 1 - alpha_bar at t = 0 keeps only 3-4 digits: sigma_min
-    would be off by 1e-4, as in diffusers)."""
-    return process.sqrt_recipm1_alphas_cumprod.detach().double().cpu().tolist()
+    """The discrete sigmas of ``process`` (increasing; its ``sigma_table``), or ValueError for a continuous one."""
+    table = process.sigma_table()
+    if table is None:
+        raise ValueError(f"sampler sigmas=schedule is invalid for process={process.kind}: it has no discrete noise "
+                         "levels; use sigmas=karras or sigmas=exponential")
+    return table
 
 
 def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> list[float]:
@@ -75,19 +80,6 @@ def exponential_sigmas(sigma_min: float, sigma_max: float, n: int) -> list[float
     return [sigma_max] + [math.exp(hi + i / (n - 1) * (lo - hi)) for i in range(1, n - 1)] + [sigma_min]
 
 
-def sigma_to_t(sigma: float, log_sigmas: list[float]) -> float:
-    """The continuous timestep of ``sigma``: linear interpolation in log sigma between the schedule's (increasing)
-    ``log_sigmas``, clamped to [0, T - 1] (diffusers' ``_sigma_to_t``; the inverse of
-    ``GaussianDiffusion.alphas_cumprod_at`` for float t)."""
-    if len(log_sigmas) == 1:
-        return 0.0
-    log_sigma = math.log(max(sigma, 1e-10))
-    low = min(max(bisect.bisect_right(log_sigmas, log_sigma) - 1, 0), len(log_sigmas) - 2)
-    lo, hi = log_sigmas[low], log_sigmas[low + 1]
-    w = min(max((lo - log_sigma) / (lo - hi), 0.0), 1.0)
-    return low + w
-
-
 class KarrasSampler(Sampler):
     """The shared part: the sigma grid, the model-input scaling, the denoiser D(x; sigma) and the timesteps.
 
@@ -98,6 +90,8 @@ class KarrasSampler(Sampler):
     controls = (Control("sigmas", "noise levels: karras (EDM eq. 5), exponential (log-linear), schedule (the schedule's own)",
                         choices=SIGMA_GRIDS),)
 
+    reverses = ("gaussian", "edm")
+
     def __init__(self, process, num_steps: int | None = 20, sigmas: str = "karras", rho: float = 7.0,
                  spacing: str = "linspace", clip_denoised: bool = False):
         self.sigma_grid = check_choice("sampler sigmas", sigmas, SIGMA_GRIDS)
@@ -107,10 +101,9 @@ class KarrasSampler(Sampler):
 
     # -------------------------------------------------------------------------------------------- grid
     def set_timesteps(self, num_steps: int) -> None:
-        schedule = schedule_sigmas(self.process)
-        self._log_sigmas = [math.log(s) for s in schedule]
-        self.sigma_min, self.sigma_max = schedule[0], schedule[-1]
+        self.sigma_min, self.sigma_max = self.process.sigma_range()
         if self.sigma_grid == "schedule":
+            schedule = schedule_sigmas(self.process)
             grid_t = make_timesteps(self.T, num_steps, self.spacing)
             sigmas = [schedule[t] for t in grid_t]
         else:
@@ -125,38 +118,40 @@ class KarrasSampler(Sampler):
         self._grid_t = dict(zip(sigmas, grid_t)) if grid_t is not None else {}  # integer t of the schedule's sigmas
         self.call_sigmas: list[float] = self._calls(num_steps)
         timesteps = [self.t_of(s) for s in self.call_sigmas[:-1]]
-        self._set_grid(num_steps, timesteps, [t + 1 for t in timesteps] + [0])
+        # the states' times: the paper's t of a discrete process (t + 1 of each call, 0 for x_0), else the sigmas
+        states = list(self.call_sigmas) if self.process.continuous_time else [t + 1 for t in timesteps] + [0]
+        self._set_grid(num_steps, timesteps, states)
 
     def _calls(self, num_steps: int) -> list[float]:
         """The sigma of each network call, then 0 (one call per step by default)."""
         return list(self.sigmas)
 
     def t_of(self, sigma: float) -> int | float:
-        """The network's timestep at ``sigma``: the schedule's integer t on its own grid, else the continuous t."""
+        """The network's time input at ``sigma``: the schedule's integer t on its own grid, else the process's
+        continuous time (a DDPM network's fractional t; EDM's c_noise)."""
         t = self._grid_t.get(sigma)
-        return t if t is not None else sigma_to_t(sigma, self._log_sigmas)
+        return t if t is not None else self.process.sigma_time(sigma)
 
     @property
     def init_noise_sigma(self) -> float:
-        """sqrt(sigma_0^2 + 1): x_T is the VP prior draw exactly (the network's first input is that N(0, I) draw),
-        on every schedule. diffusers' EulerDiscreteScheduler (and k-diffusion) start from sigma_0 under linspace or
-        trailing spacing, smaller by sqrt(1 + 1 / sigma_0^2): 1 + 2e-5 for the linear T = 1000 schedule (sigma_max =
-        157), but 20% for linear T = 100 (sigma_max = 1.32): the network would start from noise of std 0.8."""
-        s = self.sigmas[0]
-        return math.sqrt(s * s + 1)
+        """The std of x_T at sigma_0 (the process's ``sigma_prior_std``). DDPM: sqrt(sigma_0^2 + 1), so x_T is the VP
+        prior draw exactly (the network's first input is that N(0, I) draw), on every schedule. diffusers'
+        EulerDiscreteScheduler (and k-diffusion) start from sigma_0 under linspace or trailing spacing, smaller by
+        sqrt(1 + 1 / sigma_0^2): 1 + 2e-5 for the linear T = 1000 schedule (sigma_max = 157), but 20% for linear T =
+        100 (sigma_max = 1.32): the network would start from noise of std 0.8. EDM: sigma_0 (its Algorithm 1)."""
+        return self.process.sigma_prior_std(self.sigmas[0])
 
     def scale_model_input(self, x: torch.Tensor, i: int) -> torch.Tensor:
-        """x / sqrt(sigma_i^2 + 1): the VP state the network was trained on; at i = nfe (sigma = 0) x itself."""
+        """The network's input at call i (DDPM: x / sqrt(sigma_i^2 + 1), the VP state it was trained on; EDM:
+        c_in x); at i = nfe (sigma = 0) x itself."""
         s = self.call_sigmas[i]
-        return x if s == 0 else x / math.sqrt(s * s + 1)
+        return x if s == 0 else self.process.sigma_input(x, s)
 
     def denoise(self, model_output: torch.Tensor, x: torch.Tensor, i: int) -> torch.Tensor:
-        """D(x; sigma_i): the predicted x_0 from the output of call i at the VP input x / sqrt(sigma^2 + 1), where
-        alpha = 1 / sqrt(1 + sigma^2) and sigma_VP = sigma / sqrt(1 + sigma^2)."""
-        s = self.call_sigmas[i]
-        c = math.sqrt(1 + s * s)
-        x0, _ = self.predict_x0_eps(model_output, x / c, 1 / c, s / c)
-        return x0
+        """D(x; sigma_i) from the output of call i (the process's ``sigma_denoised``), clamped to [-1, 1] with
+        ``clip_denoised``."""
+        denoised = self.process.sigma_denoised(model_output, x, self.call_sigmas[i])
+        return denoised.clamp(-1.0, 1.0) if self.clip_denoised else denoised
 
     def describe(self) -> str:
         grid = f"{self.sigma_grid} sigmas" + {"karras": f" rho {self.rho:g}", "schedule": f" ({self.spacing})"}.get(
@@ -333,3 +328,34 @@ class HeunSampler(KarrasSampler):
             tmax = "inf" if self.s_tmax == math.inf else f"{self.s_tmax:g}"
             text += f", churn {self.s_churn:g} on [{self.s_tmin:g}, {tmax}], s_noise {self.s_noise:g}"
         return text
+
+
+class DPMSolverPP2MSampler(KarrasSampler):
+    """DPM-Solver++(2M) on the sigma grid (Lu et al. 2022, Algorithm 2; k-diffusion's ``sample_dpmpp_2m``), for any
+    process with the sigma interface (EDM's denoiser, or a DDPM table read as sigmas). With lambda = -ln sigma
+    (alpha = 1 in the variance-exploding form) and h_i = lambda_{i+1} - lambda_i:
+
+        x_{i+1} = (sigma_{i+1} / sigma_i) x_i - (e^{-h_i} - 1) D_i'                                  (eq. 9, VE form)
+        D_i' = D_i (first step, and the last, to sigma = 0),  else (1 + 1 / 2r) D_i - (1 / 2r) D_{i-1},  r = h_{i-1} / h_i
+
+    The last step (sigma_{i+1} = 0: h = inf) lands on D itself. One network call per step; the previous D is kept
+    between steps and cleared by :meth:`reset`. (``sampler=dpmsolver++`` is the same solver on a DDPM table's own
+    timesteps, in alpha/sigma form; this one takes the Karras grid and reverses process=edm too.)"""
+
+    def reset(self) -> None:
+        self._previous = None  # D at the previous call
+
+    def step(self, model_output, i, x, generator=None) -> StepOutput:
+        i = self._check_index(i)
+        sigma, sigma_next = self.call_sigmas[i], self.call_sigmas[i + 1]
+        denoised = self.denoise(model_output, x, i)
+        previous, self._previous = self._previous, denoised
+        if sigma_next == 0:
+            return StepOutput(denoised, denoised)
+        h = math.log(sigma) - math.log(sigma_next)
+        if previous is not None and i > 0:
+            r = (math.log(self.call_sigmas[i - 1]) - math.log(sigma)) / h
+            target = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * previous
+        else:
+            target = denoised
+        return StepOutput((sigma_next / sigma) * x - math.expm1(-h) * target, denoised)

@@ -160,10 +160,12 @@ def test_sigma_to_t_inverts_alphas_cumprod_at(processes):
     p = processes["eps"]
     sampler = EulerSampler(p, 30)
     sigmas = torch.tensor(sampler.sigmas[:-1], dtype=torch.float64)
-    t = torch.tensor([sigma_to_t(s, sampler._log_sigmas) for s in sigmas.tolist()])
+    log_sigmas = [math.log(s) for s in p.sigma_table()]
+    t = torch.tensor([sigma_to_t(s, log_sigmas) for s in sigmas.tolist()], dtype=torch.float64)
+    assert sampler.timesteps == t.tolist()  # what the sampler sends the network
     abar = p.alphas_cumprod_at(t.float()).double()
     torch.testing.assert_close(abar, 1 / (1 + sigmas**2), rtol=2e-6, atol=0)
-    assert sigma_to_t(1e6, sampler._log_sigmas) == 999.0 and sigma_to_t(1e-6, sampler._log_sigmas) == 0.0
+    assert sigma_to_t(1e6, log_sigmas) == 999.0 and sigma_to_t(1e-6, log_sigmas) == 0.0
 
 
 # ----------------------------------------------------------------------------------------------- convergence orders
