@@ -326,8 +326,12 @@ def evaluate(cfg: DictConfig) -> dict:
     module = build_or_usage_error("ckpt", lambda: DiffusionModule.from_checkpoint(cfg.ckpt, ema=cfg.ema,
                                                                                  trust=cfg.get("trust_checkpoint", False)))
     if "nll" in cfg.metrics and not hasattr(module.process, "calc_bpd_loop"):
-        raise UsageError(f"metrics=[nll] is invalid for {cfg.ckpt}: its {module.process.kind} process is deterministic "
-                         "and has no likelihood bound; use metrics=[fid,kid]")
+        why = {"edm": "has no discrete variational bound (its likelihood is the probability-flow ODE's, Song et al. "
+                      "2021, which this framework does not compute)",
+               "flow": "has no discrete variational bound (its likelihood is the ODE's change of variables, which this "
+                       "framework does not compute)"}.get(module.process.kind, "is deterministic and has no likelihood bound")
+        raise UsageError(f"metrics=[nll] is invalid for {cfg.ckpt}: its {module.process.kind} process {why}; use "
+                         "metrics=[fd_classifier] or metrics=[fid,kid]")
     k = cfg.nll.num_timesteps
     if "nll" in cfg.metrics and k is not None and (not isinstance(k, int) or not 1 <= k <= module.process.num_timesteps):
         raise UsageError(f"nll.num_timesteps={k} is invalid: it must be in [1, {module.process.num_timesteps}] (or null for all T)")

@@ -234,18 +234,21 @@ def forward_figure(train_cfg: DictConfig, n: int, columns: int, out: Path, seed:
                                                                     instantiate(train_cfg.schedule), datamodule.channels,
                                                                     learn_sigma))
     T, schedule = process.num_timesteps, schedule_name(train_cfg.schedule._target_)
-    path = _new_path(out / f"forward_{schedule}_T{T}_{datamodule.name}_n{n}_cols{columns}_seed{seed}.png")
+    setting = process.kind if process.continuous_time else f"{schedule}_T{T}"  # edm, flow: no schedule, no T
+    path = _new_path(out / f"forward_{setting}_{datamodule.name}_n{n}_cols{columns}_seed{seed}.png")
     build_or_usage_error("data", lambda: (datamodule.prepare_data(), datamodule.setup("fit")))
     from diffusion.metrics.classifier import split_images
 
     x0 = to_model_range(split_images(datamodule, "train", n))  # the images alone (data.conditional: no labels), unflipped
-    times = torch.linspace(0, T, columns).round().long().tolist()
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(x0.shape, generator=g)  # one eps per image for every column
-    cols = [x0 if t == 0 else process.q_sample(x0, torch.full((len(x0),), t - 1), noise) for t in times]
-    what = f"{process.describe()}, {schedule} schedule"
-    title = f"forward process {what}, T={T}: {datamodule.name}, seed {seed}"
-    return _save_rows(torch.stack(cols, dim=1), path, title, [f"t={t}" for t in times])
+    columns_at = process.figure_columns(columns)  # (label, t): the process's own time (t, or EDM's sigma)
+    cols = [x0 if t is None else process.figure_state(x0, t, noise) for _, t in columns_at]
+    what = f"{process.describe()}, {schedule} schedule, T={T}"
+    if process.continuous_time:
+        what = process.describe() + (" (shown / sqrt(1 + sigma^2))" if process.time_name == "σ" else "")
+    title = f"forward process {what}: {datamodule.name}, seed {seed}"
+    return _save_rows(torch.stack(cols, dim=1), path, title, [label for label, _ in columns_at])
 
 
 def _load(ckpt: str, ema: bool = True, trust: bool = False) -> DiffusionModule:

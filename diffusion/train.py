@@ -189,5 +189,9 @@ def main(cfg: DictConfig) -> float | None:
 
 if __name__ == "__main__":
     require_launcher_plugin()  # hydra/launcher=slurm without the plugin: one line
+    refused = preflight.check_process_overrides(sys.argv[1:])  # schedule.beta_end=... with process=edm: one line
+    if refused:
+        print(f"error: {refused}", file=sys.stderr)
+        sys.exit(2)
     share_run_stamp()  # srun / torchrun: every rank resolves one run directory
     main()

@@ -66,8 +66,9 @@ def test_every_cli_answers_help_without_torch(tmp_path):
     # run.config.share_config_store (Hydra shares its ConfigStore instead of copying it per group listed) changes no word
     unshared = "import diffusion.run.config\nfrom hydra.core.config_store import ConfigStore\ndel ConfigStore.__deepcopy__"
     assert run_cases([["diffusion.train", "--help"]], tmp_path, unshared)[0]["stdout"] == train
-    assert "schedule: blur, continuous_cosine, cosine, linear, quadratic, sigmoid" in train  # the groups it lists
-    assert "sampler: cold, ddim, ddpm, dpmsolver++, euler, euler_ancestral, heun, plms, pndm, unipc" in train
+    assert "schedule: blur, continuous_cosine, cosine, linear, none, quadratic, sigmoid" in train  # the groups it lists
+    assert "sampler: cold, ddim, ddpm, dpmpp_2m, dpmsolver++, euler, euler_ancestral, flow_euler, flow_heun, heun, plms, pndm, unipc" in train
+    assert "process: blur, edm, flow, gaussian" in train
 
 
 def refused(tmp_path) -> list[tuple[list[str], str]]:

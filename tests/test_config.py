@@ -31,6 +31,9 @@ def test_default_config_composes():
 
 @pytest.mark.parametrize("schedule", options("schedule"))
 def test_every_schedule_builds(schedule):
+    if schedule == "none":  # the continuous-time processes' (process=edm, flow): nothing to build but the marker
+        assert repr(instantiate(compose_cfg("schedule=none").schedule)) == "NoSchedule()"
+        return
     cfg = compose_cfg(f"schedule={schedule}", "schedule.T=50")
     sched = instantiate(cfg.schedule)
     if schedule == "blur":  # cold diffusion's kernel widths (process=blur)
@@ -44,9 +47,10 @@ def test_every_schedule_builds(schedule):
 def test_every_model_and_sampler_builds_a_module_that_samples(model, sampler):
     from diffusion.samplers.registry import sampler_class
 
-    process = ["process=blur"] if sampler == "cold" else []  # the cold sampler reverses the blur process only
-    cfg = compose_cfg(*process, f"model={model}", f"sampler={sampler}", "model.base_channels=8", "schedule.T=20",
-                      "sampler.num_steps=5")
+    # the cold sampler reverses the blur process only, the flow samplers the flow process only
+    process = ["process=blur", "schedule.T=20"] if sampler == "cold" else ["process=flow"] if sampler.startswith("flow") \
+        else ["schedule.T=20"]
+    cfg = compose_cfg(f"model={model}", *process, f"sampler={sampler}", "model.base_channels=8", "sampler.num_steps=5")
     module = build_module(cfg, channels=1, image_size=16)
     assert type(module.sampler) is sampler_class(sampler) and module.sampler.num_steps == 5
     if sampler == "cold":
@@ -70,13 +74,18 @@ def test_every_other_option_composes(group):
 
 
 def test_process_presets_pick_their_schedule_sampler_and_target():
-    assert options("process") == ["blur", "gaussian"]
+    assert options("process") == ["blur", "edm", "flow", "gaussian"]
     gaussian, blur = compose_cfg("process=gaussian"), compose_cfg("process=blur")
     assert gaussian.schedule._target_.endswith("LinearSchedule") and gaussian.sampler._target_.endswith("DDIMSampler")
     assert blur.schedule._target_.endswith("BlurSchedule") and blur.sampler._target_.endswith("ColdSampler")
     assert blur.process._target_.endswith("BlurDiffusion") and blur.process.loss_type == "l1"
     assert gaussian.process._target_.endswith("GaussianDiffusion") and gaussian.process.objective == "eps"
     assert compose_cfg("process=blur", "schedule.T=20").schedule.T == 20  # its choices stay overridable
+    for kind, process, sampler in (("edm", "EDMProcess", "HeunSampler"), ("flow", "FlowMatching", "FlowEulerSampler")):
+        cfg = compose_cfg(f"process={kind}")
+        assert cfg.schedule._target_.endswith("NoSchedule") and cfg.sampler._target_.endswith(sampler)
+        assert cfg.process._target_.endswith(process)
+    assert compose_cfg("process=edm", "sampler=dpmpp_2m").sampler._target_.endswith("DPMSolverPP2MSampler")
 
 
 def test_debug_preset_composes():

@@ -50,6 +50,7 @@ def check_config(cfg: DictConfig) -> None:
         shared = {k: v for k, v in OmegaConf.to_container(data, resolve=True).items()
                   if k in inspect.signature(check_data).parameters}
         build_or_usage_error("data", lambda: check_data(**shared))
+    check_process(cfg)
     image_size = cfg.data.get("image_size") if "data" in cfg else None
     known = isinstance(image_size, int) and not isinstance(image_size, bool) and image_size >= 1
     model = OmegaConf.to_container(cfg.model, resolve=True)
@@ -63,10 +64,76 @@ def check_config(cfg: DictConfig) -> None:
                          "diffusion.export wrote, or a diffusers UNet2DModel / DDPMPipeline folder")
 
 
+#: the continuous-time processes' targets and their checks (diffusion.processes.settings, torch-free)
+_CONTINUOUS = {"diffusion.processes.EDMProcess": "edm", "diffusion.processes.edm.EDMProcess": "edm",
+               "diffusion.processes.FlowMatching": "flow", "diffusion.processes.flow.FlowMatching": "flow"}
+
+
+def check_process(cfg: DictConfig) -> None:
+    """``process=edm`` / ``process=flow``: their settings (sigma_min < sigma_max, P_std > 0, logit_std > 0, shift >
+    0, ...) and no beta schedule beside them, each in one line before torch."""
+    from diffusion.processes.settings import check_edm, check_flow, check_no_schedule
+
+    process = cfg.get("process")
+    kind = _CONTINUOUS.get(str(process.get("_target_", ""))) if process is not None else None
+    if kind is None:
+        return
+    schedule = cfg.get("schedule")
+    build_or_usage_error("schedule", lambda: check_no_schedule(kind, None if schedule is None else schedule.get("_target_")))
+    options = {k: v for k, v in OmegaConf.to_container(process, resolve=True).items() if not k.startswith("_")}
+    check = check_edm if kind == "edm" else check_flow
+    import inspect
+
+    unknown = sorted(set(options) - set(inspect.signature(check).parameters))
+    if unknown:
+        raise UsageError(f"process.{unknown[0]} is invalid for process={kind}: it takes "
+                         f"{', '.join('process.' + p for p in inspect.signature(check).parameters)}")
+    build_or_usage_error("process", lambda: check(**options))
+
+
+_SCHEDULE_ARG = re.compile(r"^[+~]*schedule(\.|=)")
+_PROCESS_ARG = re.compile(r"^process=(?P<kind>[^,\s]+)$")
+
+
+def check_process_overrides(argv: list[str]) -> str | None:
+    """The error line for a beta-schedule override beside ``process=edm|flow`` on the command line (Hydra would
+    refuse ``schedule.beta_end=...`` on schedule=none as "Key 'beta_end' is not in struct"), or None."""
+    from diffusion.processes.settings import CONTINUOUS_KINDS
+
+    kinds = [m["kind"] for m in map(_PROCESS_ARG.match, argv) if m]
+    kind = kinds[-1] if kinds else None
+    if kind not in CONTINUOUS_KINDS:
+        return None
+    for arg in argv:
+        if _SCHEDULE_ARG.match(arg) and arg != "schedule=none":
+            return (f"{arg} is invalid with process={kind}: it has no beta schedule (schedule=none); its noise levels "
+                    f"are process.* settings ({'sigma_min, sigma_max, P_mean, P_std, sigma_data' if kind == 'edm' else 'timestep_sampling, logit_mean, logit_std, mode_scale, shift'})")
+    return None
+
+
+def check_sampler_pairing(cfg: DictConfig) -> None:
+    """A sampler that does not reverse the configured process (``sampler=ddim`` with ``process=edm``): one line
+    naming the samplers that do, before the data and the model are built."""
+    from hydra.utils import get_class
+
+    from diffusion.samplers.registry import sampler_name, sampler_names
+
+    process, sampler = cfg.get("process"), cfg.get("sampler")
+    if process is None or sampler is None or "_target_" not in process or "_target_" not in sampler:
+        return
+    kind = getattr(get_class(str(process._target_)), "kind", None)
+    reverses = getattr(get_class(str(sampler._target_)), "reverses", ())
+    if kind and kind not in reverses:
+        name = sampler_name(OmegaConf.to_container(sampler, resolve=True))
+        raise UsageError(f"sampler={name} is invalid for process={kind}: it reverses process={'|'.join(reverses)}; "
+                         f"use sampler={'|'.join(sampler_names(kind))}")
+
+
 def check_settings(cfg: DictConfig) -> dict | None:
     """Optimizer and trainer settings (also against the tasks a scheduler started), and the resume checkpoint
     (``ckpt_path``); returns that checkpoint (memory-mapped: its tensors stay on disk) or None."""
     check_optimizer(cfg)
+    check_sampler_pairing(cfg)
     check_devices(cfg.trainer.get("devices"), cfg.trainer.get("accelerator"))
     check_job_tasks(cfg.trainer)  # SLURM / submitit: one task per DDP rank
     return read_resume_checkpoint(cfg)

@@ -143,6 +143,19 @@ def _attention_widths(cfg: dict) -> list[int]:
 def check_exportable(model_config: dict, process_config: dict | None = None) -> None:
     """A one-line ValueError naming the first option of ours that ``UNet2DModel`` + ``DDPMScheduler`` cannot
     represent and what is allowed; None when the network (and the process, if given) map exactly."""
+    if process_config is not None:  # the process first: no network setting makes another process exportable
+        target = process_config.get("_target_", GAUSSIAN_TARGETS[0])
+        name = str(target).rsplit(".", 1)[-1]
+        scheduler = {"EDMProcess": "EDMEulerScheduler", "FlowMatching": "FlowMatchEulerDiscreteScheduler"}.get(name)
+        if scheduler is not None:
+            raise ValueError(f"process={name} cannot be exported to diffusers yet: the mapping onto diffusers' {scheduler} "
+                             "is not written (export format=safetensors, which every CLI of this framework reads)")
+        if target not in GAUSSIAN_TARGETS:
+            raise ValueError(f"process={name} cannot be exported to diffusers: DDPMScheduler "
+                             "is Gaussian diffusion (allowed: process=gaussian)")
+        objective = process_config.get("objective", "eps")
+        if objective not in PREDICTION_TYPES:
+            raise ValueError(f"process.objective={objective} cannot be exported to diffusers: allowed {', '.join(PREDICTION_TYPES)}")
     cfg = _network_config(model_config)
     if cfg["block_attention"] == "cbam":
         raise ValueError("model.block_attention=cbam cannot be exported to diffusers: UNet2DModel has only "
@@ -168,14 +181,6 @@ def check_exportable(model_config: dict, process_config: dict | None = None) -> 
     if cfg["out_channels"] not in (None, cfg["in_channels"]):
         raise ValueError(f"model.out_channels={cfg['out_channels']} cannot be exported to diffusers: "
                          f"allowed: null or in_channels={cfg['in_channels']}")
-    if process_config is not None:
-        target = process_config.get("_target_", GAUSSIAN_TARGETS[0])
-        if target not in GAUSSIAN_TARGETS:
-            raise ValueError(f"process={str(target).rsplit('.', 1)[-1]} cannot be exported to diffusers: DDPMScheduler "
-                             "is Gaussian diffusion (allowed: process=gaussian)")
-        objective = process_config.get("objective", "eps")
-        if objective not in PREDICTION_TYPES:
-            raise ValueError(f"process.objective={objective} cannot be exported to diffusers: allowed {', '.join(PREDICTION_TYPES)}")
 
 
 def unet2d_config(model_config: dict) -> dict:

@@ -1,5 +1,5 @@
-"""The LightningModule: an epsilon-prediction network plus the diffusion process, trained with L_simple
-(or, with ``process=blur``, a restoration network plus the cold-diffusion blur process).
+"""The LightningModule: a network plus its forward process (``process=``: DDPM's Gaussian one, trained with L_simple;
+cold diffusion's blur; EDM's preconditioned denoiser; flow matching's velocity), trained with the process's loss.
 
 It is built from plain config dicts (``model``, ``schedule``, ``sampler``, ``optimizer``) that it saves as
 hyper-parameters, so ``DiffusionModule.load_from_checkpoint(path)`` rebuilds it without the Hydra config.
@@ -113,7 +113,10 @@ class DiffusionModule(L.LightningModule):
         if class_names is not None and len(class_names) != self.num_classes:
             raise ValueError(f"module class_names has {len(class_names)} names for model.num_classes={self.num_classes}")
         self.sampler = self.build_sampler(sampler)
-        self.timestep_sampler = build_timestep_sampler(self.process.timestep_sampling, self.process.num_timesteps)
+        # importance sampling of discrete t (the processes check their own timestep_sampling; a continuous one draws
+        # its t itself)
+        self.timestep_sampler = (None if self.process.continuous_time else
+                                 build_timestep_sampler(self.process.timestep_sampling, self.process.num_timesteps))
         self.quartile_loss = torch.nn.ModuleList(MeanMetric() for _ in range(NUM_QUARTILES))
         self._generator: torch.Generator | None = None
         self.has_ema = False  # set by from_checkpoint: whether the checkpoint held EMA weights
@@ -245,9 +248,10 @@ class DiffusionModule(L.LightningModule):
             self.timestep_sampler.update(self.all_gather(t), self.all_gather(losses.detach()))
             loss = (losses * weights).mean()
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=losses.shape[0])
-        # improved-diffusion's view of which noise levels are learning: the loss per quarter of [0, T)
-        # (a mask-weighted mean: no data-dependent indexing, so no host synchronisation in the step)
-        quartile = (t * NUM_QUARTILES) // self.process.num_timesteps
+        # improved-diffusion's view of which noise levels are learning: the loss per quarter of [0, T) (edm: of the
+        # training sigmas' law; flow: of [0, 1]) (a mask-weighted mean: no data-dependent indexing, so no host
+        # synchronisation in the step)
+        quartile = self.process.time_bins(t, NUM_QUARTILES)
         for q, metric in enumerate(self.quartile_loss):
             metric.update(losses.detach(), (quartile == q).to(losses.dtype))
             self.log(f"train/loss_q{q}", metric, on_step=False, on_epoch=True)
