@@ -47,7 +47,8 @@ def export(cfg: DictConfig) -> Path:
     else:
         from diffusion.sharing.diffusers_bridge import check_exportable, write_pipeline_folder
 
-        build_or_usage_error("format=diffusers", lambda: check_exportable(dict(module.hparams.model), dict(module.hparams.process)))
+        build_or_usage_error("format=diffusers", lambda: check_exportable(dict(module.hparams.model), dict(module.hparams.process),
+                                                                               {"clip_denoised": module.sampler.clip_denoised}))
         write_pipeline_folder(module, out)
     log.info("%s (%s weights) exported as %s to %s", cfg.ckpt, "EMA" if module.has_ema else "raw", cfg.format, out)
     return out

@@ -1,4 +1,7 @@
-"""A two-way bridge to diffusers: our UNet <-> ``UNet2DModel``, our schedule/process/sampler <-> ``DDPMScheduler``.
+"""A two-way bridge to diffusers: our UNet <-> ``UNet2DModel``, our schedule/process/sampler <-> ``DDPMScheduler``
+(process=gaussian) or ``FlowMatchEulerDiscreteScheduler`` (process=flow with the velocity objective: the same path
+x_t = (1 - sigma) x_0 + sigma eps, the network called at 1000 sigma, the step x + (sigma' - sigma) v; ``shift`` is
+ours).
 
 The maps are exact (the same function, weight for weight) where both networks compute the same thing, and refused in
 one line where they do not. What maps (read from both codes, diffusers 0.42):
@@ -51,7 +54,13 @@ VARIANCE_TYPES = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small"
 #: the key a class-conditional export writes into the UNet's config.json: its last class embedding is our null class
 NULL_CLASS_KEY = "_ddpm_null_class"
 WEIGHTS = "diffusion_pytorch_model.safetensors"
-SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "PNDMScheduler")
+FLOW_TARGETS = ("diffusion.processes.FlowMatching", "diffusion.processes.flow.FlowMatching")
+FLOW_SCHEDULER = "FlowMatchEulerDiscreteScheduler"
+SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "PNDMScheduler", FLOW_SCHEDULER)
+#: FlowMatchEulerDiscreteScheduler's options and the one value of each that our flow samplers compute
+FLOW_SCHEDULER_FIXED = {"num_train_timesteps": 1000, "use_dynamic_shifting": False, "invert_sigmas": False,
+                        "shift_terminal": None, "use_karras_sigmas": False, "use_exponential_sigmas": False,
+                        "use_beta_sigmas": False, "stochastic_sampling": False}
 
 __all__ = [
     "TrainedBetasSchedule",
@@ -140,21 +149,33 @@ def _attention_widths(cfg: dict) -> list[int]:
     return blocks + [base * mult[-1]]
 
 
-def check_exportable(model_config: dict, process_config: dict | None = None) -> None:
-    """A one-line ValueError naming the first option of ours that ``UNet2DModel`` + ``DDPMScheduler`` cannot
-    represent and what is allowed; None when the network (and the process, if given) map exactly."""
+def check_exportable(model_config: dict, process_config: dict | None = None, sampler_config: dict | None = None) -> None:
+    """A one-line ValueError naming the first option of ours that ``UNet2DModel`` + ``DDPMScheduler`` (or
+    ``FlowMatchEulerDiscreteScheduler`` for process=flow) cannot represent and what is allowed; None when the network
+    (and the process and sampler, if given) map exactly."""
     if process_config is not None:  # the process first: no network setting makes another process exportable
         target = process_config.get("_target_", GAUSSIAN_TARGETS[0])
         name = str(target).rsplit(".", 1)[-1]
-        scheduler = {"EDMProcess": "EDMEulerScheduler", "FlowMatching": "FlowMatchEulerDiscreteScheduler"}.get(name)
-        if scheduler is not None:
-            raise ValueError(f"process={name} cannot be exported to diffusers yet: the mapping onto diffusers' {scheduler} "
-                             "is not written (export format=safetensors, which every CLI of this framework reads)")
-        if target not in GAUSSIAN_TARGETS:
+        if target in FLOW_TARGETS:
+            objective = process_config.get("objective", "v")
+            if objective != "v":
+                raise ValueError(f"process.objective={objective} cannot be exported to diffusers with process=flow: "
+                                 f"{FLOW_SCHEDULER} steps on the velocity (allowed: v)")
+            if (sampler_config or {}).get("clip_denoised"):
+                raise ValueError(f"sampler.clip_denoised=true cannot be exported to diffusers with process=flow: "
+                                 f"{FLOW_SCHEDULER} does not clip (allowed: false)")
+        elif name == "EDMProcess":
+            # EDMEulerScheduler holds the same preconditioning, but DDPMPipeline (the UNet2DModel pipeline) neither
+            # scales its first noise by init_noise_sigma nor calls scale_model_input: a folder it loads would sample noise
+            raise ValueError("process=EDMProcess cannot be exported to diffusers: DDPMPipeline, the unconditional "
+                             "UNet2DModel pipeline, neither scales its first noise by sigma_max nor calls "
+                             "scale_model_input, which EDMEulerScheduler needs (export format=safetensors, which every "
+                             "CLI of this framework reads)")
+        elif target not in GAUSSIAN_TARGETS:
             raise ValueError(f"process={name} cannot be exported to diffusers: DDPMScheduler "
                              "is Gaussian diffusion (allowed: process=gaussian)")
         objective = process_config.get("objective", "eps")
-        if objective not in PREDICTION_TYPES:
+        if target in GAUSSIAN_TARGETS and objective not in PREDICTION_TYPES:
             raise ValueError(f"process.objective={objective} cannot be exported to diffusers: allowed {', '.join(PREDICTION_TYPES)}")
     cfg = _network_config(model_config)
     if cfg["block_attention"] == "cbam":
@@ -439,6 +460,8 @@ def from_diffusers_state_dict(unet_state_dict: dict, unet_config: dict) -> tuple
 # ------------------------------------------------------------------------------------------------ pipelines
 def _scheduler_config(module) -> dict:
     process = module.process
+    if process.kind == "flow":
+        return {**FLOW_SCHEDULER_FIXED, "shift": float(process.shift)}
     return {
         "num_train_timesteps": int(process.num_timesteps),
         "trained_betas": process.betas.detach().cpu().float().tolist(),
@@ -455,16 +478,17 @@ def export_pipeline(module, out_dir) -> Path:
     """Write ``module``'s network (the weights it holds: the EMA ones when loaded with ``from_checkpoint``) as a
     ``DDPMPipeline`` folder -- ``unet/`` (``UNet2DModel``, safetensors) + ``scheduler/`` (``DDPMScheduler`` with our
     betas as ``trained_betas``, ``prediction_type`` from the objective, ``variance_type`` from the process variance,
-    ``clip_sample`` from the sampler's ``clip_denoised``) -- that ``DDPMPipeline.from_pretrained(out_dir)`` loads.
+    ``clip_sample`` from the sampler's ``clip_denoised``; for process=flow ``FlowMatchEulerDiscreteScheduler`` with
+    our ``shift``) -- that ``DDPMPipeline.from_pretrained(out_dir)`` loads.
 
     Refuses (one line, before writing anything) what does not map (:func:`check_exportable`) and a used ``out_dir``."""
-    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+    from diffusers import DDPMPipeline, DDPMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DModel
 
     from diffusion.models.speed import split_speed_options
 
     hparams = module.hparams
     network_cfg, _ = split_speed_options(dict(hparams["model"]))
-    check_exportable(network_cfg, dict(hparams.get("process") or {}))
+    check_exportable(network_cfg, dict(hparams.get("process") or {}), {"clip_denoised": module.sampler.clip_denoised})
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ValueError(f"out={out_dir} already exists and is not empty: choose a new folder (nothing is overwritten)")
@@ -473,7 +497,8 @@ def export_pipeline(module, out_dir) -> Path:
     config = unet2d_config(network_cfg)
     unet = UNet2DModel(**config)
     unet.load_state_dict(to_diffusers_state_dict(state, network_cfg), strict=True)
-    scheduler = DDPMScheduler(**_scheduler_config(module))
+    flow = module.process.kind == "flow"
+    scheduler = (FlowMatchEulerDiscreteScheduler if flow else DDPMScheduler)(**_scheduler_config(module))
     DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(out_dir, safe_serialization=True)
     if config["num_class_embeds"] is not None:  # our null class is the last embedding: say so for the import
         path = out_dir / "unet" / "config.json"
@@ -532,6 +557,22 @@ def _schedule_from(config: dict) -> dict:
                      "(allowed: linear, scaled_linear, sigmoid, squaredcos_cap_v2, or trained_betas)")
 
 
+def _flow_from(config: dict, model: dict) -> dict:
+    """A FlowMatchEulerDiscreteScheduler's config -> process=flow (velocity, its ``shift``), schedule=none and
+    conf/sampler/flow_euler.yaml; refused where our flow samplers compute something else."""
+    from diffusion.samplers.registry import sampler_config
+
+    for key, value in FLOW_SCHEDULER_FIXED.items():
+        if config.get(key, value) != value:
+            raise ValueError(f"scheduler {key}={config[key]!r} has no counterpart in our flow samplers (allowed: {value!r})")
+    if model["learn_sigma"]:
+        raise ValueError(f"UNet2DModel out_channels={model.get('out_channels')} does not fit {FLOW_SCHEDULER}: "
+                         "a flow network predicts a velocity with the input's channels")
+    process = {"_target_": FLOW_TARGETS[0], "_partial_": True, "objective": "v", "shift": float(config.get("shift", 1.0))}
+    return {"schedule": {"_target_": "diffusion.processes.schedules.NoSchedule"}, "process": process,
+            "sampler": sampler_config("flow_euler")}
+
+
 def import_pipeline(path) -> dict:
     """A local diffusers folder -> ``{"model", "state_dict", "schedule", "process", "sampler"}`` in the layout of
     ``DiffusionModule``'s hyper-parameters (``model``, ``schedule``, ``process``, ``sampler`` configs) plus our
@@ -543,7 +584,8 @@ def import_pipeline(path) -> dict:
     clip_sample=true. The schedule is ``LinearSchedule``/``QuadraticSchedule``/``SigmoidSchedule``/``CosineSchedule``
     for diffusers' ``beta_schedule`` linear/scaled_linear/sigmoid/squaredcos_cap_v2, and :class:`TrainedBetasSchedule`
     (the betas themselves) for ``trained_betas``. The sampler is conf/sampler/ddim.yaml's DDIM with ``clip_denoised``
-    from the scheduler's ``clip_sample``. Nothing is downloaded; a pickled ``.bin`` is refused."""
+    from the scheduler's ``clip_sample``. A ``FlowMatchEulerDiscreteScheduler`` gives process=flow (the velocity, its
+    ``shift``) sampled with conf/sampler/flow_euler.yaml. Nothing is downloaded; a pickled ``.bin`` is refused."""
     from diffusion.samplers.registry import sampler_config
 
     root = Path(path)
@@ -564,6 +606,8 @@ def import_pipeline(path) -> dict:
         unet_dir = root
     unet_config, unet_state = _read_unet(unet_dir)
     model, state_dict = from_diffusers_state_dict(unet_state, unet_config)
+    if scheduler_cfg.get("_class_name") == FLOW_SCHEDULER:
+        return {"model": model, "state_dict": state_dict, **_flow_from(scheduler_cfg, model)}
     if scheduler_cfg.get("thresholding"):
         raise ValueError("scheduler thresholding=true has no counterpart in our samplers (allowed: false)")
     prediction = scheduler_cfg.get("prediction_type", "epsilon")

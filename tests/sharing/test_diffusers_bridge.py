@@ -192,6 +192,9 @@ DIGITS = {"_target_": "diffusion.models.UNet", "in_channels": 1, "image_size": 1
     (DIGITS, None, "different group counts (4 at 16 channels, 8 at 32 channels, 16 at 64 channels"),
     ({**MODEL, "channel_mult": [1, 2], "attention_resolutions": [8]}, None, "model.num_heads=2 cannot be exported"),
     (MODEL, {"_target_": "diffusion.processes.BlurDiffusion"}, "process=BlurDiffusion cannot be exported"),
+    (MODEL, {"_target_": "diffusion.processes.EDMProcess"}, "process=EDMProcess cannot be exported to diffusers: DDPMPipeline"),
+    (MODEL, {"_target_": "diffusion.processes.FlowMatching", "objective": "x0"},
+     "process.objective=x0 cannot be exported to diffusers with process=flow: FlowMatchEulerDiscreteScheduler steps on the velocity (allowed: v)"),
 ])
 def test_refusals_are_one_line(model, process, message):
     with pytest.raises(ValueError) as info:
@@ -226,3 +229,60 @@ def test_import_refuses_a_pickled_unet(tmp_path):
     assert json.loads((tmp_path / "unet" / "config.json").read_text())["_class_name"] == "UNet2DModel"
     with pytest.raises(ValueError, match=r"\.bin is a pickle"):
         import_pipeline(tmp_path / "unet")
+
+
+# ----------------------------------------------------------------------------------------------- process=flow
+def flow_module(shift=3.0) -> DiffusionModule:
+    torch.manual_seed(0)
+    sampler = {"_target_": "diffusion.samplers.flow.FlowEulerSampler", "_partial_": True, "num_steps": STEPS}
+    process = {"_target_": "diffusion.processes.FlowMatching", "_partial_": True, "shift": shift}
+    module = DiffusionModule(model=MODEL, schedule={"_target_": "diffusion.processes.schedules.NoSchedule"},
+                             sampler=sampler, optimizer=OPTIMIZER, process=process)
+    perturb(module.model, 1)
+    return module.eval()
+
+
+def test_flow_exports_as_flow_match_euler_and_samples_like_diffusers(tmp_path):
+    """process=flow -> a DDPMPipeline folder with FlowMatchEulerDiscreteScheduler (our shift): diffusers' own step loop
+    over the exported UNet, on our grid, ends where our flow_euler does; the pipeline runs on its own grid."""
+    import numpy as np
+
+    module = flow_module()
+    pipe = DDPMPipeline.from_pretrained(export_pipeline(module, tmp_path / "pipe"), local_files_only=True)
+    scheduler = pipe.scheduler
+    assert type(scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    assert (scheduler.config.shift, scheduler.config.num_train_timesteps, scheduler.config.use_dynamic_shifting) == (3.0, 1000, False)
+    noise = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    scheduler.set_timesteps(sigmas=[1 - i / STEPS for i in range(STEPS)])  # diffusers shifts them, as ours are shifted
+    x = noise
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            x = scheduler.step(pipe.unet(x, t).sample, t, x).prev_sample
+        ours = module.sampler.sample(module.model, noise=noise).samples
+    torch.testing.assert_close(x, ours, atol=1e-4, rtol=1e-4)
+    assert (ours - noise).abs().mean() > 0.1
+    images = pipe(batch_size=2, num_inference_steps=STEPS, output_type="np", generator=torch.Generator().manual_seed(3)).images
+    assert images.shape == (2, 8, 8, 1) and np.isfinite(images).all() and images.std() > 0.01
+
+
+def test_flow_export_imports_back_to_the_same_module(tmp_path):
+    module = flow_module(shift=2.0)
+    spec = import_pipeline(export_pipeline(module, tmp_path / "pipe"))
+    assert spec["process"] == {"_target_": "diffusion.processes.FlowMatching", "_partial_": True, "objective": "v", "shift": 2.0}
+    assert spec["schedule"]["_target_"].endswith("NoSchedule") and spec["sampler"]["_target_"].endswith("FlowEulerSampler")
+    back = build(spec)
+    for key, value in module.model.state_dict().items():
+        assert torch.equal(back.model.state_dict()[key], value), key
+    noise = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(back.sampler.sample(back.model, noise=noise).samples, module.sampler.sample(module.model, noise=noise).samples)
+
+
+def test_flow_refusals_are_one_line(tmp_path):
+    flow = {"_target_": "diffusion.processes.FlowMatching"}
+    with pytest.raises(ValueError, match=r"^sampler.clip_denoised=true cannot be exported to diffusers with process=flow: .*\(allowed: false\)$"):
+        check_exportable(MODEL, flow, {"clip_denoised": True})
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    DDPMPipeline(unet=diffusers_unet(), scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)).save_pretrained(tmp_path / "p")
+    with pytest.raises(ValueError, match=r"^scheduler use_dynamic_shifting=True has no counterpart in our flow samplers \(allowed: False\)$"):
+        import_pipeline(tmp_path / "p")
