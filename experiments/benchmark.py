@@ -5,6 +5,7 @@
     python experiments/benchmark.py trainer.precision=bf16-mixed model.compile=true --device cuda
     python experiments/benchmark.py experiment=human64 model.gradient_checkpointing=true --no-diffusers
     python experiments/benchmark.py --out outputs/bench                 # also writes benchmark.json there
+    python experiments/benchmark.py --processes edm,flow --no-diffusers  # the three families' training step, same network
 
 On a GPU machine, ``python experiments/gpu_check.py --out outputs/gpu_check`` runs this comparison with
 bf16-mixed, compile and channels_last on two configurations, plus whole DDIM-50 chains, human64's peak memory with
@@ -16,6 +17,10 @@ attention resolutions (its parameter count must be within 10% of ours, or the sc
 of diffusers' training example (``torch.optim.AdamW`` with our hyper-parameters and PyTorch's default multi-tensor
 update; ours is as configured, fused by default), the same precision (``trainer.precision``: autocast for both) and the same ``model.channels_last`` /
 ``model.compile`` switches, and its own ``DDPMScheduler.add_noise`` / ``DDIMScheduler.step``.
+
+``--processes edm,flow`` adds a contender per family (``process=<kind>`` appended to the overrides: the same network,
+data and optimizer), timed in the same turns, with its own training-time draw (log-normal sigma, logit-normal t)
+and loss; ``ratio_to_ours`` gives each one's figures over the configured process's (``ours``).
 
 Method: both models are warmed up, then timed in turns (ours, diffusers, ours, ...) so that drifts of the machine
 hit both alike; each figure is the median of ``--repeats`` runs of ``--iters`` iterations; CUDA is synchronised
@@ -190,8 +195,10 @@ class Contender:
     """One network with its training step and one denoising step, under the benchmark's precision."""
 
     def __init__(self, name: str, model: torch.nn.Module, forward: Callable, loss: Callable, sample_step: Callable,
-                 x0: torch.Tensor, T: int, optimizer_cfg: dict, autocast):
+                 x0: torch.Tensor, T: int, optimizer_cfg: dict, autocast, draw_t: Callable | None = None):
         self.name, self.model, self.x0, self.T, self.autocast = name, model, x0, T, autocast
+        #: the training times of a step (None: integer t uniform in 0..T-1, a DDPM's and diffusers' draw)
+        self.draw_t = draw_t
         self.forward, self.loss, self._sample_step = forward, loss, sample_step
         self.optimizer = build_optimizer(optimizer_cfg, model.parameters(), x0.device)
         self.xt = torch.randn_like(x0)
@@ -212,7 +219,10 @@ class Contender:
         # the last step's gradients go before the forward pass, as in Lightning's loop and diffusers' training
         # example (which zeroes them after its step): they never sit beside this step's activations
         self.optimizer.zero_grad(set_to_none=True)
-        t = torch.randint(0, self.T, (self.x0.shape[0],), device=self.x0.device)
+        if self.draw_t is None:
+            t = torch.randint(0, self.T, (self.x0.shape[0],), device=self.x0.device)
+        else:
+            t = self.draw_t()
         with self.autocast():
             loss = self.loss(self.x0, t)
         loss.backward()
@@ -231,14 +241,18 @@ class Contender:
             self.forward(self.xt, self.t_mid)
 
 
-def ours(module: DiffusionModule, x0, optimizer_cfg, autocast) -> tuple[Contender, dict]:
+def ours(module: DiffusionModule, x0, optimizer_cfg, autocast, name: str = "ours") -> tuple[Contender, dict]:
     model, process, sampler = module.model, module.process, module.sampler
     def sample_step(xt, t):  # one step (the first, from a fresh state: any sampler, multistep ones included)
         sampler.reset()
         sampler.step(model(xt, t), 0, xt)
 
-    contender = Contender("ours", model, model, lambda x0, t: process.training_losses(model, x0, t).mean(),
-                          sample_step, x0, process.num_timesteps, optimizer_cfg, autocast)
+    # a continuous-time process draws its own training times (sigma, or t in [0, 1]) as training does
+    draw_t = (lambda: process.sample_timesteps(x0.shape[0], x0.device)) if process.continuous_time else None
+    contender = Contender(name, model, model, lambda x0, t: process.training_losses(model, x0, t).mean(),
+                          sample_step, x0, process.num_timesteps, optimizer_cfg, autocast, draw_t)
+    if process.kind != "gaussian":  # the sampler-overhead rows: its own sampler (DDPM reverses only gaussian)
+        return contender, {sampler.name: sampler}
     samplers = {sampler.name: sampler, "ddpm": module.named_sampler("ddpm", clip_denoised=False)}
     return contender, samplers
 
@@ -338,12 +352,18 @@ class Setup:
     info: dict  # the result's header: config, device, versions
 
 
-def build(overrides: list[str], batch: int | None = None, device: str | torch.device = "cpu", with_diffusers: bool = True) -> Setup:
-    """Compose the training config from ``overrides`` and build both contenders on a random batch.
+def _compose(overrides: list[str]) -> DictConfig:
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def build(overrides: list[str], batch: int | None = None, device: str | torch.device = "cpu", with_diffusers: bool = True,
+          processes: tuple[str, ...] = ()) -> Setup:
+    """Compose the training config from ``overrides`` and build both contenders on a random batch (and one contender
+    per name in ``processes``: the overrides plus ``process=<name>``, named ``ours (<name>)``).
 
     Raises UsageError when diffusers is missing or its matched model is more than MATCH_TOLERANCE apart."""
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=list(overrides))
+    cfg = _compose(overrides)
     device = torch.device(device)
     batch = batch or cfg.data.batch_size
     datamodule = instantiate(cfg.data)  # the network's channels and size follow the data, as in training
@@ -357,6 +377,9 @@ def build(overrides: list[str], batch: int | None = None, device: str | torch.de
 
     contenders = {}
     contenders["ours"], samplers = ours(module, x0, optimizer_cfg, autocast)
+    for kind in processes:  # the same network, data and optimizer under another family's loss and time draw
+        other = build_module(_compose([*overrides, f"process={kind}"]), channels=channels, image_size=size).to(device)
+        contenders[f"ours ({kind})"], _ = ours(other, x0, optimizer_cfg, autocast, name=f"ours ({kind})")
     info: dict = {
         "config": {"overrides": list(overrides), "batch": batch, "image_size": size, "channels": channels,
                    "precision": cfg.trainer.precision, **{k: speed.get(k, False) for k in ("channels_last", "compile")},
@@ -364,6 +387,8 @@ def build(overrides: list[str], batch: int | None = None, device: str | torch.de
         "device": torch.cuda.get_device_name(device) if device.type == "cuda"
         else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "torch": torch.__version__,
+        "process": cfg.process._target_.rsplit(".", 1)[-1],
+        "processes": list(processes),
     }
     if with_diffusers:
         try:
@@ -412,6 +437,9 @@ def measure(setup: Setup, warmup: int = 2, iters: int = 3, repeats: int = 5, loa
         result[name] = {k: measured[name][k] for k in FIELDS}
     if "diffusers" in result:
         result["ratio_ours_to_diffusers"] = {k: result["ours"][k] / result["diffusers"][k] for k in FIELDS}
+    others = [name for name in contenders if name.startswith("ours (")]
+    if others:
+        result["ratio_to_ours"] = {name: {k: result[name][k] / result["ours"][k] for k in FIELDS} for name in others}
     result["sampler_overhead"] = sampler_overhead_pct(contenders["ours"], setup.samplers, device, warmup, iters, repeats)
     if loader:
         result["data_loader_images_per_s"] = benchmark_loader(setup.datamodule, batches=10)
@@ -429,10 +457,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-diffusers", action="store_true", help="measure this framework only")
     parser.add_argument("--no-loader", action="store_true", help="skip the data loader measurement")
     parser.add_argument("--out", type=Path, default=None, help="directory to write benchmark.json into")
+    parser.add_argument("--processes", default="", help="comma-separated families to time beside the configured one "
+                        "(edm, flow, gaussian, blur): the same network under each one's training step")
     args = parser.parse_args(argv)
+    processes = tuple(p for p in args.processes.split(",") if p)
+    allowed = sorted(path.stem for path in (Path(CONFIG_DIR) / "process").glob("*.yaml"))
+    bad = [p for p in processes if p not in allowed]
+    if bad:
+        parser.exit(2, f"--processes {bad[0]} is not a process: allowed {', '.join(allowed)}\n")
 
     try:
-        setup = build(args.overrides, args.batch, args.device, with_diffusers=not args.no_diffusers)
+        setup = build(args.overrides, args.batch, args.device, with_diffusers=not args.no_diffusers, processes=processes)
     except UsageError as err:
         parser.exit(2, f"{err}\n")
     result = measure(setup, args.warmup, args.iters, args.repeats, loader=not args.no_loader)
@@ -449,27 +484,30 @@ def print_table(result: dict, cfg) -> None:
     c = result["config"]
     print(f"device: {result['device']}   torch {result['torch']}   batch {c['batch']}   {c['image_size']}px   "
           f"precision {c['precision']}   channels_last {c['channels_last']}   compile {c['compile']}")
-    print(f"{'':10}{'params':>10}{'train img/s':>14}{'sample img/s/step':>20}{'peak MB':>10}")
-    rows = [(n, result[n]) for n in ("ours", "diffusers") if n in result]
+    print(f"{'':16}{'params':>10}{'train img/s':>14}{'sample img/s/step':>20}{'peak MB':>10}   (ours: {result['process']})")
+    rows = [(n, result[n]) for n in ("ours", "diffusers", *(f"ours ({p})" for p in result.get("processes", []))) if n in result]
     if "ratio_ours_to_diffusers" in result:
         rows.append(("ratio", result["ratio_ours_to_diffusers"]))
     for name, r in rows:
         if name == "ratio":
-            print(f"{'ours/diff':10}{r['params']:>10.2f}{r['train_images_per_s']:>13.2f}x{r['sample_images_per_s_per_step']:>19.2f}x{r['peak_memory_mb']:>9.2f}x")
+            print(f"{'ours/diff':16}{r['params']:>10.2f}{r['train_images_per_s']:>13.2f}x{r['sample_images_per_s_per_step']:>19.2f}x{r['peak_memory_mb']:>9.2f}x")
         else:
-            print(f"{name:10}{r['params'] / 1e6:>9.2f}M{r['train_images_per_s']:>14.1f}{r['sample_images_per_s_per_step']:>20.1f}{r['peak_memory_mb']:>10.0f}")
+            print(f"{name:16}{r['params'] / 1e6:>9.2f}M{r['train_images_per_s']:>14.1f}{r['sample_images_per_s_per_step']:>20.1f}{r['peak_memory_mb']:>10.0f}")
     peak = result["matmul_peak"]
     print("matmul peak (square n x n, " + f"{peak['threads']} threads): "
           + ", ".join(f"{d} {peak[f'{d}_gflop_per_s']:.1f} GFLOP/s (n={peak[f'{d}_n']})" for d in DTYPES if f"{d}_n" in peak))
-    print(f"{'':10}{'train GFLOP':>12}{'GFLOP/s':>10}{'% ' + peak['reference'] + ' peak':>14}"
+    print(f"{'':16}{'train GFLOP':>12}{'GFLOP/s':>10}{'% ' + peak['reference'] + ' peak':>14}"
           f"{'sample GFLOP':>14}{'GFLOP/s':>10}{'% ' + peak['reference'] + ' peak':>14}")
     for name, r in rows:
         if name == "ratio":
-            print(f"{'ours/diff':10}{r['train_gflop']:>11.2f}x{r['train_gflop_per_s']:>9.2f}x{'':>14}"
+            print(f"{'ours/diff':16}{r['train_gflop']:>11.2f}x{r['train_gflop_per_s']:>9.2f}x{'':>14}"
                   f"{r['sample_gflop']:>13.2f}x{r['sample_gflop_per_s']:>9.2f}x")
         else:
-            print(f"{name:10}{r['train_gflop']:>12.2f}{r['train_gflop_per_s']:>10.1f}{r['train_pct_of_peak']:>13.1f}%"
+            print(f"{name:16}{r['train_gflop']:>12.2f}{r['train_gflop_per_s']:>10.1f}{r['train_pct_of_peak']:>13.1f}%"
                   f"{r['sample_gflop']:>14.2f}{r['sample_gflop_per_s']:>10.1f}{r['sample_pct_of_peak']:>13.1f}%")
+    for name, r in result.get("ratio_to_ours", {}).items():
+        print(f"{name} / ours: train {r['train_images_per_s']:.2f}x images/s, sample {r['sample_images_per_s_per_step']:.2f}x, "
+              f"peak memory {r['peak_memory_mb']:.2f}x, params {r['params']:.2f}x")
     o = result["sampler_overhead"]
     print("sampler overhead (step outside the network, % of a forward pass): " + ", ".join(f"{k[:-4]} {v:.2f}%" for k, v in o.items()))
     if "data_loader_images_per_s" in result:

@@ -54,6 +54,34 @@ def test_benchmark_writes_json(tmp_path):
     assert f"{result['ours']['train_pct_of_peak']:.1f}%" in proc.stdout
 
 
+def test_the_families_are_timed_in_the_same_run(tmp_path):
+    """--processes edm,flow: one contender per family, the same network, each drawing its own training times."""
+    cmd = [sys.executable, "experiments/benchmark.py", "model.base_channels=8", "--batch", "4", "--warmup", "1", "--iters", "1",
+           "--repeats", "1", "--no-diffusers", "--no-loader", "--processes", "edm,flow", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((tmp_path / "benchmark.json").read_text())
+    assert result["process"] == "GaussianDiffusion" and result["processes"] == ["edm", "flow"]
+    for name in ("ours (edm)", "ours (flow)"):
+        assert all(result[name][key] > 0 for key in FIELDS), name
+        ratio = result["ratio_to_ours"][name]
+        assert ratio["params"] == 1.0  # the same network
+        assert ratio["train_images_per_s"] == pytest.approx(result[name]["train_images_per_s"] / result["ours"]["train_images_per_s"])
+        assert f"{name} / ours: train {ratio['train_images_per_s']:.2f}x" in proc.stdout
+
+    from benchmark import build
+
+    setup = build(["model.base_channels=8"], batch=64, with_diffusers=False, processes=("edm", "flow"))
+    ours, edm, flow = (setup.contenders[n] for n in ("ours", "ours (edm)", "ours (flow)"))
+    assert ours.draw_t is None and edm.model is not ours.model
+    sigma, t = edm.draw_t(), flow.draw_t()
+    assert sigma.dtype == t.dtype == torch.float32 and sigma.shape == t.shape == (64,)
+    assert abs(float(sigma.log().mean()) + 1.2) < 0.5 and float(t.min()) > 0 and float(t.max()) < 1  # EDM's P_mean; t in (0, 1)
+    refused = subprocess.run([sys.executable, "experiments/benchmark.py", "--processes", "edm,bogus"], cwd=REPO,
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and refused.stderr.strip() == "--processes bogus is not a process: allowed blur, edm, flow, gaussian"
+
+
 class TwoConvs(nn.Module):
     def __init__(self, cin, mid, cout, k):
         super().__init__()
