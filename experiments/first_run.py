@@ -60,6 +60,9 @@ CANDIDATES: dict[str, list[str]] = {
                   "process.objective=v"],
     "1_block_v_cosine_schedule": [*PREVIOUS, "module.lr_schedule=cosine", "trainer.max_epochs=50",
                                   "model.num_res_blocks=1", "process.objective=v", "schedule=cosine"],
+    # the three families (#28): the default's network, data, optimizer and epochs; each family's own default sampler
+    "edm": ["process=edm"],
+    "flow": ["process=flow"],
 }
 SAMPLES = 400
 SEED = 0
