@@ -70,6 +70,13 @@ COVERAGE = {
     "python -m diffusion.app ckpt=...": ("tests/test_app.py::test_the_page_generates_the_models_samples_in_headless_chromium", "tests/test_app.py::test_generate_returns_the_grid_the_strip_and_a_summary"),
     'pip install -e ".[app]"': EXTRA,
     "python -m diffusion.app ckpt=outputs/train/<run>/checkpoints/last.ckpt": "tests/test_app.py::test_the_page_generates_the_models_samples_in_headless_chromium",
+    # three families
+    "python -m diffusion.train process=edm": TRAIN,
+    "python -m diffusion.train process=flow": TRAIN,
+    "python -m diffusion.train -m process=gaussian,edm,flow": (SWEEP, "tests/test_families.py::test_one_sweep_trains_the_three_families"),
+    'python -m diffusion.compare ckpt=... "nfe=[5,10,20,50]"': "tests/test_families.py::test_compare_runs_every_sampler_that_reverses_the_process",
+    "python -m diffusion.train process=edm sampler=dpmpp_2m process.P_mean=-1.0": TRAIN,
+    "python -m diffusion.train process=flow process.timestep_sampling=uniform process.shift=3": TRAIN,
     # change one thing
     "python -m diffusion.train schedule=cosine model.base_channels=384": (TRAIN, "tests/test_train.py::test_readme_override_example_reaches_the_unet"),
     "python -m diffusion.train sampler=ddpm module.sample_every_n_epochs=10": TRAIN,
@@ -127,6 +134,7 @@ COVERAGE = {
     # speed
     'pip install -e ".[bench]"': EXTRA,
     "python experiments/benchmark.py": "tests/test_benchmark.py::test_benchmark_writes_json",
+    "python experiments/benchmark.py --processes edm,flow": "tests/test_benchmark.py::test_the_families_are_timed_in_the_same_run",
     "python experiments/cli_startup.py": "tests/test_cli_startup.py::test_the_startup_benchmark_writes_its_table",
     # the first run
     "python experiments/first_run.py --out outputs/first_run": "tests/test_first_run.py::test_a_candidates_seconds_add_up_to_the_profilers_and_the_wall_clock",
