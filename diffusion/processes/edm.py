@@ -24,7 +24,7 @@ import math
 import torch
 
 from diffusion.processes.base import ForwardProcess, randn
-from diffusion.processes.schedules import NoSchedule
+from diffusion.processes.schedules import check_continuous
 from diffusion.processes.settings import check_edm
 
 __all__ = ["EDMProcess", "MAX_SAMPLING_STEPS"]
@@ -57,12 +57,7 @@ class EDMProcess(ForwardProcess):
     def __init__(self, schedule=None, channels: int = 3, learn_sigma: bool = False, sigma_data: float = 0.5,
                  P_mean: float = -1.2, P_std: float = 1.2, sigma_min: float = 0.002, sigma_max: float = 80.0):
         super().__init__()
-        if schedule is not None and not isinstance(schedule, NoSchedule):
-            raise ValueError(f"schedule {type(schedule).__name__} is invalid for process=edm: it has no beta schedule "
-                             "(its noise levels are process.sigma_min, sigma_max, P_mean, P_std); leave schedule at none")
-        if learn_sigma:
-            raise ValueError("model.learn_sigma=true is invalid for process=edm: its sampler integrates an ODE and "
-                             "needs no variance (leave it at false)")
+        check_continuous("edm", schedule, learn_sigma, "its noise levels are process.sigma_min, sigma_max, P_mean, P_std")
         check_edm(sigma_data, P_mean, P_std, sigma_min, sigma_max)
         self.sigma_data, self.P_mean, self.P_std = float(sigma_data), float(P_mean), float(P_std)
         self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)

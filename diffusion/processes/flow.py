@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from diffusion.processes.base import ForwardProcess, randn
 from diffusion.processes.edm import MAX_SAMPLING_STEPS
-from diffusion.processes.schedules import NoSchedule
+from diffusion.processes.schedules import check_continuous
 from diffusion.processes.settings import check_flow
 
 __all__ = ["FlowMatching", "FLOW_TIME_SCALE", "shift_time"]
@@ -64,12 +64,7 @@ class FlowMatching(ForwardProcess):
                  timestep_sampling: str = "logit_normal", logit_mean: float = 0.0, logit_std: float = 1.0,
                  mode_scale: float = 1.29, shift: float = 1.0):
         super().__init__()
-        if schedule is not None and not isinstance(schedule, NoSchedule):
-            raise ValueError(f"schedule {type(schedule).__name__} is invalid for process=flow: it has no beta schedule "
-                             "(its times are process.timestep_sampling and process.shift); leave schedule at none")
-        if learn_sigma:
-            raise ValueError("model.learn_sigma=true is invalid for process=flow: its samplers integrate an ODE and "
-                             "need no variance (leave it at false)")
+        check_continuous("flow", schedule, learn_sigma, "its times are process.timestep_sampling and process.shift")
         check_flow(objective, timestep_sampling, logit_mean, logit_std, mode_scale, shift)
         self.objective, self.timestep_sampling = objective, timestep_sampling
         self.logit_mean, self.logit_std = float(logit_mean), float(logit_std)

@@ -26,6 +26,7 @@ __all__ = [
     "QuadraticSchedule",
     "SigmoidSchedule",
     "NoSchedule",
+    "check_continuous",
     "ScheduleTable",
     "compute_table",
 ]
@@ -271,3 +272,14 @@ class NoSchedule:
 
     def __repr__(self) -> str:
         return "NoSchedule()"
+
+
+def check_continuous(kind: str, schedule, learn_sigma: bool, levels: str) -> None:
+    """What a continuous-time process refuses in one line: a beta schedule (``levels`` says what sets its noise
+    levels instead) and a learned variance (its samplers integrate an ODE)."""
+    if schedule is not None and not isinstance(schedule, NoSchedule):
+        raise ValueError(f"schedule {type(schedule).__name__} is invalid for process={kind}: it has no beta schedule "
+                         f"({levels}); leave schedule at none")
+    if learn_sigma:
+        raise ValueError(f"model.learn_sigma=true is invalid for process={kind}: its samplers integrate an ODE and "
+                         "need no variance (leave it at false)")

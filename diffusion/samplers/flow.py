@@ -58,6 +58,12 @@ class FlowSampler(Sampler):
             v = (x - x0) / t
         return v, x0
 
+    def _call(self, model_output: torch.Tensor, i: int, x: torch.Tensor):
+        """(i, t, t_next, v, x_0) of call i: what each step starts from."""
+        i = self._check_index(i)
+        v, x0 = self.velocity(model_output, x, i)
+        return i, self.call_times[i], self.call_times[i + 1], v, x0
+
     def describe(self) -> str:
         return super().describe() + (f", shift {self.shift:g}" if self.shift != 1 else "")
 
@@ -67,9 +73,7 @@ class FlowEulerSampler(FlowSampler):
     the predicted x_0, itself."""
 
     def step(self, model_output, i, x, generator=None) -> StepOutput:
-        i = self._check_index(i)
-        t, t_next = self.call_times[i], self.call_times[i + 1]
-        v, x0 = self.velocity(model_output, x, i)
+        i, t, t_next, v, x0 = self._call(model_output, i, x)
         if t_next == 0:
             return StepOutput(x0, x0)
         return StepOutput(x + (t_next - t) * v, x0)
@@ -100,9 +104,7 @@ class FlowHeunSampler(FlowSampler):
         self._x = self._v = None
 
     def step(self, model_output, i, x, generator=None) -> StepOutput:
-        i = self._check_index(i)
-        t, t_next = self.call_times[i], self.call_times[i + 1]
-        v, x0 = self.velocity(model_output, x, i)
+        i, t, t_next, v, x0 = self._call(model_output, i, x)
         if t_next == 0:
             return StepOutput(x0, x0)
         if not self._is_correction[i]:
