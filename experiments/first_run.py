@@ -63,6 +63,10 @@ CANDIDATES: dict[str, list[str]] = {
     # the three families (#28): the default's network, data, optimizer and epochs; each family's own default sampler
     "edm": ["process=edm"],
     "flow": ["process=flow"],
+    # one GroupNorm group count for every layer (#28): the default network as diffusers' UNet2DModel can hold it
+    "norm_groups_4": ["model.norm_groups=4"],
+    "norm_groups_8": ["model.norm_groups=8"],
+    "flow_norm_groups_4": ["process=flow", "model.norm_groups=4"],
 }
 SAMPLES = 400
 SEED = 0

@@ -81,6 +81,8 @@ def refused(tmp_path) -> list[tuple[list[str], str]]:
         (["model.num_res_blocks=0"], "model num_res_blocks=0 is invalid: it must be a positive integer"),
         (["model.channel_mult=[]"], "model channel_mult=[] is invalid: it must be a non-empty list of positive integers"),
         (["model.dropout=1.5"], "model dropout=1.5 is invalid: it must lie in [0, 1)"),
+        (["model.norm_groups=6"], "model norm_groups=6 is invalid: it must divide the channel count of every GroupNorm "
+                                  "(16, 32, 48, 64, 96, 128 here), e.g. 4; null: gcd(32, channels // 4) per layer"),
         (["model.attention_resolutions=[5]"],
          "model attention_resolutions=[5] is invalid: [5] not among the network's resolutions [16, 8, 4]"),
         (["model.block_attention=soft"], "model block_attention='soft' is invalid: allowed values are none, self, cbam"),

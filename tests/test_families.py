@@ -215,3 +215,28 @@ def test_the_sampling_page_draws_each_family(family_run):
         made = generate(module, name, 3, 0, 2, strip_images=2, strip_points=3)
         assert made.grid.size[0] > 0 and made.strip.size[0] > made.strip.size[1]
         assert f"{name}, 3 steps" in made.summary
+
+
+def test_a_flow_run_with_one_group_count_exports_to_diffusers_and_samples_the_same_pixels(tmp_path):
+    """process=flow model.norm_groups=auto (one group count at every width): format=diffusers writes a
+    DDPMPipeline with FlowMatchEulerDiscreteScheduler, and ckpt=<that folder> draws the checkpoint's own pixels."""
+    proc = run_train(*FAST, "process=flow", "model.norm_groups=auto", "logger=none", "final_samples=false",
+                     f"hydra.run.dir={tmp_path / 'o'}", tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.output[-3000:]
+    ckpt, folder = tmp_path / "o" / "checkpoints" / "last.ckpt", tmp_path / "pipe"
+    proc = cli("diffusion.export", tmp_path, f"ckpt={ckpt}", f"out={folder}", "format=diffusers")
+    assert proc.returncode == 0, proc.output[-2000:]
+    import json
+
+    scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["_class_name"] == "FlowMatchEulerDiscreteScheduler"
+    from diffusion.training.module import DiffusionModule
+
+    groups = {m.num_groups for m in DiffusionModule.from_checkpoint(ckpt).model.modules() if isinstance(m, torch.nn.GroupNorm)}
+    assert groups == {json.loads((folder / "unet" / "config.json").read_text())["norm_num_groups"]}  # one count, theirs
+    common = ["n=4", "seed=1", "sampler.num_steps=3"]
+    a = cli("diffusion.sample", tmp_path, f"ckpt={ckpt}", *common, f"hydra.run.dir={tmp_path / 'a'}")
+    b = cli("diffusion.sample", tmp_path, f"ckpt={folder}", *common, f"hydra.run.dir={tmp_path / 'b'}")
+    assert a.returncode == 0 and b.returncode == 0, (a.output + b.output)[-3000:]
+    sa, sb = (np.load(tmp_path / d / "samples.npz")["samples"] for d in "ab")
+    assert sa.std() > 0 and np.abs(sa.astype(int) - sb.astype(int)).max() <= 1  # uint8: float32 rounding at most

@@ -48,24 +48,26 @@ class TimeEmbedding(nn.Module):
         return self.mlp(timestep_embedding(t, self.base_dim))
 
 
-def group_norm(channels: int, max_groups: int = 32) -> nn.GroupNorm:
-    """GroupNorm with up to 32 groups of at least 4 channels (32 groups from 128 channels up, as in DDPM).
+def group_norm(channels: int, groups: int | None = None, max_groups: int = 32) -> nn.GroupNorm:
+    """GroupNorm with ``groups`` groups, or (None) up to 32 groups of at least 4 channels: gcd(32, channels // 4),
+    32 groups from 128 channels up, as in DDPM.
 
     One channel per group would be instance norm, which removes the per-channel time-embedding offset that the
-    residual block adds before its second norm: narrow models would then ignore the timestep.
+    residual block adds before its second norm: narrow models would then ignore the timestep. One count for every
+    layer (``UNet(norm_groups=8)``) is what diffusers' ``UNet2DModel`` has (``norm_num_groups``).
     """
-    return nn.GroupNorm(math.gcd(max_groups, max(channels // 4, 1)), channels)
+    return nn.GroupNorm(groups or math.gcd(max_groups, max(channels // 4, 1)), channels)
 
 
 class ResBlock(nn.Module):
     """GroupNorm -> SiLU -> conv, time embedding added, GroupNorm -> SiLU -> dropout -> conv, plus a skip."""
 
-    def __init__(self, in_ch: int, out_ch: int, temb_dim: int, dropout: float = 0.0):
+    def __init__(self, in_ch: int, out_ch: int, temb_dim: int, dropout: float = 0.0, norm_groups: int | None = None):
         super().__init__()
-        self.norm1 = group_norm(in_ch)
+        self.norm1 = group_norm(in_ch, norm_groups)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.temb = nn.Linear(temb_dim, out_ch)
-        self.norm2 = group_norm(out_ch)
+        self.norm2 = group_norm(out_ch, norm_groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
@@ -85,12 +87,12 @@ class AttentionBlock(nn.Module):
     the digits default on a CPU).
     """
 
-    def __init__(self, channels: int, num_heads: int = 1):
+    def __init__(self, channels: int, num_heads: int = 1, norm_groups: int | None = None):
         super().__init__()
         if channels % num_heads:
             raise ValueError(f"model num_heads={num_heads} is invalid: it must divide the channel count {channels}")
         self.num_heads = num_heads
-        self.norm = group_norm(channels)
+        self.norm = group_norm(channels, norm_groups)
         self.qkv = nn.Linear(channels, 3 * channels)
         self.proj = nn.Linear(channels, channels)
 

@@ -55,6 +55,36 @@ def _positive_ints(value) -> bool:
     return all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in value)
 
 
+def norm_widths(base_channels: int, channel_mult: Sequence[int], num_res_blocks: int, resolutions: Sequence[int],
+                attention_resolutions: Sequence[int], block_attention: str = "self") -> list[int]:
+    """The channel count of every GroupNorm of :class:`diffusion.models.UNet` with these settings, in construction
+    order: each residual block's two, each self-attention block's, the middle block's five, the output head's
+    (concatenated skips included on the way up)."""
+    base, mult = base_channels, list(channel_mult)
+    attn = set(attention_resolutions) if block_attention == "self" else set()
+    widths, skips, ch = [], [base], base
+    for level, m in enumerate(mult):
+        for _ in range(num_res_blocks):
+            widths += [ch, base * m] + ([base * m] if resolutions[level] in attn else [])
+            ch = base * m
+            skips.append(ch)
+        if level != len(mult) - 1:
+            skips.append(ch)
+    widths += [ch, ch, ch, ch, ch]  # middle: resblock (2 norms), attention, resblock (2 norms)
+    for level, m in reversed(list(enumerate(mult))):
+        for _ in range(num_res_blocks + 1):
+            widths += [ch + skips.pop(), base * m] + ([base * m] if resolutions[level] in attn else [])
+            ch = base * m
+    return widths + [ch]
+
+
+def suggested_norm_groups(widths) -> int:
+    """The largest count in 32, 16, ..., 1 dividing every width and leaving the narrowest >= 4 channels a group (one
+    channel a group is instance norm: see :func:`diffusion.models.blocks.group_norm`)."""
+    fits = [g for g in (32, 16, 8, 4, 2, 1) if all(w % g == 0 for w in widths)]
+    return next((g for g in fits if min(widths) // g >= 4), fits[-1])
+
+
 def check_unet(
     in_channels: int = 1,
     image_size: int = 32,
@@ -71,6 +101,7 @@ def check_unet(
     block_attention: str = "self",
     skip_gates: bool = False,
     num_classes: int | None = None,
+    norm_groups: int | None = None,
 ) -> dict:
     """:class:`diffusion.models.UNet`'s arguments, checked; returns the derived ones (``channel_mult`` and
     ``attention_resolutions`` as tuples, ``time_emb_dim`` resolved, ``divisor``, ``resolutions``)."""
@@ -96,8 +127,20 @@ def check_unet(
         check_positive_int("out_channels", out_channels)
     check_num_classes(num_classes)
     time_emb_dim = 4 * base_channels if time_emb_dim is None else check_positive_int("time_emb_dim", time_emb_dim)
+    if norm_groups is not None:
+        widths = sorted(set(norm_widths(base_channels, channel_mult, num_res_blocks, resolutions, attention_resolutions,
+                                        block_attention)))
+        if norm_groups == "auto":
+            norm_groups = suggested_norm_groups(widths)
+        if isinstance(norm_groups, bool) or not isinstance(norm_groups, int) or norm_groups < 1:
+            raise ValueError(f"model norm_groups={norm_groups!r} is invalid: it must be a positive integer, auto (one count "
+                             "that fits every width) or null (gcd(32, channels // 4) per layer)")
+        if any(w % norm_groups for w in widths):
+            fits = suggested_norm_groups(widths)
+            raise ValueError(f"model norm_groups={norm_groups} is invalid: it must divide the channel count of every "
+                             f"GroupNorm ({', '.join(map(str, widths))} here), e.g. {fits}; null: gcd(32, channels // 4) per layer")
     return {"channel_mult": channel_mult, "attention_resolutions": attention_resolutions, "time_emb_dim": time_emb_dim,
-            "divisor": divisor, "resolutions": resolutions}
+            "divisor": divisor, "resolutions": resolutions, "norm_groups": norm_groups}
 
 
 def check_simple_unet(

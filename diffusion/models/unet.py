@@ -54,6 +54,10 @@ class UNet(nn.Module):
         num_classes: null for an unconditional network; K for a class-conditional one, ``forward(x, t, y)`` with y in
             0..K-1, or K (or ``y=None``) for "no class": a class embedding added to the time embedding
             (:class:`ClassEmbedding`). ``diffusion.train`` sets it from the data (``data.conditional=true``).
+        norm_groups: the group count of every GroupNorm (it must divide each one's channels: diffusers'
+            ``norm_num_groups``, so that the network exports); ``auto``: the largest of 32, 16, ..., 1 that divides
+            every width and leaves the narrowest >= 4 channels a group (32 where every width is a multiple of 128,
+            4 for the digits default); null: gcd(32, channels // 4) per layer.
     """
 
     def __init__(
@@ -73,11 +77,13 @@ class UNet(nn.Module):
         block_attention: str = "self",
         skip_gates: bool = False,
         num_classes: int | None = None,
+        norm_groups: int | None = None,
     ):
         super().__init__()
         checked = check_unet(in_channels, image_size, base_channels, channel_mult, num_res_blocks, attention_resolutions,
                              dropout, time_emb_dim, num_heads, out_channels, gradient_checkpointing, learn_sigma,
-                             block_attention, skip_gates, num_classes)
+                             block_attention, skip_gates, num_classes, norm_groups)
+        g = checked["norm_groups"]  # null (per layer), or one count ("auto" resolved)
         channel_mult, attention_resolutions = checked["channel_mult"], checked["attention_resolutions"]
         time_emb_dim, divisor, resolutions = checked["time_emb_dim"], checked["divisor"], checked["resolutions"]
         self.in_channels = in_channels
@@ -95,14 +101,14 @@ class UNet(nn.Module):
         def attn(ch: int, res: int) -> list[nn.Module]:
             if res not in attention_resolutions or block_attention == "none":
                 return []
-            return [AttentionBlock(ch, num_heads) if block_attention == "self" else CBAM(ch)]
+            return [AttentionBlock(ch, num_heads, g) if block_attention == "self" else CBAM(ch)]
 
         self.down = nn.ModuleList()
         skip_channels, ch = [base_channels], base_channels
         for level, mult in enumerate(channel_mult):
             res = resolutions[level]
             for _ in range(num_res_blocks):
-                self.down.append(EmbedSequential([ResBlock(ch, base_channels * mult, time_emb_dim, dropout)] + attn(base_channels * mult, res)))
+                self.down.append(EmbedSequential([ResBlock(ch, base_channels * mult, time_emb_dim, dropout, g)] + attn(base_channels * mult, res)))
                 ch = base_channels * mult
                 skip_channels.append(ch)
             if level != len(channel_mult) - 1:
@@ -110,7 +116,7 @@ class UNet(nn.Module):
                 skip_channels.append(ch)
 
         self.middle = EmbedSequential(
-            [ResBlock(ch, ch, time_emb_dim, dropout), AttentionBlock(ch, num_heads), ResBlock(ch, ch, time_emb_dim, dropout)]
+            [ResBlock(ch, ch, time_emb_dim, dropout, g), AttentionBlock(ch, num_heads, g), ResBlock(ch, ch, time_emb_dim, dropout, g)]
         )
 
         self.up = nn.ModuleList()
@@ -121,14 +127,14 @@ class UNet(nn.Module):
                 skip = skip_channels.pop()
                 if self.gates is not None:
                     self.gates.append(AttentionGate(skip, ch))
-                layers = [ResBlock(ch + skip, base_channels * mult, time_emb_dim, dropout)]
+                layers = [ResBlock(ch + skip, base_channels * mult, time_emb_dim, dropout, g)]
                 ch = base_channels * mult
                 layers += attn(ch, res)
                 if level and i == num_res_blocks:
                     layers.append(Upsample(ch))
                 self.up.append(EmbedSequential(layers))
 
-        self.out = nn.Sequential(group_norm(ch), nn.SiLU(), nn.Conv2d(ch, self.out_channels, 3, padding=1))
+        self.out = nn.Sequential(group_norm(ch, g), nn.SiLU(), nn.Conv2d(ch, self.out_channels, 3, padding=1))
 
     def _run(self, block: EmbedSequential, h: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():

@@ -20,9 +20,9 @@ one line where they do not. What maps (read from both codes, diffusers 0.42):
   (``attention_resolutions``) = ``AttnDownBlock2D``/``AttnUpBlock2D``; the middle block = ``UNetMidBlock2D``.
 
 Refused (:func:`check_exportable`): ``model=SimpleUNet``, ``block_attention=cbam``, ``skip_gates=true``, GroupNorm
-group counts that differ between layers (ours: ``gcd(32, channels // 4)`` per layer, diffusers: one
-``norm_num_groups``; only networks whose every width, concatenated skips included, is a multiple of 128 -- or
-whose every width gives the same count -- map), ``num_heads > 1`` with attention layers of different widths
+group counts that differ between layers (diffusers has one ``norm_num_groups``: ours map with ``norm_groups`` set, one
+count for every layer, or with ``norm_groups=null`` -- ``gcd(32, channels // 4)`` per layer -- where every width gives
+the same count, e.g. multiples of 128; an imported UNet2DModel sets ``norm_groups`` where the per-layer rule differs), ``num_heads > 1`` with attention layers of different widths
 (diffusers fixes the head *dimension*), the blur process, and on import every ``UNet2DModel`` option our UNet does
 not have (fourier/learned time embeddings, ``center_input_sample``, other block types, ...).
 
@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from diffusion.models.settings import SPEED_KEYS
+from diffusion.models.settings import SPEED_KEYS, suggested_norm_groups
 from diffusion.processes.schedules import NoiseSchedule
 
 UNET_TARGET = "diffusion.models.UNet"
@@ -112,34 +112,24 @@ def _network_config(model_config: dict) -> dict:
     cfg = {**defaults, **args}
     cfg["channel_mult"] = [int(m) for m in cfg["channel_mult"]]
     cfg["attention_resolutions"] = [int(r) for r in (cfg["attention_resolutions"] or [])]
+    if cfg["norm_groups"] == "auto":  # the one count the UNet resolves it to
+        cfg["norm_groups"] = suggested_norm_groups(_layer_widths(cfg))
     return cfg
 
 
 def _layer_widths(cfg: dict) -> list[int]:
     """The channel count of every GroupNorm of our UNet with this config, in construction order."""
-    base, mult, blocks = cfg["base_channels"], cfg["channel_mult"], cfg["num_res_blocks"]
-    res = [cfg["image_size"] // 2**i for i in range(len(mult))]
-    attn = set(cfg["attention_resolutions"]) if cfg["block_attention"] == "self" else set()
-    widths, skips, ch = [], [base], base
-    for level, m in enumerate(mult):
-        for _ in range(blocks):
-            widths += [ch, base * m] + ([base * m] if res[level] in attn else [])
-            ch = base * m
-            skips.append(ch)
-        if level != len(mult) - 1:
-            skips.append(ch)
-    widths += [ch, ch, ch, ch, ch]  # middle: resblock (2 norms), attention, resblock (2 norms)
-    for level, m in reversed(list(enumerate(mult))):
-        for _ in range(blocks + 1):
-            widths += [ch + skips.pop(), base * m] + ([base * m] if res[level] in attn else [])
-            ch = base * m
-    return widths + [ch]
+    from diffusion.models.settings import norm_widths
+
+    res = [cfg["image_size"] // 2**i for i in range(len(cfg["channel_mult"]))]
+    return norm_widths(cfg["base_channels"], cfg["channel_mult"], cfg["num_res_blocks"], res,
+                       cfg["attention_resolutions"], cfg["block_attention"])
 
 
-def _groups(channels: int) -> int:
+def _groups(channels: int, norm_groups: int | None = None) -> int:
     from diffusion.models.blocks import group_norm
 
-    return group_norm(channels).num_groups
+    return group_norm(channels, norm_groups).num_groups
 
 
 def _attention_widths(cfg: dict) -> list[int]:
@@ -184,15 +174,16 @@ def check_exportable(model_config: dict, process_config: dict | None = None, sam
     if cfg["skip_gates"]:
         raise ValueError("model.skip_gates=true cannot be exported to diffusers: UNet2DModel has no attention gates "
                          "on its skip connections (allowed: false)")
-    groups = {}
-    for w in _layer_widths(cfg):
-        groups.setdefault(_groups(w), w)
+    groups, widths = {}, _layer_widths(cfg)
+    for w in widths:
+        groups.setdefault(_groups(w, cfg["norm_groups"]), w)
     if len(groups) > 1:
         listed = ", ".join(f"{g} at {w} channels" for g, w in sorted(groups.items()))
+        fits = suggested_norm_groups(widths)
         raise ValueError(f"model.base_channels={cfg['base_channels']} channel_mult={cfg['channel_mult']} cannot be "
                          f"exported to diffusers: its GroupNorms have different group counts ({listed}; ours are "
-                         "gcd(32, channels // 4)) and UNet2DModel has one norm_num_groups: use widths (skip "
-                         "concatenations included) that are multiples of 128, e.g. base_channels=128 channel_mult=[1,2]")
+                         "gcd(32, channels // 4) with model.norm_groups=null) and UNet2DModel has one norm_num_groups: "
+                         f"train with one count for every layer, model.norm_groups={fits} here")
     heads = cfg["num_heads"]
     widths = sorted(set(_attention_widths(cfg)))
     if heads > 1 and len(widths) > 1:
@@ -234,7 +225,7 @@ def unet2d_config(model_config: dict) -> dict:
         "dropout": float(cfg["dropout"]),
         "act_fn": "silu",
         "attention_head_dim": None if cfg["num_heads"] == 1 else _attention_widths(cfg)[0] // cfg["num_heads"],
-        "norm_num_groups": _groups(widths[0]),
+        "norm_num_groups": _groups(widths[0], cfg["norm_groups"]),
         "attn_norm_num_groups": None,
         "norm_eps": 1e-5,
         "resnet_time_scale_shift": "default",
@@ -324,13 +315,15 @@ def _their_config(unet_config: dict) -> dict:
         "skip_gates": False,
         "num_classes": num_classes,
     }
-    net = _network_config(ours)
-    groups = sorted({_groups(w) for w in _layer_widths(net)})
-    attn_groups = cfg["attn_norm_num_groups"]
-    if groups != [cfg["norm_num_groups"]] or attn_groups not in (None, cfg["norm_num_groups"]):
-        raise ValueError(f"UNet2DModel norm_num_groups={cfg['norm_num_groups']} (attn_norm_num_groups={attn_groups}) "
-                         f"has no counterpart in diffusion.models.UNet: its GroupNorms with these widths have "
-                         f"gcd(32, channels // 4) = {groups} groups")
+    widths = _layer_widths(_network_config(ours))
+    groups, attn_groups = sorted({_groups(w) for w in widths}), cfg["attn_norm_num_groups"]
+    n = int(cfg["norm_num_groups"])
+    if attn_groups not in (None, n) or any(w % n for w in widths):
+        raise ValueError(f"UNet2DModel norm_num_groups={n} (attn_norm_num_groups={attn_groups}) has no counterpart in "
+                         "diffusion.models.UNet: one group count for every GroupNorm, dividing each width (allowed: "
+                         "attn_norm_num_groups null or equal)")
+    if groups != [n]:  # the per-layer rule (norm_groups=null) computes something else: one count, as theirs
+        ours["norm_groups"] = n
     return ours
 
 

@@ -65,12 +65,34 @@ def test_gradient_checkpointing_gives_same_gradients():
         (dict(channel_mult=()), "channel_mult=[]"),
         (dict(dropout=1.5), "dropout=1.5"),
         (dict(num_res_blocks=0), "num_res_blocks=0"),
+        (dict(norm_groups=3), "model norm_groups=3 is invalid: it must divide the channel count of every GroupNorm"),
+        (dict(norm_groups=0), "norm_groups=0 is invalid: it must be a positive integer, auto"),
+        (dict(norm_groups="many"), "norm_groups='many' is invalid: it must be a positive integer, auto"),
     ],
 )
 def test_unet_bad_configuration_raises_at_construction(kwargs, text):
     with pytest.raises(ValueError) as err:
         UNet(**{"image_size": 32, **kwargs})
     assert text in str(err.value)
+
+
+def test_norm_groups_sets_every_group_norm_and_null_keeps_the_per_layer_rule():
+    """null: gcd(32, channels // 4) groups per layer (4 at 16 channels ... 32 at 128); an integer: that count in every
+    GroupNorm, residual, attention and output head alike, and the same parameters."""
+    def counts(net):
+        return sorted({(m.num_channels, m.num_groups) for m in net.modules() if isinstance(m, torch.nn.GroupNorm)})
+
+    args = dict(in_channels=1, image_size=16, base_channels=16, channel_mult=(1, 2, 4), num_res_blocks=1, attention_resolutions=(4,))
+    per_layer, one = UNet(**args), UNet(**args, norm_groups=8)
+    assert counts(per_layer) == [(16, 4), (32, 8), (48, 4), (64, 16), (96, 8), (128, 32)]
+    assert {g for _, g in counts(one)} == {8} and [c for c, _ in counts(one)] == [16, 32, 48, 64, 96, 128]
+    assert sum(p.numel() for p in one.parameters()) == sum(p.numel() for p in per_layer.parameters())
+    with pytest.raises(ValueError, match=r"norm_groups=6 is invalid: .* \(16, 32, 48, 64, 96, 128 here\), e.g. 4;"):
+        UNet(**args, norm_groups=6)
+    # auto: the largest count dividing every width with >= 4 channels a group: 4 here, DDPM's 32 at multiples of 128
+    assert {g for _, g in counts(UNet(**args, norm_groups="auto"))} == {4}
+    wide = dict(args, base_channels=128, channel_mult=(1, 2), image_size=8)
+    assert counts(UNet(**wide, norm_groups="auto")) == counts(UNet(**wide)) and {g for _, g in counts(UNet(**wide))} == {32}
 
 
 def test_simple_unet_bad_size_raises():
@@ -144,7 +166,8 @@ def test_the_digits_default_network_is_unchanged_and_loads_old_checkpoints():
     assert _compose().model.num_res_blocks == 1  # the digits default since the first-run study (experiments/first_run.py)
     module = _module(_compose("model.num_res_blocks=2"))  # the network of the checkpoints written before it
     assert module.hparams.model["num_classes"] is None  # unconditional (data.conditional=false): no class embedding
-    assert {k: v for k, v in module.hparams.model.items() if k != "num_classes"} == OLD_DIGITS_HPARAMS  # as its checkpoints record
+    assert module.hparams.model["norm_groups"] is None  # the per-layer group counts the old checkpoints were trained with
+    assert {k: v for k, v in module.hparams.model.items() if k not in ("num_classes", "norm_groups")} == OLD_DIGITS_HPARAMS
     layout = _layout(module.model)
     assert sum(p.numel() for p in module.model.parameters()) == 989_217 and len(layout) == 246  # the README's 0.99 M
     digest = hashlib.sha256("".join(f"{k}:{s};" for k, s in layout).encode()).hexdigest()

@@ -214,7 +214,7 @@ def test_export_refuses_a_used_folder(tmp_path):
 @pytest.mark.parametrize("overrides, message", [
     ({"time_embedding_type": "fourier"}, "time_embedding_type='fourier'"),
     ({"flip_sin_to_cos": False}, "flip_sin_to_cos=False"),
-    ({"norm_num_groups": 16}, "norm_num_groups=16"),
+    ({"norm_num_groups": 32, "attn_norm_num_groups": 16}, "norm_num_groups=32 (attn_norm_num_groups=16)"),
     ({"num_class_embeds": 10}, "num_class_embeds=10 has no null class"),
 ])
 def test_import_refuses_what_ours_cannot_compute(tmp_path, overrides, message):
@@ -286,3 +286,37 @@ def test_flow_refusals_are_one_line(tmp_path):
     DDPMPipeline(unet=diffusers_unet(), scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)).save_pretrained(tmp_path / "p")
     with pytest.raises(ValueError, match=r"^scheduler use_dynamic_shifting=True has no counterpart in our flow samplers \(allowed: False\)$"):
         import_pipeline(tmp_path / "p")
+
+
+# ----------------------------------------------------------------------------------------------- one group count
+@pytest.mark.parametrize("norm_groups", [4, "auto"])
+def test_the_digits_default_with_one_group_count_exports_and_computes_the_same(norm_groups):
+    """model.norm_groups=4 (or auto, which is 4 here): every GroupNorm with 4 groups, UNet2DModel's norm_num_groups=4,
+    the same outputs at 16 px; the config comes back with norm_groups=4 (the per-layer rule: 4, 8, 16, 32 groups)."""
+    from diffusion.models.unet import UNet
+
+    model = {**DIGITS, "norm_groups": norm_groups}
+    check_exportable(model)
+    net = perturb(UNet(**{k: v for k, v in model.items() if k != "_target_"}), 9)
+    assert {m.num_groups for m in net.modules() if isinstance(m, torch.nn.GroupNorm)} == {4}
+    unet = UNet2DModel(**unet2d_config(model))
+    assert unet.config.norm_num_groups == 4
+    unet.load_state_dict(to_diffusers_state_dict(net.state_dict(), model))
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([3, 900])
+    with torch.no_grad():
+        ours = net(x, t)
+        torch.testing.assert_close(unet.eval()(x, t).sample, ours, atol=1e-5, rtol=1e-5)
+    assert ours.abs().mean() > 0.1
+    config, _ = from_diffusers_state_dict(to_diffusers_state_dict(net.state_dict(), model), dict(unet.config))
+    assert config["norm_groups"] == 4
+
+
+def test_a_diffusers_unet_with_another_group_count_imports_and_computes_the_same(tmp_path):
+    unet = diffusers_unet(norm_num_groups=16)
+    unet.save_pretrained(tmp_path / "unet")
+    spec = import_pipeline(tmp_path / "unet")
+    assert spec["model"]["norm_groups"] == 16
+    module = build(spec)
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([5, 700])
+    with torch.no_grad():
+        torch.testing.assert_close(module.model(x, t), unet(x, t).sample, atol=1e-5, rtol=1e-5)
