@@ -280,7 +280,7 @@ def steps_info(module: DiffusionModule, name: str, steps) -> str:
     except ValueError as err:
         return str(err)
     T = module.process.num_timesteps
-    every = f": every one of the T = {T} timesteps" if sampler.nfe == T else ""
+    every = f": every one of the T = {T} timesteps" if sampler.nfe == T and not module.process.continuous_time else ""
     return f"{name}, {plural(sampler.num_steps, 'step')}: {plural(sampler.nfe, 'network call')} per image{every}"
 
 
@@ -373,7 +373,8 @@ def build_app(module: DiffusionModule, ckpt: str = "", max_count: int = 64, stri
 
     with gr.Blocks(title="diffusion: sample a checkpoint", delete_cache=(3600, 3600)) as demo:
         what = f", {module.num_classes} classes" if conditional else ""
-        gr.Markdown(f"### Sample `{ckpt}`\n{type(module.process).__name__}, T = {T}, "
+        time = "continuous time" if module.process.continuous_time else f"T = {T}"
+        gr.Markdown(f"### Sample `{ckpt}`\n{type(module.process).__name__}, {time}, "
                     f"{'EMA' if module.has_ema else 'raw'} weights, images {tuple(module.image_shape)}{what}")
         with gr.Row():
             with gr.Column(scale=1):

@@ -468,7 +468,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     try:
         setup = build(args.overrides, args.batch, args.device, with_diffusers=not args.no_diffusers, processes=processes)
-    except UsageError as err:
+    except (UsageError, ValueError) as err:  # a setting a constructor refuses (sampler=ddim with --processes edm, ...)
         parser.exit(2, f"{err}\n")
     result = measure(setup, args.warmup, args.iters, args.repeats, loader=not args.no_loader)
 

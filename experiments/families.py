@@ -13,6 +13,7 @@ family's best sampler (lowest mean FD over the NFEs) against NFE.
 from __future__ import annotations
 
 import argparse
+import ast
 import csv
 import subprocess
 import sys
@@ -37,13 +38,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--nfe", default="[5,10,20,50]")
     parser.add_argument("--n", type=int, default=256)
     args = parser.parse_args(argv)
+    nfes = [int(k) for k in ast.literal_eval(args.nfe)]
     args.out.mkdir(parents=True, exist_ok=True)
     rows = {}
     for spec in args.runs:
         name, _, ckpt = spec.partition("=")
         rows[name] = compare(name, ckpt, args.out, args.nfe, args.n)
-    lines = ["| family | sampler | " + " | ".join(f"NFE {k}" for k in eval(args.nfe)) + " |",  # noqa: S307 - a list literal
-             "|---|---|" + "---|" * len(eval(args.nfe))]  # noqa: S307
+    lines = ["| family | sampler | " + " | ".join(f"NFE {k}" for k in nfes) + " |", "|---|---|" + "---|" * len(nfes)]
     best = {}
     for name, family in rows.items():
         samplers = sorted({r["sampler"] for r in family})
@@ -51,10 +52,11 @@ def main(argv: list[str] | None = None) -> None:
         for s in samplers:
             mine = {int(r["target_nfe"]): r for r in family if r["sampler"] == s}
             cells = [f"{float(mine[k]['fd_classifier']):.2f}" + ("" if int(mine[k]["nfe"]) == k else f" ({mine[k]['nfe']})")
-                     if k in mine else "-" for k in eval(args.nfe)]  # noqa: S307
+                     if k in mine else "-" for k in nfes]
             lines.append(f"| {name} | {s} | " + " | ".join(cells) + " |")
             means[s] = sum(float(r["fd_classifier"]) for r in mine.values()) / max(1, len(mine))
-        best[name] = min(means, key=means.get)
+        if means:  # a family none of whose cells ran has no best sampler (its rows say why)
+            best[name] = min(means, key=means.get)
     (args.out / "families.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -68,7 +70,6 @@ def main(argv: list[str] | None = None) -> None:
         mine = sorted(((int(r["nfe"]), float(r["fd_classifier"])) for r in rows[name] if r["sampler"] == sampler))
         ax.plot([k for k, _ in mine], [v for _, v in mine], marker="o", label=f"{name} ({sampler})")
     ax.set_xscale("log")
-    nfes = eval(args.nfe)  # noqa: S307
     ax.set_xticks(nfes, [str(k) for k in nfes])
     ax.minorticks_off()
     ax.set_xlabel("network evaluations per image (NFE)")

@@ -77,7 +77,7 @@ def test_sample_and_the_exported_folder_draw_the_same_pixels(family_run, tmp_pat
     refused = cli("diffusion.export", tmp_path, f"ckpt={ckpt}", f"out={tmp_path / 'd'}", "format=diffusers")
     # edm: no diffusers pipeline runs EDMEulerScheduler; flow maps (tests/sharing/test_diffusers_bridge.py), but not
     # the digits default's GroupNorms (one group count per width)
-    expected = {"edm": "process=EDMProcess cannot be exported to diffusers: DDPMPipeline",
+    expected = {"edm": "process=edm cannot be exported to diffusers: DDPMPipeline",
                 "flow": "different group counts"}[kind]
     assert refused.returncode == 2 and expected in refused.stderr, refused.stderr
     assert not (tmp_path / "d").exists()

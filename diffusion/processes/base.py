@@ -20,7 +20,16 @@ from torch import nn
 
 from diffusion.checks import root_cause
 
-__all__ = ["ForwardProcess", "build_process", "randn"]
+__all__ = ["ForwardProcess", "build_process", "randn", "per_image", "MAX_SAMPLING_STEPS"]
+
+#: the most solver steps a continuous-time process (edm, flow) offers: its ``num_timesteps``, the bound the samplers,
+#: the app and the comparisons check step counts against (there is no grid of T training steps)
+MAX_SAMPLING_STEPS = 1000
+
+
+def per_image(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """One value per image (B,) shaped to broadcast over x (B, C, H, W)."""
+    return a.reshape(-1, *((1,) * (x.dim() - 1)))
 
 
 def randn(shape, generator: torch.Generator | None = None, device=None, dtype=None) -> torch.Tensor:

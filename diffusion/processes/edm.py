@@ -23,20 +23,11 @@ import math
 
 import torch
 
-from diffusion.processes.base import ForwardProcess, randn
+from diffusion.processes.base import MAX_SAMPLING_STEPS, ForwardProcess, per_image, randn
 from diffusion.processes.schedules import check_continuous
 from diffusion.processes.settings import check_edm
 
 __all__ = ["EDMProcess", "MAX_SAMPLING_STEPS"]
-
-#: the most solver steps a continuous-time process offers (its ``num_timesteps``: the bound the samplers, the app
-#: and the comparisons check step counts against; there is no grid of T training steps)
-MAX_SAMPLING_STEPS = 1000
-
-
-def _bcast(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return a.reshape(-1, *((1,) * (x.dim() - 1)))
-
 
 class EDMProcess(ForwardProcess):
     """The EDM process and its preconditioning (the module docstring's Table 1).
@@ -83,8 +74,8 @@ class EDMProcess(ForwardProcess):
     def denoise(self, model, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) for one sigma per image (B,)."""
         c_skip, c_out, c_in, c_noise = self.preconditioning(sigma.float())
-        out = model(_bcast(c_in, x) * x, c_noise)
-        return _bcast(c_skip, x) * x + _bcast(c_out, x) * out
+        out = model(per_image(c_in, x) * x, c_noise)
+        return per_image(c_skip, x) * x + per_image(c_out, x) * out
 
     # ----------------------------------------------------------------------------------------------- training
     def sample_timesteps(self, batch_size: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -95,7 +86,7 @@ class EDMProcess(ForwardProcess):
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """x = x_0 + sigma eps (``t`` is sigma, one per image)."""
         noise = torch.randn_like(x0) if noise is None else noise
-        return x0 + _bcast(t.to(x0.dtype), x0) * noise
+        return x0 + per_image(t.to(x0.dtype), x0) * noise
 
     def training_losses(self, model, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """Per-example lambda(sigma) mean((D(x_0 + sigma eps; sigma) - x_0)^2) (EDM eq. 2 and 8; ``t`` is sigma)."""

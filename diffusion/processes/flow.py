@@ -24,8 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from diffusion.processes.base import ForwardProcess, randn
-from diffusion.processes.edm import MAX_SAMPLING_STEPS
+from diffusion.processes.base import MAX_SAMPLING_STEPS, ForwardProcess, per_image, randn
 from diffusion.processes.schedules import check_continuous
 from diffusion.processes.settings import check_flow
 
@@ -38,10 +37,6 @@ FLOW_TIME_SCALE = 1000.0
 def shift_time(t, shift: float):
     """t' = shift t / (1 + (shift - 1) t) (Esser et al. section 5.3.2; diffusers' ``shift``): 0 and 1 are fixed."""
     return t if shift == 1.0 else shift * t / (1 + (shift - 1) * t)
-
-
-def _bcast(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return a.reshape(-1, *((1,) * (x.dim() - 1)))
 
 
 class FlowMatching(ForwardProcess):
@@ -90,7 +85,7 @@ class FlowMatching(ForwardProcess):
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """x_t = (1 - t) x_0 + t eps."""
         noise = torch.randn_like(x0) if noise is None else noise
-        t = _bcast(t.to(x0.dtype), x0)
+        t = per_image(t.to(x0.dtype), x0)
         return (1 - t) * x0 + t * noise
 
     def network_time(self, t):

@@ -44,9 +44,10 @@ __all__ = ["Sampler", "StepOutput", "SampleOutput", "Control", "make_timesteps",
            "check_number", "SPACINGS", "Model"]
 
 
-def check_num_steps(num_steps, T: int, name: str = "sampler num_steps") -> int:
-    """An int in [1, T] (a config's value: 3.0 is refused), or a one-line ValueError naming it."""
-    return check_whole(name, num_steps, 1, T, floats=False, high_text=f"T={T}")
+def check_num_steps(num_steps, T: int, name: str = "sampler num_steps", continuous: bool = False) -> int:
+    """An int in [1, T] (a config's value: 3.0 is refused), or a one-line ValueError naming it; ``continuous``: T is
+    a continuous-time process's bound on solver steps (it has no T timesteps)."""
+    return check_whole(name, num_steps, 1, T, floats=False, high_text=f"{T}, the most solver steps" if continuous else f"T={T}")
 
 
 def check_nfe(nfe) -> int:
@@ -179,6 +180,11 @@ class Sampler:
         """The network's input at call ``i`` from the sampler's state; at ``i = nfe``, the final image."""
         return x
 
+    def display_state(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        """What a trajectory shows of the state before call ``i`` (figures, the app's strip): the network's input
+        unless a sampler says otherwise."""
+        return self.scale_model_input(x, i)
+
     def predict_x0_eps(self, model_output: torch.Tensor, x: torch.Tensor, alpha, sigma) -> tuple[torch.Tensor, torch.Tensor]:
         """(x_0, eps) from the network's output at an input x = alpha x_0 + sigma eps (floats or tensors), under the
         process's objective; with ``clip_denoised`` x_0 is clamped to [-1, 1] and eps recomputed from it."""
@@ -275,7 +281,7 @@ class Sampler:
             out = model(self.scale_model_input(x, i), self._timestep_tensor(self.timesteps[i], x))
             x, pred_x0 = self.step(out, i, x, generator)
             if return_trajectory and i + 1 in keep:
-                trajectory.append(self.scale_model_input(x, i + 1).cpu())
+                trajectory.append(self.display_state(x, i + 1).cpu())
                 preds.append(pred_x0.cpu())
             if report is not None:
                 report(i + 1, self.nfe)

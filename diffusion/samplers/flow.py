@@ -36,7 +36,7 @@ class FlowSampler(Sampler):
     def set_timesteps(self, num_steps: int) -> None:
         from diffusion.processes.flow import shift_time
 
-        check_num_steps(num_steps, self.T)
+        check_num_steps(num_steps, self.T, continuous=True)
         #: the solver's grid: t_0 = 1 > ... > t_N = 0
         self.times: list[float] = [shift_time(1 - i / num_steps, self.shift) for i in range(num_steps + 1)]
         self.times[-1] = 0.0

@@ -107,7 +107,7 @@ class KarrasSampler(Sampler):
             grid_t = make_timesteps(self.T, num_steps, self.spacing)
             sigmas = [schedule[t] for t in grid_t]
         else:
-            check_num_steps(num_steps, self.T)
+            check_num_steps(num_steps, self.T, continuous=self.process.continuous_time)
             if self.sigma_grid == "karras":
                 sigmas = karras_sigmas(self.sigma_min, self.sigma_max, num_steps, self.rho)
             else:
@@ -146,6 +146,12 @@ class KarrasSampler(Sampler):
         c_in x); at i = nfe (sigma = 0) x itself."""
         s = self.call_sigmas[i]
         return x if s == 0 else self.process.sigma_input(x, s)
+
+    def display_state(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        """x / sqrt(sigma_i^2 + 1): the variance-preserving equivalent of the state (DDPM's x_t itself; for EDM, whose
+        network input c_in x is about 2 x_0 near the end, what keeps a trajectory in the image range)."""
+        s = self.call_sigmas[i]
+        return x if s == 0 else x / math.sqrt(s * s + 1)
 
     def denoise(self, model_output: torch.Tensor, x: torch.Tensor, i: int) -> torch.Tensor:
         """D(x; sigma_i) from the output of call i (the process's ``sigma_denoised``), clamped to [-1, 1] with
@@ -273,8 +279,12 @@ class HeunSampler(KarrasSampler):
     def _calls(self, num_steps: int) -> list[float]:
         sig = self.sigmas
         churn = min(self.s_churn / num_steps, math.sqrt(2) - 1)
-        #: gamma_k of each step (EDM Algorithm 2, line 4), capped so that sigma^_k <= the schedule's sigma_max
-        self.gammas = [min(churn, self.sigma_max / s - 1) if self.s_tmin <= s <= self.s_tmax else 0.0 for s in sig[:-1]]
+        #: gamma_k of each step (EDM Algorithm 2, line 4); on a DDPM table capped so that sigma^_k <= its sigma_max
+        #: (no larger noise level is known there), uncapped on a continuous process (EDM: any sigma is defined)
+        def cap(s: float) -> float:
+            return math.inf if self.process.continuous_time else self.sigma_max / s - 1
+
+        self.gammas = [min(churn, cap(s)) if self.s_tmin <= s <= self.s_tmax else 0.0 for s in sig[:-1]]
         self.sigma_hats = [s * (1 + g) for s, g in zip(sig[:-1], self.gammas)]
         calls, self._is_correction, self._step_of = [], [], []  # per call: its sigma, whether it corrects, its step
         for k in range(num_steps):

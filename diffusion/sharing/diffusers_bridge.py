@@ -157,7 +157,7 @@ def check_exportable(model_config: dict, process_config: dict | None = None, sam
         elif name == "EDMProcess":
             # EDMEulerScheduler holds the same preconditioning, but DDPMPipeline (the UNet2DModel pipeline) neither
             # scales its first noise by init_noise_sigma nor calls scale_model_input: a folder it loads would sample noise
-            raise ValueError("process=EDMProcess cannot be exported to diffusers: DDPMPipeline, the unconditional "
+            raise ValueError("process=edm cannot be exported to diffusers: DDPMPipeline, the unconditional "
                              "UNet2DModel pipeline, neither scales its first noise by sigma_max nor calls "
                              "scale_model_input, which EDMEulerScheduler needs (export format=safetensors, which every "
                              "CLI of this framework reads)")

@@ -161,19 +161,21 @@ def test_heun_on_edm_is_nvlabs_edm_sampler():
     torch.testing.assert_close(sampler.sample(WavyF(), noise=z).samples, theirs, rtol=1e-5, atol=1e-5)
 
 
-def test_heun_churn_on_edm_is_nvlabs_algorithm_2():
-    """With S_churn the noise comes from the same generator in the same order (one draw per step, before it)."""
+@pytest.mark.parametrize("s_tmax", [50.0, math.inf])
+def test_heun_churn_on_edm_is_nvlabs_algorithm_2(s_tmax):
+    """With S_churn the noise comes from the same generator in the same order (one draw per step, before it); with
+    EDM's default S_tmax = inf step 0 is churned too, uncapped: sigma^_0 = 80 (1 + gamma) as in NVlabs' sampler."""
     p = edm_process()
-    sampler = HeunSampler(p, 10, s_churn=20, s_tmin=0.05, s_tmax=50)
+    sampler = HeunSampler(p, 10, s_churn=20, s_tmin=0.05, s_tmax=s_tmax)
     z = noise_of(256, dtype=torch.float64)
     g = torch.Generator().manual_seed(5)
     draws = iter([torch.zeros_like(z)] + [torch.randn(z.shape, generator=g, dtype=torch.float64) for _ in range(9)])
     # step 0's churn is folded into init_noise_sigma: NVlabs' first draw replaced by a scaled start
     k_hat0 = sampler.sigma_hats[0]
     theirs = nvlabs_edm_sampler(precond(p, WavyF()), z * sampler.init_noise_sigma / 80, num_steps=10, S_churn=20,
-                                S_min=0.05, S_max=50, randn_like=lambda x: next(draws))
+                                S_min=0.05, S_max=s_tmax, randn_like=lambda x: next(draws))
     ours = sampler.sample(WavyF(), noise=z, generator=torch.Generator().manual_seed(5)).samples
-    assert k_hat0 == 80.0  # the churn of step 0 is capped at sigma_max (no larger noise level is known)
+    assert k_hat0 == pytest.approx(80.0 if s_tmax == 50 else 80.0 * math.sqrt(2))  # gamma = min(20 / 10, sqrt(2) - 1)
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)  # float32 c_noise, as above
 
 
@@ -282,3 +284,19 @@ def test_trajectory_labels_are_the_process_time():
     assert flow.timesteps == [1000.0, 750.0, 500.0, 250.0]
     shifted = build_sampler("flow_euler", flow_process(shift=3.0), num_steps=2)
     assert shifted.times == pytest.approx([1.0, 0.75, 0.0]) and "shift 3" in shifted.describe()
+
+
+def test_an_edm_trajectory_shows_the_state_in_the_image_range():
+    """The kept states are x / sqrt(1 + sigma^2) (the VP equivalent, what figures and the app's strip show), not the
+    network's input c_in x, which is about 2 x near sigma = 0 for sigma_data = 0.5."""
+    p = edm_process()
+    sampler = HeunSampler(p, 18)  # EDM's own step count (35 NFE)
+    z = noise_of(4096, dtype=torch.float64)
+    out = sampler.sample(EDMGaussianOracle(0.5, MU, S), noise=z, return_trajectory=True)
+    sigmas = list(sampler.call_sigmas)  # the sigma of each kept state: x_T, then the state before each later call, x_0
+    assert len(out.trajectory) == len(sigmas) == sampler.nfe + 1
+    for state, sigma in zip(out.trajectory, sigmas):
+        expected = math.sqrt(S**2 + sigma**2) / math.sqrt(1 + sigma**2)  # std of x_0 + sigma eps, then scaled
+        # within 30% (the Euler predictor states are off by up to ~20%); c_in x would be 2x at the end
+        assert abs(float(state.std()) / expected - 1) < 0.3, (sigma, float(state.std()), expected)
+    assert abs(float(out.trajectory[-2].std()) / S - 1) < 0.1  # sigma_min = 0.002: about the data's std (c_in x: 2 S)

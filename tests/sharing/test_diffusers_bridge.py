@@ -192,7 +192,7 @@ DIGITS = {"_target_": "diffusion.models.UNet", "in_channels": 1, "image_size": 1
     (DIGITS, None, "different group counts (4 at 16 channels, 8 at 32 channels, 16 at 64 channels"),
     ({**MODEL, "channel_mult": [1, 2], "attention_resolutions": [8]}, None, "model.num_heads=2 cannot be exported"),
     (MODEL, {"_target_": "diffusion.processes.BlurDiffusion"}, "process=BlurDiffusion cannot be exported"),
-    (MODEL, {"_target_": "diffusion.processes.EDMProcess"}, "process=EDMProcess cannot be exported to diffusers: DDPMPipeline"),
+    (MODEL, {"_target_": "diffusion.processes.EDMProcess"}, "process=edm cannot be exported to diffusers: DDPMPipeline"),
     (MODEL, {"_target_": "diffusion.processes.FlowMatching", "objective": "x0"},
      "process.objective=x0 cannot be exported to diffusers with process=flow: FlowMatchEulerDiscreteScheduler steps on the velocity (allowed: v)"),
 ])
