@@ -48,7 +48,7 @@ class EDMProcess(ForwardProcess):
     def __init__(self, schedule=None, channels: int = 3, learn_sigma: bool = False, sigma_data: float = 0.5,
                  P_mean: float = -1.2, P_std: float = 1.2, sigma_min: float = 0.002, sigma_max: float = 80.0):
         super().__init__()
-        check_continuous("edm", schedule, learn_sigma, "its noise levels are process.sigma_min, sigma_max, P_mean, P_std")
+        check_continuous("edm", schedule, learn_sigma)
         check_edm(sigma_data, P_mean, P_std, sigma_min, sigma_max)
         self.sigma_data, self.P_mean, self.P_std = float(sigma_data), float(P_mean), float(P_std)
         self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)

@@ -59,7 +59,7 @@ class FlowMatching(ForwardProcess):
                  timestep_sampling: str = "logit_normal", logit_mean: float = 0.0, logit_std: float = 1.0,
                  mode_scale: float = 1.29, shift: float = 1.0):
         super().__init__()
-        check_continuous("flow", schedule, learn_sigma, "its times are process.timestep_sampling and process.shift")
+        check_continuous("flow", schedule, learn_sigma)
         check_flow(objective, timestep_sampling, logit_mean, logit_std, mode_scale, shift)
         self.objective, self.timestep_sampling = objective, timestep_sampling
         self.logit_mean, self.logit_std = float(logit_mean), float(logit_std)

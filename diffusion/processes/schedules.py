@@ -274,12 +274,12 @@ class NoSchedule:
         return "NoSchedule()"
 
 
-def check_continuous(kind: str, schedule, learn_sigma: bool, levels: str) -> None:
-    """What a continuous-time process refuses in one line: a beta schedule (``levels`` says what sets its noise
-    levels instead) and a learned variance (its samplers integrate an ODE)."""
-    if schedule is not None and not isinstance(schedule, NoSchedule):
-        raise ValueError(f"schedule {type(schedule).__name__} is invalid for process={kind}: it has no beta schedule "
-                         f"({levels}); leave schedule at none")
+def check_continuous(kind: str, schedule, learn_sigma: bool) -> None:
+    """What a continuous-time process refuses in one line: a beta schedule (the check ``diffusion.train`` makes
+    before torch, on the built schedule) and a learned variance (its samplers integrate an ODE)."""
+    from diffusion.processes.settings import check_no_schedule
+
+    check_no_schedule(kind, None if schedule is None else f"{type(schedule).__module__}.{type(schedule).__name__}")
     if learn_sigma:
         raise ValueError(f"model.learn_sigma=true is invalid for process={kind}: its samplers integrate an ODE and "
                          "need no variance (leave it at false)")

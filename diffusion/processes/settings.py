@@ -7,13 +7,19 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["FLOW_OBJECTIVES", "FLOW_TIMESTEP_SAMPLINGS", "CONTINUOUS_KINDS", "check_edm", "check_flow",
-           "check_positive", "check_real", "check_no_schedule"]
+__all__ = ["FLOW_OBJECTIVES", "FLOW_TIMESTEP_SAMPLINGS", "CONTINUOUS_KINDS", "CONTINUOUS_TARGETS", "continuous_kind",
+           "check_edm", "check_flow", "check_positive", "check_real", "check_no_schedule"]
 
 FLOW_OBJECTIVES = ("v", "x0", "eps")
 FLOW_TIMESTEP_SAMPLINGS = ("uniform", "logit_normal", "mode")
 #: the processes that take no beta schedule (``schedule=none``): time is continuous
 CONTINUOUS_KINDS = ("edm", "flow")
+#: their class paths as configs name them (the package's lazy export and the module's own) -> their kind
+CONTINUOUS_TARGETS = {"diffusion.processes.EDMProcess": "edm", "diffusion.processes.edm.EDMProcess": "edm",
+                      "diffusion.processes.FlowMatching": "flow", "diffusion.processes.flow.FlowMatching": "flow"}
+#: what sets each one's noise levels instead of a beta schedule
+NOISE_LEVELS = {"edm": "its noise levels are process.sigma_min, sigma_max, P_mean, P_std",
+                "flow": "its times are process.timestep_sampling and process.shift"}
 #: the ``_target_`` of ``conf/schedule/none.yaml``
 NO_SCHEDULE_TARGET = "diffusion.processes.schedules.NoSchedule"
 
@@ -62,8 +68,14 @@ def check_flow(objective="v", timestep_sampling="logit_normal", logit_mean=0.0, 
     check_positive("process.shift", shift, " (Esser et al.'s resolution shift; 1: none, 3: SD3 at 1024 px)")
 
 
+def continuous_kind(target) -> str | None:
+    """``edm`` or ``flow`` for a continuous-time process's ``_target_``; None for any other."""
+    return CONTINUOUS_TARGETS.get(str(target))
+
+
 def check_no_schedule(kind: str, schedule_target) -> None:
-    """A continuous-time process has no beta schedule: ``schedule=none`` (what its yaml selects)."""
+    """A continuous-time process has no beta schedule: ``schedule=none`` (what its yaml selects); ``schedule_target``
+    is the configured schedule's class path (None: no schedule)."""
     if schedule_target is not None and str(schedule_target) != NO_SCHEDULE_TARGET:
         raise ValueError(f"schedule {str(schedule_target).rsplit('.', 1)[-1]} is invalid for process={kind}: it has no beta "
-                         "schedule (its noise levels are process.* settings); leave schedule at none")
+                         f"schedule ({NOISE_LEVELS[kind]}); leave schedule at none")

@@ -64,18 +64,13 @@ def check_config(cfg: DictConfig) -> None:
                          "diffusion.export wrote, or a diffusers UNet2DModel / DDPMPipeline folder")
 
 
-#: the continuous-time processes' targets and their checks (diffusion.processes.settings, torch-free)
-_CONTINUOUS = {"diffusion.processes.EDMProcess": "edm", "diffusion.processes.edm.EDMProcess": "edm",
-               "diffusion.processes.FlowMatching": "flow", "diffusion.processes.flow.FlowMatching": "flow"}
-
-
 def check_process(cfg: DictConfig) -> None:
     """``process=edm`` / ``process=flow``: their settings (sigma_min < sigma_max, P_std > 0, logit_std > 0, shift >
     0, ...) and no beta schedule beside them, each in one line before torch."""
-    from diffusion.processes.settings import check_edm, check_flow, check_no_schedule
+    from diffusion.processes.settings import check_edm, check_flow, check_no_schedule, continuous_kind
 
     process = cfg.get("process")
-    kind = _CONTINUOUS.get(str(process.get("_target_", ""))) if process is not None else None
+    kind = continuous_kind(process.get("_target_", "")) if process is not None else None
     if kind is None:
         return
     schedule = cfg.get("schedule")

@@ -40,7 +40,7 @@ from diffusion.samplers.guidance import Guided
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-__all__ = ["Sampler", "StepOutput", "SampleOutput", "Control", "make_timesteps", "check_num_steps", "check_nfe",
+__all__ = ["Sampler", "StepOutput", "SampleOutput", "Control", "TwoCallsPerStep", "make_timesteps", "check_num_steps", "check_nfe",
            "check_number", "SPACINGS", "Model"]
 
 
@@ -54,6 +54,15 @@ def check_nfe(nfe) -> int:
     if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
         raise ValueError(f"nfe={nfe!r} is invalid: it must be an integer >= 1 (network calls per sample)")
     return nfe
+
+
+class TwoCallsPerStep:
+    """A Heun-type sampler's cost (a mixin before its Sampler base): two network calls per step but the last."""
+
+    @classmethod
+    def steps_for_nfe(cls, nfe: int) -> int:
+        """N steps cost 2N - 1 calls: the most steps within ``nfe`` calls."""
+        return (check_nfe(nfe) + 1) // 2
 
 
 def check_number(name: str, value, low: float = 0.0, low_open: bool = False) -> float:

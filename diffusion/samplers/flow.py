@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from diffusion.samplers.base import Sampler, StepOutput, check_nfe, check_num_steps, check_number
+from diffusion.samplers.base import Sampler, StepOutput, TwoCallsPerStep, check_num_steps, check_number
 
 __all__ = ["FlowSampler", "FlowEulerSampler", "FlowHeunSampler"]
 
@@ -79,14 +79,9 @@ class FlowEulerSampler(FlowSampler):
         return StepOutput(x + (t_next - t) * v, x0)
 
 
-class FlowHeunSampler(FlowSampler):
+class FlowHeunSampler(TwoCallsPerStep, FlowSampler):
     """Heun's method: the Euler step x' = x_i + (t_{i+1} - t_i) v_i, then x_{i+1} = x_i + (t_{i+1} - t_i)
     (v_i + v(x', t_{i+1})) / 2; Euler on the last step. Each network call is one entry of ``timesteps``."""
-
-    @classmethod
-    def steps_for_nfe(cls, nfe: int) -> int:
-        """N steps cost 2N - 1 calls: the most steps within ``nfe`` calls."""
-        return (check_nfe(nfe) + 1) // 2
 
     def _calls(self, num_steps: int) -> list[float]:
         times = self.times

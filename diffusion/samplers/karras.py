@@ -42,7 +42,7 @@ from diffusion.samplers.base import (
     Control,
     Sampler,
     StepOutput,
-    check_nfe,
+    TwoCallsPerStep,
     check_num_steps,
     check_number,
     make_timesteps,
@@ -231,7 +231,7 @@ class EulerAncestralSampler(KarrasSampler):
         return f"{super().describe()}, eta {self.eta:g}" + (f", s_noise {self.s_noise:g}" if self.s_noise != 1 else "")
 
 
-class HeunSampler(KarrasSampler):
+class HeunSampler(TwoCallsPerStep, KarrasSampler):
     """EDM Algorithm 2: Heun's second-order method with stochastic churn; Euler on the last step (to sigma = 0).
 
     Step k, from sigma_k to sigma_{k+1}:
@@ -266,11 +266,6 @@ class HeunSampler(KarrasSampler):
         self.s_noise = check_number("s_noise", s_noise)
         super().__init__(process, num_steps=num_steps, sigmas=sigmas, rho=rho, spacing=spacing,
                          clip_denoised=clip_denoised)
-
-    @classmethod
-    def steps_for_nfe(cls, nfe: int) -> int:
-        """N steps cost 2N - 1 calls: the most steps within ``nfe`` calls."""
-        return (check_nfe(nfe) + 1) // 2
 
     @property
     def stochastic(self) -> bool:

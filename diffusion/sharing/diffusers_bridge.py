@@ -41,6 +41,8 @@ from pathlib import Path
 import torch
 
 from diffusion.models.settings import SPEED_KEYS, suggested_norm_groups
+from diffusion.processes.flow import FLOW_TIME_SCALE
+from diffusion.processes.settings import continuous_kind
 from diffusion.processes.schedules import NoiseSchedule
 
 UNET_TARGET = "diffusion.models.UNet"
@@ -54,11 +56,10 @@ VARIANCE_TYPES = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small"
 #: the key a class-conditional export writes into the UNet's config.json: its last class embedding is our null class
 NULL_CLASS_KEY = "_ddpm_null_class"
 WEIGHTS = "diffusion_pytorch_model.safetensors"
-FLOW_TARGETS = ("diffusion.processes.FlowMatching", "diffusion.processes.flow.FlowMatching")
 FLOW_SCHEDULER = "FlowMatchEulerDiscreteScheduler"
 SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "PNDMScheduler", FLOW_SCHEDULER)
 #: FlowMatchEulerDiscreteScheduler's options and the one value of each that our flow samplers compute
-FLOW_SCHEDULER_FIXED = {"num_train_timesteps": 1000, "use_dynamic_shifting": False, "invert_sigmas": False,
+FLOW_SCHEDULER_FIXED = {"num_train_timesteps": int(FLOW_TIME_SCALE), "use_dynamic_shifting": False, "invert_sigmas": False,
                         "shift_terminal": None, "use_karras_sigmas": False, "use_exponential_sigmas": False,
                         "use_beta_sigmas": False, "stochastic_sampling": False}
 
@@ -145,8 +146,8 @@ def check_exportable(model_config: dict, process_config: dict | None = None, sam
     (and the process and sampler, if given) map exactly."""
     if process_config is not None:  # the process first: no network setting makes another process exportable
         target = process_config.get("_target_", GAUSSIAN_TARGETS[0])
-        name = str(target).rsplit(".", 1)[-1]
-        if target in FLOW_TARGETS:
+        name, kind = str(target).rsplit(".", 1)[-1], continuous_kind(target)
+        if kind == "flow":
             objective = process_config.get("objective", "v")
             if objective != "v":
                 raise ValueError(f"process.objective={objective} cannot be exported to diffusers with process=flow: "
@@ -154,7 +155,7 @@ def check_exportable(model_config: dict, process_config: dict | None = None, sam
             if (sampler_config or {}).get("clip_denoised"):
                 raise ValueError(f"sampler.clip_denoised=true cannot be exported to diffusers with process=flow: "
                                  f"{FLOW_SCHEDULER} does not clip (allowed: false)")
-        elif name == "EDMProcess":
+        elif kind == "edm":
             # EDMEulerScheduler holds the same preconditioning, but DDPMPipeline (the UNet2DModel pipeline) neither
             # scales its first noise by init_noise_sigma nor calls scale_model_input: a folder it loads would sample noise
             raise ValueError("process=edm cannot be exported to diffusers: DDPMPipeline, the unconditional "
@@ -561,7 +562,7 @@ def _flow_from(config: dict, model: dict) -> dict:
     if model["learn_sigma"]:
         raise ValueError(f"UNet2DModel out_channels={model.get('out_channels')} does not fit {FLOW_SCHEDULER}: "
                          "a flow network predicts a velocity with the input's channels")
-    process = {"_target_": FLOW_TARGETS[0], "_partial_": True, "objective": "v", "shift": float(config.get("shift", 1.0))}
+    process = {"_target_": "diffusion.processes.FlowMatching", "_partial_": True, "objective": "v", "shift": float(config.get("shift", 1.0))}
     return {"schedule": {"_target_": "diffusion.processes.schedules.NoSchedule"}, "process": process,
             "sampler": sampler_config("flow_euler")}
 
